@@ -1,0 +1,50 @@
+"""Client-side helpers: channels with the same options as servers, and a retry policy."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from grpc import aio
+
+_RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    }
+)
+
+
+def channel_options(max_message_bytes: int = 64 * 1024 * 1024, retries: bool = True) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.enable_retries", 1 if retries else 0),
+    ]
+    if retries:
+        options.append(("grpc.service_config", _RETRY_SERVICE_CONFIG))
+    return options
+
+
+def insecure_channel(target: str, *, retries: bool = True) -> grpc.Channel:
+    """A blocking channel (CLI, tests, scripts)."""
+    return grpc.insecure_channel(target, options=channel_options(retries=retries))
+
+
+def aio_channel(target: str, *, retries: bool = True, root_certificates: bytes | None = None) -> aio.Channel:
+    """An asyncio channel; TLS when root_certificates is given."""
+    if root_certificates is not None:
+        return aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates),
+                                  options=channel_options(retries=retries))
+    return aio.insecure_channel(target, options=channel_options(retries=retries))

@@ -1,0 +1,179 @@
+"""The one service runtime: every Flywheel service is started, observed and stopped by this.
+
+A service hands `ServiceRuntime` its servicers and background workers; the runtime gives it a
+grpc.aio server with health checking (per service, NOT_SERVING until the service says it is
+ready), server reflection, message-size and keepalive options, metrics and exception-mapping
+interceptors, a Prometheus /metrics endpoint, and graceful shutdown on SIGTERM/SIGINT:
+health goes NOT_SERVING first, then in-flight RPCs get `shutdown_grace_s` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flywheel import __version__
+from flywheel.runtime import metrics
+from flywheel.runtime.config import ServiceSettings
+from flywheel.runtime.interceptors import ExceptionMappingInterceptor, MetricsInterceptor
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundWorker(Protocol):
+    """Something that runs beside the gRPC server (a Kafka consumer loop, a trainer loop)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class _Registration:
+    full_name: str
+    register: Callable[[aio.Server], None]
+
+
+def grpc_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel/server options shared by servers and clients."""
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min(settings.keepalive_time_ms, 10_000)),
+    ]
+
+
+class ServiceRuntime:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self._registrations: list[_Registration] = []
+        self._workers: list[BackgroundWorker] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._server: aio.Server | None = None
+        self._metrics_server: metrics.MetricsServer | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.grpc_port: int | None = None
+
+    # -- composition -------------------------------------------------------------------------
+    def add_service(self, full_name: str, register: Callable[[aio.Server], None]) -> None:
+        """`register(server)` adds the servicer; `full_name` is e.g. "flywheel.v1.RewardService"."""
+        self._registrations.append(_Registration(full_name, register))
+
+    def add_worker(self, worker: BackgroundWorker) -> None:
+        self._workers.append(worker)
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run after the server stopped accepting RPCs and workers stopped (release models, producers)."""
+        self._on_stop.append(callback)
+
+    @property
+    def service_names(self) -> list[str]:
+        return [r.full_name for r in self._registrations]
+
+    # -- health ------------------------------------------------------------------------------
+    async def set_serving(self, serving: bool) -> None:
+        """Mark every service and the server as a whole SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+        metrics.SERVICE_UP.labels(self.settings.service_name).set(1 if serving else 0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, *, ready: bool = True) -> int:
+        """Start the server (and metrics endpoint, workers). Returns the bound gRPC port.
+
+        With ready=False, health stays NOT_SERVING until the service calls `set_serving(True)`.
+        """
+        settings = self.settings
+        metrics.BUILD_INFO.info({"version": __version__})
+        self._server = aio.server(
+            interceptors=[MetricsInterceptor(), ExceptionMappingInterceptor()],
+            options=grpc_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        for registration in self._registrations:
+            registration.register(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        address = f"{settings.host}:{settings.grpc_port}"
+        if settings.tls_cert_file and settings.tls_key_file:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+            )
+            self.grpc_port = self._server.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self._server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise RuntimeError(f"could not bind gRPC server to {address}")
+        await self.set_serving(False)
+        await self._server.start()
+        if settings.metrics_enabled:
+            self._metrics_server = metrics.MetricsServer(settings.host, settings.metrics_port)
+        for worker in self._workers:
+            await worker.start()
+        if ready:
+            await self.set_serving(True)
+        log.info(
+            "%s serving %s on port %s (metrics on %s)",
+            settings.service_name, ", ".join(self.service_names), self.grpc_port, self.metrics_port,
+        )
+        return self.grpc_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_server.port if self._metrics_server else None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, stop workers, drain RPCs for `grace` seconds, clean up."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("%s shutting down (grace %.1fs)", self.settings.service_name, grace)
+        await self.health.enter_graceful_shutdown()
+        metrics.SERVICE_UP.labels(self.settings.service_name).set(0)
+        for worker in reversed(self._workers):
+            try:
+                await worker.stop()
+            except Exception:  # noqa: BLE001 - keep shutting the rest down
+                log.exception("worker %r failed to stop", worker)
+        if self._server is not None:
+            await self._server.stop(grace)
+        for callback in reversed(self._on_stop):
+            try:
+                await callback()
+            except Exception:  # noqa: BLE001
+                log.exception("stop callback failed")
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        self._stopped.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+    async def serve(self, *, ready: bool = True) -> None:
+        """Start, then block until SIGTERM/SIGINT has been handled."""
+        self.install_signal_handlers()
+        await self.start(ready=ready)
+        await self.wait_for_termination()
