@@ -50,3 +50,34 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
 def unique() -> str:
     """A short unique suffix for topic and group names, so tests never see each other's data."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path):
+    """Settings for an in-test service: loopback, free ports (0), state under tmp_path."""
+
+    def make(cls=None, **overrides):
+        from flywheel.runtime.config import ServiceSettings
+
+        cls = cls or ServiceSettings
+        base = dict(host="127.0.0.1", grpc_port=0, metrics_port=0, home=tmp_path / "home", shutdown_grace_s=1.0,
+                    shutdown_delay_s=0.0)
+        base.update(overrides)
+        return cls(**base)
+
+    return make
+
+
+@pytest.fixture
+async def serve():
+    """Start ServiceRuntimes on loopback; returns "127.0.0.1:port". Stopped at teardown."""
+    started = []
+
+    async def start(runtime, ready: bool = True) -> str:
+        await runtime.start(ready=ready)
+        started.append(runtime)
+        return f"127.0.0.1:{runtime.grpc_port}"
+
+    yield start
+    for runtime in reversed(started):
+        await runtime.stop(grace=0)

@@ -18,3 +18,7 @@ __all__ = [
     "ensure_topics",
     "per_message",
 ]
+
+from flywheel.bus.factory import consumer_for, ensure_topics_for, producer_for, worker_for  # noqa: E402
+
+__all__ += ["consumer_for", "ensure_topics_for", "producer_for", "worker_for"]

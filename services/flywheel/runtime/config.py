@@ -35,6 +35,9 @@ class ServiceSettings(BaseSettings):
     keepalive_time_ms: int = Field(30_000, gt=0, description="Interval of gRPC keepalive pings.")
     keepalive_timeout_ms: int = Field(10_000, gt=0, description="Wait for a keepalive ack before closing.")
     max_concurrent_rpcs: int | None = Field(None, description="Reject RPCs beyond this many in flight (unset: no limit).")
+    shutdown_delay_s: float = Field(
+        2.0, ge=0, description="On SIGTERM: seconds between reporting NOT_SERVING and closing the listener "
+        "(lets probes and load balancers route new calls elsewhere).")
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM: seconds in-flight RPCs get to finish.")
     tls_cert_file: Path | None = Field(None, description="PEM certificate; with tls_key_file enables TLS.")
     tls_key_file: Path | None = Field(None, description="PEM private key for TLS.")

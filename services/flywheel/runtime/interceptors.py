@@ -16,7 +16,7 @@ import grpc
 from grpc import aio
 
 from flywheel.runtime import metrics
-from flywheel.runtime.errors import FlywheelError, status_for
+from flywheel.runtime.errors import FlywheelError, InvalidArgument, status_for
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     raise ValueError("handler has no behavior")
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+def _rebuild(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+             request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -51,7 +52,7 @@ def _rebuild(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> gr
     }[(handler.request_streaming, handler.response_streaming)]
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -79,6 +80,7 @@ class _WrappingInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         rpc_type = _RPC_TYPES[(handler.request_streaming, handler.response_streaming)]
         inner = _behavior(handler)
+        deserializer = self.wrap_deserializer(handler.request_deserializer)
 
         if handler.response_streaming:
 
@@ -86,12 +88,15 @@ class _WrappingInterceptor(aio.ServerInterceptor):
                 async for item in self.around_stream(method, rpc_type, inner, request, context):
                     yield item
 
-            return _rebuild(handler, stream_behavior)
+            return _rebuild(handler, stream_behavior, deserializer)
 
         async def unary_behavior(request: Any, context: aio.ServicerContext) -> Any:
             return await self.around_unary(method, rpc_type, inner, request, context)
 
-        return _rebuild(handler, unary_behavior)
+        return _rebuild(handler, unary_behavior, deserializer)
+
+    def wrap_deserializer(self, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        return deserializer
 
     async def around_unary(self, method: str, rpc_type: str, inner: Callable[..., Any], request: Any,
                            context: aio.ServicerContext) -> Any:
@@ -160,8 +165,46 @@ class MetricsInterceptor(_WrappingInterceptor):
             metrics.GRPC_HANDLED.labels(*labels, _code_name(context, code)).inc()
 
 
+class _Undecodable:
+    """Stands in for a request message whose bytes could not be parsed."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument("request", f"cannot decode message: {request.error}")
+        yield request
+
+
 class ExceptionMappingInterceptor(_WrappingInterceptor):
-    """Turns exceptions escaping a handler into statuses: the one mapping for all services."""
+    """Turns exceptions escaping a handler into statuses: the one mapping for all services.
+
+    Undecodable request bytes are INVALID_ARGUMENT too (gRPC itself would answer UNKNOWN): the
+    deserializer is wrapped so the failure reaches the handler wrapper as a value.
+    """
+
+    def wrap_deserializer(self, deserializer):  # type: ignore[override]
+        if deserializer is None:
+            return None
+
+        def safe(data: bytes) -> Any:
+            try:
+                return deserializer(data)
+            except Exception as exc:  # noqa: BLE001 - reported as INVALID_ARGUMENT below
+                return _Undecodable(exc)
+
+        return safe
+
+    @staticmethod
+    def _check(request: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument("request", f"cannot decode message: {request.error}")
+        if hasattr(request, "__aiter__"):
+            return _checked_stream(request)
+        return request
 
     async def _abort(self, method: str, exc: BaseException, context: aio.ServicerContext) -> None:
         code, message = status_for(exc)
@@ -173,7 +216,7 @@ class ExceptionMappingInterceptor(_WrappingInterceptor):
 
     async def around_unary(self, method, rpc_type, inner, request, context):  # type: ignore[override]
         try:
-            return await inner(request, context)
+            return await inner(self._check(request), context)
         except aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - this is the mapping point
@@ -181,7 +224,7 @@ class ExceptionMappingInterceptor(_WrappingInterceptor):
 
     async def around_stream(self, method, rpc_type, inner, request, context):  # type: ignore[override]
         try:
-            async for item in _as_async_iter(inner(request, context)):
+            async for item in _as_async_iter(inner(self._check(request), context)):
                 yield item
         except aio.AbortError:
             raise

@@ -139,7 +139,7 @@ class ServiceRuntime:
         return self._metrics_server.port if self._metrics_server else None
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, stop workers, drain RPCs for `grace` seconds, clean up."""
+        """Graceful shutdown: NOT_SERVING, wait shutdown_delay_s, stop workers, drain RPCs for `grace` s."""
         if self._stopping:
             await self._stopped.wait()
             return
@@ -148,6 +148,8 @@ class ServiceRuntime:
         log.info("%s shutting down (grace %.1fs)", self.settings.service_name, grace)
         await self.health.enter_graceful_shutdown()
         metrics.SERVICE_UP.labels(self.settings.service_name).set(0)
+        if self.settings.shutdown_delay_s > 0:
+            await asyncio.sleep(self.settings.shutdown_delay_s)
         for worker in reversed(self._workers):
             try:
                 await worker.stop()
