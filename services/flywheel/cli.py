@@ -70,3 +70,7 @@ def _add_service_commands() -> None:
 
 
 _add_service_commands()
+
+
+if __name__ == "__main__":
+    app()
