@@ -72,5 +72,14 @@ def _add_service_commands() -> None:
 _add_service_commands()
 
 
+def _add_demo() -> None:
+    from flywheel.loop.demo import demo
+
+    app.command("demo")(demo)
+
+
+_add_demo()
+
+
 if __name__ == "__main__":
     app()
