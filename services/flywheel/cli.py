@@ -63,7 +63,7 @@ def _add_service_commands() -> None:
         try:
             module = importlib.import_module(f"flywheel.{name}.cli")
         except ModuleNotFoundError as exc:
-            if exc.name != f"flywheel.{name}.cli":
+            if exc.name not in (f"flywheel.{name}", f"flywheel.{name}.cli"):
                 raise
             continue
         app.add_typer(module.app, name=name)

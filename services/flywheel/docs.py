@@ -19,7 +19,7 @@ def settings_classes() -> dict[str, type[ServiceSettings]]:
         try:
             module = importlib.import_module(f"flywheel.{name}.settings")
         except ModuleNotFoundError as exc:
-            if exc.name != f"flywheel.{name}.settings":
+            if exc.name not in (f"flywheel.{name}", f"flywheel.{name}.settings"):
                 raise
             continue
         for _, obj in inspect.getmembers(module, inspect.isclass):
