@@ -216,3 +216,24 @@ async def test_worker_thread_retries_until_handler_recovers(kafka_bootstrap, top
     await worker.stop()
     assert done == ["r3"]
     assert worker.failures == 2
+
+
+def test_kafka_launcher_start_status_stop(tmp_path) -> None:
+    """deploy/kafka/kafka.sh: a second broker starts on its own port, answers, and stops cleanly."""
+    import subprocess
+
+    from conftest import KAFKA_SH, free_port
+
+    data = tmp_path / "k2"
+    port = free_port()
+    out = subprocess.run([str(KAFKA_SH), "start", "--data-dir", str(data), "--port", str(port), "--heap", "256m"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    try:
+        assert out.stdout.strip().endswith(f"127.0.0.1:{port}")
+        assert subprocess.run([str(KAFKA_SH), "status", "--data-dir", str(data)]).returncode == 0
+        assert ensure_topics(f"127.0.0.1:{port}", [Topic("launcher.check", common_pb2.Prompt)], partitions=1)
+    finally:
+        subprocess.run([str(KAFKA_SH), "stop", "--data-dir", str(data)], timeout=60)
+    assert subprocess.run([str(KAFKA_SH), "status", "--data-dir", str(data)]).returncode != 0
+    assert not (data / "kafka.pid").exists()
