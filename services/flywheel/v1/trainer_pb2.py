@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 from flywheel.v1 import common_pb2 as flywheel_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/trainer.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/common.proto\"\x0f\n\rStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\xa6\x03\n\rTrainerStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.flywheel.v1.TrainerState\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x31\n\x0epolicy_version\x18\x03 \x01(\x0b\x32\x19.flywheel.v1.ModelVersion\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x0f\n\x07kl_coef\x18\x05 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x06 \x01(\x01\x12\x13\n\x0bpolicy_loss\x18\x07 \x01(\x01\x12\x12\n\nvalue_loss\x18\x08 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\t \x01(\x01\x12\x19\n\x11rollouts_consumed\x18\n \x01(\x03\x12\x1e\n\x16rollouts_dropped_stale\x18\x0b \x01(\x03\x12\x19\n\x11\x62uffered_rollouts\x18\x0c \x01(\x03\x12\x38\n\x07metrics\x18\r \x03(\x0b\x32\'.flywheel.v1.TrainerStatus.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"H\n!TriggerRewardModelTrainingRequest\x12\x13\n\x0b\x64\x61taset_uri\x18\x01 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\"z\n\x16RewardModelTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x30\n\rmodel_version\x18\x03 \x01(\x0b\x32\x19.flywheel.v1.ModelVersion\x12\x0f\n\x07message\x18\x04 \x01(\t*\x9a\x01\n\x0cTrainerState\x12\x1d\n\x19TRAINER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRAINER_STATE_WAITING\x10\x01\x12\x1a\n\x16TRAINER_STATE_TRAINING\x10\x02\x12\x18\n\x14TRAINER_STATE_PAUSED\x10\x03\x12\x1a\n\x16TRAINER_STATE_STOPPING\x10\x04\x32\xc7\x02\n\x0eTrainerService\x12@\n\x06Status\x12\x1a.flywheel.v1.StatusRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12>\n\x05Pause\x12\x19.flywheel.v1.PauseRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12@\n\x06Resume\x12\x1a.flywheel.v1.ResumeRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12q\n\x1aTriggerRewardModelTraining\x12..flywheel.v1.TriggerRewardModelTrainingRequest\x1a#.flywheel.v1.RewardModelTrainingJobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/trainer.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/common.proto\"\x0f\n\rStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\xe5\x03\n\rTrainerStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.flywheel.v1.TrainerState\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x31\n\x0epolicy_version\x18\x03 \x01(\x0b\x32\x19.flywheel.v1.ModelVersion\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x0f\n\x07kl_coef\x18\x05 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x06 \x01(\x01\x12\x13\n\x0bpolicy_loss\x18\x07 \x01(\x01\x12\x12\n\nvalue_loss\x18\x08 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\t \x01(\x01\x12\x19\n\x11rollouts_consumed\x18\n \x01(\x03\x12\x1e\n\x16rollouts_dropped_stale\x18\x0b \x01(\x03\x12\x19\n\x11\x62uffered_rollouts\x18\x0c \x01(\x03\x12\x38\n\x07metrics\x18\r \x03(\x0b\x32\'.flywheel.v1.TrainerStatus.MetricsEntry\x12=\n\x10reward_model_job\x18\x0e \x01(\x0b\x32#.flywheel.v1.RewardModelTrainingJob\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"H\n!TriggerRewardModelTrainingRequest\x12\x13\n\x0b\x64\x61taset_uri\x18\x01 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\"z\n\x16RewardModelTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x30\n\rmodel_version\x18\x03 \x01(\x0b\x32\x19.flywheel.v1.ModelVersion\x12\x0f\n\x07message\x18\x04 \x01(\t\"2\n GetRewardModelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x0cTrainerState\x12\x1d\n\x19TRAINER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRAINER_STATE_WAITING\x10\x01\x12\x1a\n\x16TRAINER_STATE_TRAINING\x10\x02\x12\x18\n\x14TRAINER_STATE_PAUSED\x10\x03\x12\x1a\n\x16TRAINER_STATE_STOPPING\x10\x04\x32\xb8\x03\n\x0eTrainerService\x12@\n\x06Status\x12\x1a.flywheel.v1.StatusRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12>\n\x05Pause\x12\x19.flywheel.v1.PauseRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12@\n\x06Resume\x12\x1a.flywheel.v1.ResumeRequest\x1a\x1a.flywheel.v1.TrainerStatus\x12q\n\x1aTriggerRewardModelTraining\x12..flywheel.v1.TriggerRewardModelTrainingRequest\x1a#.flywheel.v1.RewardModelTrainingJob\x12o\n\x19GetRewardModelTrainingJob\x12-.flywheel.v1.GetRewardModelTrainingJobRequest\x1a#.flywheel.v1.RewardModelTrainingJobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINERSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINERSTATE']._serialized_start=742
-  _globals['_TRAINERSTATE']._serialized_end=896
+  _globals['_TRAINERSTATE']._serialized_start=857
+  _globals['_TRAINERSTATE']._serialized_end=1011
   _globals['_STATUSREQUEST']._serialized_start=68
   _globals['_STATUSREQUEST']._serialized_end=83
   _globals['_PAUSEREQUEST']._serialized_start=85
@@ -42,13 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESUMEREQUEST']._serialized_start=101
   _globals['_RESUMEREQUEST']._serialized_end=116
   _globals['_TRAINERSTATUS']._serialized_start=119
-  _globals['_TRAINERSTATUS']._serialized_end=541
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=495
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=541
-  _globals['_TRIGGERREWARDMODELTRAININGREQUEST']._serialized_start=543
-  _globals['_TRIGGERREWARDMODELTRAININGREQUEST']._serialized_end=615
-  _globals['_REWARDMODELTRAININGJOB']._serialized_start=617
-  _globals['_REWARDMODELTRAININGJOB']._serialized_end=739
-  _globals['_TRAINERSERVICE']._serialized_start=899
-  _globals['_TRAINERSERVICE']._serialized_end=1226
+  _globals['_TRAINERSTATUS']._serialized_end=604
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=558
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=604
+  _globals['_TRIGGERREWARDMODELTRAININGREQUEST']._serialized_start=606
+  _globals['_TRIGGERREWARDMODELTRAININGREQUEST']._serialized_end=678
+  _globals['_REWARDMODELTRAININGJOB']._serialized_start=680
+  _globals['_REWARDMODELTRAININGJOB']._serialized_end=802
+  _globals['_GETREWARDMODELTRAININGJOBREQUEST']._serialized_start=804
+  _globals['_GETREWARDMODELTRAININGJOBREQUEST']._serialized_end=854
+  _globals['_TRAINERSERVICE']._serialized_start=1014
+  _globals['_TRAINERSERVICE']._serialized_end=1454
 # @@protoc_insertion_point(module_scope)

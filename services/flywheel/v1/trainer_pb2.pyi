@@ -125,6 +125,7 @@ class TrainerStatus(_message.Message):
     ROLLOUTS_DROPPED_STALE_FIELD_NUMBER: _builtins.int
     BUFFERED_ROLLOUTS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_JOB_FIELD_NUMBER: _builtins.int
     state: Global___TrainerState.ValueType
     step: _builtins.int
     kl: _builtins.float
@@ -141,6 +142,10 @@ class TrainerStatus(_message.Message):
     def policy_version(self) -> _common_pb2.ModelVersion: ...
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def reward_model_job(self) -> Global___RewardModelTrainingJob:
+        """The latest reward-model training job, if any was triggered."""
+
     def __init__(
         self,
         *,
@@ -157,10 +162,11 @@ class TrainerStatus(_message.Message):
         rollouts_dropped_stale: _builtins.int = ...,
         buffered_rollouts: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        reward_model_job: Global___RewardModelTrainingJob | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["policy_version", b"policy_version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy_version", b"policy_version", "reward_model_job", b"reward_model_job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_rollouts", b"buffered_rollouts", "entropy", b"entropy", "kl", b"kl", "kl_coef", b"kl_coef", "mean_reward", b"mean_reward", "metrics", b"metrics", "policy_loss", b"policy_loss", "policy_version", b"policy_version", "rollouts_consumed", b"rollouts_consumed", "rollouts_dropped_stale", b"rollouts_dropped_stale", "state", b"state", "step", b"step", "value_loss", b"value_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_rollouts", b"buffered_rollouts", "entropy", b"entropy", "kl", b"kl", "kl_coef", b"kl_coef", "mean_reward", b"mean_reward", "metrics", b"metrics", "policy_loss", b"policy_loss", "policy_version", b"policy_version", "reward_model_job", b"reward_model_job", "rollouts_consumed", b"rollouts_consumed", "rollouts_dropped_stale", b"rollouts_dropped_stale", "state", b"state", "step", b"step", "value_loss", b"value_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -218,3 +224,22 @@ class RewardModelTrainingJob(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardModelTrainingJob: _TypeAlias = RewardModelTrainingJob  # noqa: Y015
+
+@_typing.final
+class GetRewardModelTrainingJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRewardModelTrainingJobRequest: _TypeAlias = GetRewardModelTrainingJobRequest  # noqa: Y015

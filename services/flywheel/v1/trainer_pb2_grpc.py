@@ -54,6 +54,11 @@ class TrainerServiceStub:
                 request_serializer=flywheel_dot_v1_dot_trainer__pb2.TriggerRewardModelTrainingRequest.SerializeToString,
                 response_deserializer=flywheel_dot_v1_dot_trainer__pb2.RewardModelTrainingJob.FromString,
                 _registered_method=True)
+        self.GetRewardModelTrainingJob = channel.unary_unary(
+                '/flywheel.v1.TrainerService/GetRewardModelTrainingJob',
+                request_serializer=flywheel_dot_v1_dot_trainer__pb2.GetRewardModelTrainingJobRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_trainer__pb2.RewardModelTrainingJob.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -83,6 +88,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRewardModelTrainingJob(self, request, context):
+        """The state of a job started by TriggerRewardModelTraining (empty job_id = the latest job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +116,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             'TriggerRewardModelTraining': grpc.unary_unary_rpc_method_handler(
                     servicer.TriggerRewardModelTraining,
                     request_deserializer=flywheel_dot_v1_dot_trainer__pb2.TriggerRewardModelTrainingRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_trainer__pb2.RewardModelTrainingJob.SerializeToString,
+            ),
+            'GetRewardModelTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRewardModelTrainingJob,
+                    request_deserializer=flywheel_dot_v1_dot_trainer__pb2.GetRewardModelTrainingJobRequest.FromString,
                     response_serializer=flywheel_dot_v1_dot_trainer__pb2.RewardModelTrainingJob.SerializeToString,
             ),
     }
@@ -214,6 +231,33 @@ class TrainerService:
             target,
             '/flywheel.v1.TrainerService/TriggerRewardModelTraining',
             flywheel_dot_v1_dot_trainer__pb2.TriggerRewardModelTrainingRequest.SerializeToString,
+            flywheel_dot_v1_dot_trainer__pb2.RewardModelTrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRewardModelTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.TrainerService/GetRewardModelTrainingJob',
+            flywheel_dot_v1_dot_trainer__pb2.GetRewardModelTrainingJobRequest.SerializeToString,
             flywheel_dot_v1_dot_trainer__pb2.RewardModelTrainingJob.FromString,
             options,
             channel_credentials,

@@ -35,6 +35,8 @@ class TrainerServiceStub:
     Pause: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.PauseRequest, _trainer_pb2.TrainerStatus]
     Resume: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ResumeRequest, _trainer_pb2.TrainerStatus]
     TriggerRewardModelTraining: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TriggerRewardModelTrainingRequest, _trainer_pb2.RewardModelTrainingJob]
+    GetRewardModelTrainingJob: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetRewardModelTrainingJobRequest, _trainer_pb2.RewardModelTrainingJob]
+    """The state of a job started by TriggerRewardModelTraining (empty job_id = the latest job)."""
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -43,6 +45,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     Pause: _aio.UnaryUnaryMultiCallable[_trainer_pb2.PauseRequest, _trainer_pb2.TrainerStatus]  # type: ignore[assignment]
     Resume: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ResumeRequest, _trainer_pb2.TrainerStatus]  # type: ignore[assignment]
     TriggerRewardModelTraining: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TriggerRewardModelTrainingRequest, _trainer_pb2.RewardModelTrainingJob]  # type: ignore[assignment]
+    GetRewardModelTrainingJob: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetRewardModelTrainingJobRequest, _trainer_pb2.RewardModelTrainingJob]  # type: ignore[assignment]
+    """The state of a job started by TriggerRewardModelTraining (empty job_id = the latest job)."""
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -72,5 +76,13 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.TriggerRewardModelTrainingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.RewardModelTrainingJob, _abc.Awaitable[_trainer_pb2.RewardModelTrainingJob]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRewardModelTrainingJob(
+        self,
+        request: _trainer_pb2.GetRewardModelTrainingJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.RewardModelTrainingJob, _abc.Awaitable[_trainer_pb2.RewardModelTrainingJob]]:
+        """The state of a job started by TriggerRewardModelTraining (empty job_id = the latest job)."""
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

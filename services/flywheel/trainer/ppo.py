@@ -1,0 +1,594 @@
+"""PPO for language models: the maths (pure tensor functions), the config, and `PPOTrainer`.
+
+One PPO step over a batch of scored rollouts (see `batch.RolloutBatch`):
+
+1. Reference log-probs once per batch under `torch.inference_mode` (frozen reference model).
+2. Values (and current log-probs, for diagnostics) once per batch, also without autograd.
+3. Per-token reward: `-kl_coef * KL_t` (k1 or k3 estimator of KL(pi_behaviour || pi_ref)) on every
+   response token, plus the reward-model score (minus `missing_eos_penalty` if the response was
+   truncated) on the last token.
+4. GAE(gamma, lambda) as one matrix product (no Python loop over tokens); advantages whitened.
+5. `ppo_epochs` passes over shuffled minibatches: one forward per minibatch gives the taken-token
+   log-probs, entropy and values; clipped surrogate against the *behaviour* log-probs the rollout
+   carries (off-policy ratio), clipped value loss, optional entropy bonus, gradient clipping.
+6. The KL controller (adaptive or fixed) is updated with the batch's observed KL.
+
+Under DDP (`torch.distributed` initialised, model wrapped in DistributedDataParallel) each rank
+trains on its shard of the batch: whitening uses global statistics (all-reduce) and gradients are
+averaged by DDP, so every rank ends with identical parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig:
+    """Every PPO knob, with defaults chosen against common practice (see docs/trainer.md).
+
+    TRL 1.9.2 experimental PPOConfig (for comparison): kl_coef 0.05, cliprange 0.2,
+    cliprange_value 0.2, vf_coef 0.1, gamma 1.0, lam 0.95, num_ppo_epochs 4, whiten rewards off,
+    kl_estimator k1, learning_rate 3e-6. Ziegler et al. 2019 / early TRL: adaptive KL (init 0.2,
+    target 6, horizon 10000).
+    """
+
+    learning_rate: float = 1e-5
+    """AdamW learning rate (TRL: 3e-6 for 1B-class models; small models tolerate more)."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    ppo_epochs: int = 4
+    """Passes over each batch (TRL num_ppo_epochs = 4)."""
+    mini_batch_size: int = 4
+    """Sequences per optimizer step, per rank."""
+    gamma: float = 1.0
+    """Discount; 1.0 is standard for LM rewards given at the last token."""
+    lam: float = 0.95
+    """GAE lambda (TRL: 0.95)."""
+    cliprange: float = 0.2
+    """Clip of the probability ratio in the surrogate objective (TRL: 0.2)."""
+    cliprange_value: float = 0.2
+    """Clip of the value update around the old values (TRL: 0.2)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (TRL: 0.1)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight; 0 disables it (common for RLHF)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip; <= 0 disables it."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """k1 = log p - log q (unbiased, can be negative per token); k3 = (r - 1) - log r with
+    r = q/p (unbiased, always >= 0, lower variance) (Schulman, "Approximating KL divergence")."""
+    adaptive_kl: bool = False
+    """Adaptive KL controller (Ziegler et al.) instead of a fixed coefficient."""
+    init_kl_coef: float = 0.05
+    """Initial (or fixed) KL coefficient (TRL: 0.05 fixed; adaptive mode traditionally 0.2)."""
+    target_kl: float = 6.0
+    """Adaptive mode: target KL per sequence, in nats (Ziegler et al.: 6)."""
+    kl_horizon: int = 10_000
+    """Adaptive mode: horizon in sequences (Ziegler et al.: 10000)."""
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    score_clip: float | None = None
+    """Clip reward-model scores to [-score_clip, score_clip] (None = no clip)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that did not finish (truncated at max length)."""
+    temperature: float | None = None
+    """Temperature the log-probs are computed at; None = each rollout's own sampling temperature
+    (the policy service reports log-softmax(logits / temperature))."""
+    ratio_logprobs: Literal["behaviour", "recompute"] = "behaviour"
+    """Old log-probs for the ratio: the behaviour policy's (carried by the rollout, correct for
+    stale rollouts) or recomputed by the current policy at the start of the step."""
+    max_version_lag: int = 2
+    """Rollouts whose policy version is more than this many versions behind are dropped."""
+    staleness_weight_decay: float = 1.0
+    """Kept rollouts are weighted decay ** lag in the losses (1.0 = no down-weighting)."""
+    value_head_init_std: float = 0.0
+    """Std of the value head's initial weights (0 = start from zero values)."""
+    seed: int = 0
+
+    def validate(self) -> "PPOConfig":
+        checks = [
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
+            (self.mini_batch_size >= 1, "mini_batch_size must be >= 1"),
+            (0 <= self.gamma <= 1, "gamma must be in [0, 1]"),
+            (0 <= self.lam <= 1, "lam must be in [0, 1]"),
+            (self.cliprange > 0, "cliprange must be > 0"),
+            (self.cliprange_value > 0, "cliprange_value must be > 0"),
+            (self.vf_coef >= 0, "vf_coef must be >= 0"),
+            (self.kl_estimator in ("k1", "k3"), "kl_estimator must be k1 or k3"),
+            (self.init_kl_coef >= 0, "init_kl_coef must be >= 0"),
+            (self.target_kl > 0, "target_kl must be > 0"),
+            (self.kl_horizon > 0, "kl_horizon must be > 0"),
+            (self.ratio_logprobs in ("behaviour", "recompute"), "ratio_logprobs must be behaviour or recompute"),
+            (self.max_version_lag >= 0, "max_version_lag must be >= 0"),
+            (0 < self.staleness_weight_decay <= 1, "staleness_weight_decay must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PPOConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "adam_betas" in kwargs:
+            kwargs["adam_betas"] = tuple(kwargs["adam_betas"])
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The maths: pure functions on tensors (unit-tested against hand-computed values)
+# --------------------------------------------------------------------------------------------
+
+
+def _dist_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    m = mask if weight is None else mask * weight
+    return (x * m).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of x over mask (optionally per-element weights, e.g. staleness weights per row)."""
+    m = mask if weight is None else mask * weight
+    return (x * m).sum() / m.sum().clamp_min(1e-8)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, global_stats: bool = False) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """(mean, variance) of x over mask; with global_stats under DDP, over every rank's elements."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).to(torch.float64)
+    if global_stats and _dist_active():
+        dist.all_reduce(stats)
+    total, total_sq, n = stats[0], stats[1], stats[2].clamp_min(1.0)
+    mean = total / n
+    var = (total_sq / n - mean * mean).clamp_min(0.0)
+    if unbiased:
+        if n <= 1:
+            raise ValueError("masked_var needs at least two unmasked elements for the unbiased estimate")
+        var = var * n / (n - 1)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  global_stats: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked elements (unbiased var, as in TRL).
+
+    shift_mean=False keeps the mean (used for rewards). Masked positions are zeroed.
+    """
+    mean, var = masked_var(x, mask, unbiased=True, global_stats=global_stats)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+
+    k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -kl_coef * kl on every response token, + score on the last one.
+
+    Returns (rewards, non_score_rewards); both zero beyond each sequence's end.
+    """
+    non_score = -kl_coef * kl * mask
+    lengths = mask.sum(1).long()
+    last = (lengths - 1).clamp_min(0)
+    rewards = non_score.clone()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last] += scores * (lengths > 0).to(scores.dtype)
+    return rewards, non_score
+
+
+def _discount_matrix(length: int, factor: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # M[k, t] = factor ** (k - t) for k >= t, else 0: (x @ M)[t] = sum_{k >= t} factor^(k-t) x[k].
+    idx = torch.arange(length, device=device)
+    exponent = (idx[:, None] - idx[None, :]).to(dtype)
+    lower = exponent >= 0
+    return torch.where(lower, torch.pow(torch.tensor(factor, dtype=dtype, device=device), exponent.clamp_min(0)),
+                       torch.zeros((), dtype=dtype, device=device))
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation for right-padded sequences, vectorised.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V beyond the last token is 0);
+    A_t = sum_k (gamma * lam)^k delta_{t+k}. Returns (advantages, returns = A + V), masked.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    next_values = torch.zeros_like(values)
+    next_values[:, :-1] = values[:, 1:]
+    deltas = (rewards + gamma * next_values - values) * mask
+    length = rewards.shape[1]
+    advantages = deltas @ _discount_matrix(length, gamma * lam, deltas.dtype, deltas.device)
+    advantages = advantages * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 +- eps))."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    losses = -advantages * ratio
+    losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(losses, losses_clipped), mask, weight)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((losses_clipped > losses).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio * log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean of max((V - R)^2, (clip(V, V_old +- eps) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2
+    losses_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask, weight)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((losses_clipped > losses).float(), mask)}
+    return loss, stats
+
+
+class FixedKLController:
+    """Constant KL coefficient."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+
+def kl_controller_for(config: PPOConfig) -> FixedKLController:
+    if config.adaptive_kl:
+        return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+    return FixedKLController(config.init_kl_coef)
+
+
+# --------------------------------------------------------------------------------------------
+# Model: causal LM + value head, one forward for taken-token log-probs, entropy and values
+# --------------------------------------------------------------------------------------------
+
+
+def gather_response_hidden(hidden: torch.Tensor, prompt_lengths: torch.Tensor, response_width: int) -> torch.Tensor:
+    """Hidden states that predict each response token: position prompt_len - 1 + t, t < response_width."""
+    offsets = torch.arange(response_width, device=hidden.device)
+    positions = (prompt_lengths[:, None] - 1 + offsets[None, :]).clamp(max=hidden.shape[1] - 1)
+    return hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+
+def logprobs_from_hidden(lm_head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor,
+                         with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = lm_head(hidden).float() / temperature[:, None, None]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, tokens[:, :, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+class PolicyWithValueHead(nn.Module):
+    """A Hugging Face causal LM with a scalar value head on its last hidden state.
+
+    `forward` runs the backbone once and applies the LM head only at response positions, so the
+    prompt's vocabulary projections are never computed. DDP wraps this module as a whole.
+    """
+
+    def __init__(self, lm: nn.Module, value_head_init_std: float = 0.0) -> None:
+        super().__init__()
+        self.lm = lm
+        hidden_size = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=value_head_init_std) if value_head_init_std > 0 else \
+            nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):  # noqa: ANN201 - the LM's config
+        return self.lm.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                response_ids: torch.Tensor, temperature: torch.Tensor, with_entropy: bool = True,
+                with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return response_forward(self.lm, input_ids, attention_mask, prompt_lengths, response_ids, temperature,
+                                with_entropy=with_entropy, value_head=self.value_head if with_values else None)
+
+
+def response_forward(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     prompt_lengths: torch.Tensor, response_ids: torch.Tensor, temperature: torch.Tensor,
+                     with_entropy: bool = False, value_head: nn.Module | None = None) -> tuple[
+                         torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(taken-token log-probs, entropy, values) over the response positions of a right-padded batch."""
+    backbone = lm.base_model
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = gather_response_hidden(out.last_hidden_state, prompt_lengths, response_ids.shape[1])
+    logprobs, entropy = logprobs_from_hidden(lm.get_output_embeddings(), hidden, response_ids, temperature,
+                                             with_entropy)
+    values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
+    return logprobs, entropy, values
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """What one PPO step reports (means over the batch unless noted)."""
+
+    step: int
+    num_sequences: int
+    num_tokens: int
+    mean_score: float
+    mean_reward: float
+    """score + non-score (KL) reward, summed over tokens, averaged over sequences."""
+    kl: float
+    """Mean per-sequence KL(pi_behaviour || pi_ref) (k1, summed over tokens)."""
+    kl_estimator_value: float
+    """Mean per-sequence KL with the configured estimator."""
+    kl_coef: float
+    policy_loss: float
+    value_loss: float
+    entropy: float
+    clipfrac: float
+    vf_clipfrac: float
+    approx_kl: float
+    ratio: float
+    advantage_mean: float
+    return_mean: float
+    value_mean: float
+    grad_norm: float
+    behaviour_logprob_gap: float
+    """Mean |log pi_current - log pi_behaviour| at step start (staleness / numerics diagnostic)."""
+    mean_response_length: float
+    eos_fraction: float
+    step_seconds: float
+    episodes_per_second: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in asdict(self).items() if k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class PPOTrainer:
+    """PPO over scored rollouts. `step(batch)` runs one full PPO update and returns `StepStats`.
+
+    `policy` is a `PolicyWithValueHead` (optionally wrapped in DistributedDataParallel);
+    `ref_model` a frozen causal LM (the base model). The caller owns batching from Kafka.
+    """
+
+    def __init__(self, config: PPOConfig, policy: nn.Module, ref_model: nn.Module, *,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.config = config.validate()
+        self.policy = policy
+        self.ref_model = ref_model.eval()
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
+        self.optimizer = optimizer or torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate, betas=config.adam_betas,
+            eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.kl_ctl = kl_controller_for(config)
+        self.global_step = 0
+        self._rng = random.Random(config.seed)
+
+    @property
+    def module(self) -> PolicyWithValueHead:
+        return _unwrap(self.policy)  # type: ignore[return-value]
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "kl_ctl": self.kl_ctl.state_dict(),
+                "rng": self._rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if "rng" in state:
+            rng = state["rng"]
+            self._rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+
+    # -- the step ---------------------------------------------------------------------------
+    def _temperature(self, batch: "Any") -> torch.Tensor:
+        if self.config.temperature is not None:
+            return torch.full_like(batch.temperature, float(self.config.temperature))
+        return batch.temperature
+
+    def step(self, batch: "Any") -> StepStats:
+        """One PPO update on `batch` (a `RolloutBatch`, this rank's shard under DDP)."""
+        cfg = self.config
+        start = time.perf_counter()
+        mask = batch.response_mask
+        weight = batch.weight[:, None].expand_as(mask)
+        temperature = self._temperature(batch)
+        n = batch.input_ids.shape[0]
+
+        self.policy.eval()
+        with torch.inference_mode():
+            ref_logprobs, _, _ = response_forward(self.ref_model, batch.input_ids, batch.attention_mask,
+                                                  batch.prompt_lengths, batch.response_ids, temperature)
+            cur_logprobs, _, old_values = self.module(batch.input_ids, batch.attention_mask, batch.prompt_lengths,
+                                                      batch.response_ids, temperature, with_entropy=False)
+        ref_logprobs = ref_logprobs.clone()
+        old_values = old_values.clone() * mask
+        behaviour = batch.behaviour_logprobs if cfg.ratio_logprobs == "behaviour" else cur_logprobs.clone()
+        behaviour = behaviour * mask
+
+        scores = batch.scores.clone()
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~batch.finished).to(scores.dtype)
+
+        kl_k1 = kl_per_token(behaviour, ref_logprobs, "k1") * mask
+        kl_est = kl_per_token(behaviour, ref_logprobs, cfg.kl_estimator) * mask
+        kl_coef = self.kl_ctl.value
+        rewards, non_score = token_rewards(scores, kl_est, mask, kl_coef)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, shift_mean=True)
+
+        self.policy.train()
+        totals: dict[str, float] = {}
+        counts = 0
+        grad_norms: list[float] = []
+        mb = max(1, min(cfg.mini_batch_size, n))
+        for _epoch in range(cfg.ppo_epochs):
+            order = list(range(n))
+            self._rng.shuffle(order)
+            for begin in range(0, n, mb):
+                idx = torch.tensor(order[begin:begin + mb], dtype=torch.long)
+                loss, parts = self.minibatch_loss(batch, idx, temperature, behaviour, advantages, returns,
+                                                  old_values, weight)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                    grad_norms.append(float(norm))
+                self.optimizer.step()
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                counts += 1
+        self.policy.eval()
+
+        seq_kl = kl_k1.sum(1)
+        seq_kl_est = kl_est.sum(1)
+        mean_kl = self._global_mean(seq_kl)
+        self.kl_ctl.update(mean_kl, self._global_count(n))
+        self.global_step += 1
+        elapsed = time.perf_counter() - start
+        avg = {k: v / max(counts, 1) for k, v in totals.items()}
+        lengths = mask.sum(1)
+        return StepStats(
+            step=self.global_step,
+            num_sequences=n,
+            num_tokens=int(lengths.sum()),
+            mean_score=self._global_mean(batch.scores),
+            mean_reward=self._global_mean(scores + non_score.sum(1)),
+            kl=mean_kl,
+            kl_estimator_value=self._global_mean(seq_kl_est),
+            kl_coef=kl_coef,
+            policy_loss=avg.get("policy_loss", 0.0),
+            value_loss=avg.get("value_loss", 0.0),
+            entropy=avg.get("entropy", 0.0),
+            clipfrac=avg.get("clipfrac", 0.0),
+            vf_clipfrac=avg.get("vf_clipfrac", 0.0),
+            approx_kl=avg.get("approx_kl", 0.0),
+            ratio=avg.get("ratio", 1.0),
+            advantage_mean=float(masked_mean(advantages, mask)),
+            return_mean=float(masked_mean(returns, mask)),
+            value_mean=float(masked_mean(old_values, mask)),
+            grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+            behaviour_logprob_gap=float(masked_mean((cur_logprobs - batch.behaviour_logprobs).abs(), mask)),
+            mean_response_length=float(lengths.float().mean()),
+            eos_fraction=float(batch.finished.float().mean()),
+            step_seconds=elapsed,
+            episodes_per_second=n / elapsed if elapsed > 0 else math.inf,
+        )
+
+    def minibatch_loss(self, batch: "Any", idx: torch.Tensor, temperature: torch.Tensor, old_logprobs: torch.Tensor,
+                       advantages: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one minibatch (rows `idx` of the batch): one forward of policy + value head."""
+        cfg = self.config
+        mask = batch.response_mask[idx]
+        width = int(mask.sum(1).max().item()) if mask.numel() else 0
+        width = max(width, 1)
+        seq_len = int((batch.prompt_lengths[idx] + mask.sum(1).long()).max().item())
+        mask = mask[:, :width]
+        logprobs, entropy, values = self.policy(
+            batch.input_ids[idx, :seq_len], batch.attention_mask[idx, :seq_len], batch.prompt_lengths[idx],
+            batch.response_ids[idx, :width], temperature[idx], with_entropy=True)
+        w = weight[idx, :width]
+        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx, :width], advantages[idx, :width], mask,
+                                        cfg.cliprange, w)
+        vf_loss, vf_stats = value_loss(values, old_values[idx, :width], returns[idx, :width], mask,
+                                       cfg.cliprange_value, w)
+        ent = masked_mean(entropy, mask, w)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+        parts = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": ent.detach(),
+                 "loss": loss.detach(), **pg_stats, **vf_stats}
+        return loss, parts
+
+    # -- DDP-aware reductions -----------------------------------------------------------------
+    def _global_mean(self, x: torch.Tensor) -> float:
+        t = torch.stack([x.detach().float().sum(), torch.tensor(float(x.numel()))]).double()
+        if _dist_active():
+            dist.all_reduce(t)
+        return float(t[0] / t[1].clamp_min(1.0))
+
+    def _global_count(self, n: int) -> int:
+        if not _dist_active():
+            return n
+        t = torch.tensor([n], dtype=torch.long)
+        dist.all_reduce(t)
+        return int(t.item())
