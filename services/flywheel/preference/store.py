@@ -1,0 +1,331 @@
+"""The durable event store the aggregation reads (SQLite, one file per service instance).
+
+Kafka's `flywheel.preferences.v1` is the system of record; this store is derived from it: every
+event is written after the broker acknowledged it (with its partition and offset), and a follower
+(`replay.py`) replays the topic into the store with the topic offsets kept in the same SQLite
+transaction, so a fresh or stale store converges to exactly the topic's contents. Event ids are the
+primary key: an event seen twice (a retried submit, a replayed record) is stored once.
+
+Rows derived from an event are a pure function of the PreferenceEvent (`derive`), so the live path
+and a rebuild produce identical tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from flywheel.v1 import common_pb2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id        TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL,
+    rater_id        TEXT NOT NULL,
+    prompt_id       TEXT NOT NULL,
+    payload         BLOB NOT NULL,
+    topic_partition INTEGER,
+    topic_offset    INTEGER,
+    stored_at       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_prompt ON events (prompt_id);
+CREATE TABLE IF NOT EXISTS judgements (
+    event_id  TEXT NOT NULL,
+    idx       INTEGER NOT NULL,
+    prompt_id TEXT NOT NULL,
+    rater_id  TEXT NOT NULL,
+    winner_id TEXT NOT NULL,   -- for ties: the first response
+    loser_id  TEXT NOT NULL,   -- for ties: the second response
+    tie       INTEGER NOT NULL,
+    weight    REAL NOT NULL,
+    PRIMARY KEY (event_id, idx)
+);
+CREATE INDEX IF NOT EXISTS judgements_by_prompt ON judgements (prompt_id);
+CREATE TABLE IF NOT EXISTS demonstrations (
+    event_id      TEXT PRIMARY KEY,
+    prompt_id     TEXT NOT NULL,
+    prompt_text   TEXT NOT NULL,
+    response_text TEXT NOT NULL,
+    rater_id      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS responses (
+    response_id    TEXT PRIMARY KEY,
+    prompt_id      TEXT NOT NULL,
+    text           TEXT NOT NULL,
+    policy_version TEXT NOT NULL,
+    source         TEXT NOT NULL   -- 'rollout' or 'event' (external responses seen in events)
+);
+CREATE TABLE IF NOT EXISTS prompts (
+    prompt_id   TEXT PRIMARY KEY,
+    prompt_text TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS offsets (
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+"""
+
+
+@dataclass(frozen=True)
+class KnownResponse:
+    response_id: str
+    prompt_id: str
+    text: str
+    policy_version: str
+    source: str
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    event_id: str
+    kind: str
+    rater_id: str
+    prompt_id: str
+    payload: bytes
+
+
+@dataclass
+class Derived:
+    """Rows one PreferenceEvent contributes."""
+
+    event_id: str
+    kind: str
+    rater_id: str
+    prompt_id: str
+    judgements: list[tuple[str, int, str, str, str, str, int, float]] = field(default_factory=list)
+    demonstration: tuple[str, str, str, str, str] | None = None
+    responses: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    prompt_text: str = ""
+
+
+def event_body(event: common_pb2.PreferenceEvent):
+    kind = event.WhichOneof("event")
+    if kind is None:
+        raise ValueError("PreferenceEvent has no event set")
+    return kind, getattr(event, kind)
+
+
+def derive(event: common_pb2.PreferenceEvent) -> Derived:
+    """Judgements (rankings broken into all pairs), demonstrations, responses and prompt text of an event.
+
+    A ranking of k responses contributes its k(k-1)/2 pairs with weight 2/k each, i.e. k-1 comparisons
+    in total: the number of independent choices a Plackett–Luce ranking holds (full rank breaking).
+    """
+    kind, body = event_body(event)
+    d = Derived(body.event_id, kind, body.rater_id, body.prompt_id, prompt_text=body.prompt_text)
+    if kind == "demonstration":
+        d.demonstration = (body.event_id, body.prompt_id, body.prompt_text, body.response_text, body.rater_id)
+        return d
+    if kind == "comparison":
+        refs = [body.response_a, body.response_b]
+        weight = float(body.strength) if body.strength > 0 else 1.0
+        a, b = body.response_a.response_id, body.response_b.response_id
+        if body.choice == common_pb2.CHOICE_B:
+            a, b = b, a
+        d.judgements.append((body.event_id, 0, body.prompt_id, body.rater_id, a, b,
+                             int(body.choice == common_pb2.CHOICE_TIE), weight))
+    else:
+        refs = list(body.responses)
+        k = len(refs)
+        weight = 2.0 / k
+        idx = 0
+        for i in range(k):
+            for j in range(i + 1, k):
+                ri, rj = body.ranks[i], body.ranks[j]
+                a, b = (refs[i].response_id, refs[j].response_id)
+                if rj < ri:
+                    a, b = b, a
+                d.judgements.append((body.event_id, idx, body.prompt_id, body.rater_id, a, b, int(ri == rj), weight))
+                idx += 1
+    d.responses = [(r.response_id, body.prompt_id, r.text, r.policy_version, "event") for r in refs]
+    return d
+
+
+@dataclass
+class Judgements:
+    """Column arrays of all judgements (winner first; `tie` marks unordered pairs)."""
+
+    prompt_id: list[str]
+    rater_id: list[str]
+    winner_id: list[str]
+    loser_id: list[str]
+    tie: list[int]
+    weight: list[float]
+
+    def __len__(self) -> int:
+        return len(self.prompt_id)
+
+
+class PreferenceStore:
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+        self.changes = 0  # bumped on every write that added events (aggregation cache key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes ------------------------------------------------------------------------------
+    def _insert_events(self, items: Sequence[tuple[common_pb2.PreferenceEvent, int | None, int | None]]) -> list[bool]:
+        now = time.time()
+        inserted: list[bool] = []
+        db = self._db
+        for event, partition, offset in items:
+            d = derive(event)
+            cur = db.execute(
+                "INSERT OR IGNORE INTO events (event_id, kind, rater_id, prompt_id, payload, topic_partition, "
+                "topic_offset, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (d.event_id, d.kind, d.rater_id, d.prompt_id, event.SerializeToString(), partition, offset, now))
+            if cur.rowcount == 0:
+                inserted.append(False)
+                continue
+            inserted.append(True)
+            if d.judgements:
+                db.executemany("INSERT OR IGNORE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?, ?)", d.judgements)
+            if d.demonstration:
+                db.execute("INSERT OR IGNORE INTO demonstrations VALUES (?, ?, ?, ?, ?)", d.demonstration)
+            if d.responses:
+                db.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?)", d.responses)
+            if d.prompt_text:
+                db.execute("INSERT OR IGNORE INTO prompts VALUES (?, ?)", (d.prompt_id, d.prompt_text))
+        return inserted
+
+    def _set_offsets(self, topic: str, offsets: dict[int, int]) -> None:
+        self._db.executemany(
+            "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
+            "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+            [(topic, p, o) for p, o in offsets.items()])
+
+    def record_events(self, items: Sequence[tuple[common_pb2.PreferenceEvent, int | None, int | None]], *,
+                      topic: str | None = None, offsets: dict[int, int] | None = None) -> list[bool]:
+        """Store events (event, partition, offset) in one transaction; True where the event was new.
+
+        `topic`/`offsets` (next offset per partition) are advanced in the same transaction by followers.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = self._insert_events(items)
+                if topic is not None and offsets:
+                    self._set_offsets(topic, offsets)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            if any(inserted):
+                self.changes += 1
+            return inserted
+
+    def record_rollouts(self, rollouts: Iterable[common_pb2.Rollout], *, topic: str | None = None,
+                        offsets: dict[int, int] | None = None) -> int:
+        rows = [(r.rollout_id, r.prompt_id, r.response_text, r.policy_version, "rollout") for r in rollouts]
+        prompts = [(r.prompt_id, r.raw_prompt or r.prompt_text) for r in rollouts if (r.raw_prompt or r.prompt_text)]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT OR IGNORE INTO prompts VALUES (?, ?)", prompts)
+                if topic is not None and offsets:
+                    self._set_offsets(topic, offsets)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    # -- reads -------------------------------------------------------------------------------
+    def offsets(self, topic: str) -> dict[int, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT partition, next_offset FROM offsets WHERE topic = ?", (topic,)).fetchall()
+        return {p: o for p, o in rows}
+
+    def events(self, event_ids: Sequence[str]) -> dict[str, StoredEvent]:
+        found: dict[str, StoredEvent] = {}
+        with self._lock:
+            for start in range(0, len(event_ids), 500):
+                chunk = list(event_ids[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                        f"SELECT event_id, kind, rater_id, prompt_id, payload FROM events WHERE event_id IN ({marks})",
+                        chunk):
+                    found[row[0]] = StoredEvent(*row)
+        return found
+
+    def responses(self, response_ids: Sequence[str]) -> dict[str, KnownResponse]:
+        found: dict[str, KnownResponse] = {}
+        ids = list(dict.fromkeys(response_ids))
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                        "SELECT response_id, prompt_id, text, policy_version, source FROM responses "
+                        f"WHERE response_id IN ({marks})", chunk):
+                    found[row[0]] = KnownResponse(*row)
+        return found
+
+    def prompt_texts(self, prompt_ids: Sequence[str] | None = None) -> dict[str, str]:
+        with self._lock:
+            if prompt_ids is None:
+                return dict(self._db.execute("SELECT prompt_id, prompt_text FROM prompts").fetchall())
+            out: dict[str, str] = {}
+            ids = list(dict.fromkeys(prompt_ids))
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                out.update(self._db.execute(
+                    f"SELECT prompt_id, prompt_text FROM prompts WHERE prompt_id IN ({marks})", chunk).fetchall())
+            return out
+
+    def judgements(self, prompt_id: str | None = None) -> Judgements:
+        sql = "SELECT prompt_id, rater_id, winner_id, loser_id, tie, weight FROM judgements"
+        args: tuple = ()
+        if prompt_id is not None:
+            sql += " WHERE prompt_id = ?"
+            args = (prompt_id,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY prompt_id, event_id, idx", args).fetchall()
+        cols = list(zip(*rows)) if rows else [(), (), (), (), (), ()]
+        return Judgements(*[list(c) for c in cols])
+
+    def demonstrations(self) -> list[tuple[str, str, str, str, str]]:
+        """(event_id, prompt_id, prompt_text, response_text, rater_id), ordered by prompt and event."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT event_id, prompt_id, prompt_text, response_text, rater_id FROM demonstrations "
+                "ORDER BY prompt_id, event_id").fetchall()
+
+    def count_events(self, kind: str | None = None) -> int:
+        with self._lock:
+            if kind is None:
+                return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+            return self._db.execute("SELECT count(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0]
+
+    def count_responses(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
+
+    def content_version(self) -> str:
+        """A short digest of the set of stored event ids (names a dataset export)."""
+        digest = hashlib.sha256()
+        n = 0
+        with self._lock:
+            for (event_id,) in self._db.execute("SELECT event_id FROM events ORDER BY event_id"):
+                digest.update(event_id.encode())
+                digest.update(b"\0")
+                n += 1
+        return f"pref-{n:08d}-{digest.hexdigest()[:12]}"
