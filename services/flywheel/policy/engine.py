@@ -1,0 +1,394 @@
+"""The in-process generation engine: batched sampling with the behaviour logprob of every token.
+
+Reusable without gRPC or Kafka (the trainer's evaluation and the demo loop call it directly):
+
+    engine = PolicyEngine.from_checkpoint()              # SmolLM2-135M-Instruct, "policy-0000"
+    [[c]] = engine.generate(["Say hi"], SamplingConfig(temperature=0.7, max_new_tokens=16, seed=1))
+    c.token_ids, c.logprobs, c.text, c.finish_reason, c.policy_version
+
+Logprob convention (the trainer relies on it; see docs/policy.md): for every response token,
+`logprob = log_softmax(logits / temperature)[token]`, computed in float32 from the model's
+next-token logits BEFORE top-k / top-p filtering. With temperature 0 (greedy) the logits are not
+scaled: `log_softmax(logits)[token]`. The trainer recomputes log pi with the same temperature
+scaling, so the PPO ratio is exactly 1 at the behaviour policy.
+
+The decode loop is our own (not `model.generate`): every row of a batch has its own temperature,
+top-k, top-p, seed, stop strings and token budget; finished rows are dropped from the KV cache
+so a batch costs what its live rows cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from flywheel.policy.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos_token"
+FINISH_STOP = "stop_sequence"
+FINISH_CANCELLED = "cancelled"
+
+BASE_VERSION = "policy-0000"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot serve: missing files, incompatible tokenizer, non-finite outputs."""
+
+
+@dataclass
+class LoadedPolicy:
+    """One loaded policy version: model, tokenizer and what decoding needs to know about them."""
+
+    version: str
+    path: Path
+    model: Any
+    tokenizer: Any
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+    max_positions: int
+    device: torch.device
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.model.config, "_name_or_path", "") or self.path.name)
+
+    def template(self, text: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> str:
+        """The prompt exactly as the model sees it: the chat template where the tokenizer has one."""
+        if not messages:
+            messages = [{"role": "user", "content": text or ""}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return "\n".join(m["content"] for m in messages)
+
+    def encode(self, prompt_text: str) -> list[int]:
+        """Token ids of an already templated prompt (the template carries the special tokens)."""
+        return list(self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_policy(path: str | Path, version: str, *, device: str = "cpu", dtype: str = "float32",
+                validate: bool = True) -> LoadedPolicy:
+    """Load a HF causal-LM checkpoint directory (extra files such as value heads are ignored).
+
+    With validate=True the checkpoint must also run: a forward pass over a templated prompt has to
+    produce finite logits over a vocabulary that covers the tokenizer. Raises CheckpointError.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    except Exception as exc:  # noqa: BLE001 - every load failure is a broken checkpoint
+        raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    model.to(device).eval()
+    eos: set[int] = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, (list, tuple)):
+            eos.update(int(t) for t in source)
+    if not eos:
+        raise CheckpointError(f"{path}: neither the tokenizer nor the generation config names an eos token")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = min(eos)
+    max_positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    policy = LoadedPolicy(version=version, path=path, model=model, tokenizer=tokenizer,
+                          eos_token_ids=frozenset(eos), pad_token_id=int(pad), max_positions=max_positions,
+                          device=torch.device(device))
+    if validate:
+        _validate(policy)
+    return policy
+
+
+@torch.inference_mode()
+def _validate(policy: LoadedPolicy) -> None:
+    vocab = policy.model.get_output_embeddings().weight.shape[0]
+    if len(policy.tokenizer) > vocab:
+        raise CheckpointError(f"{policy.path}: tokenizer has {len(policy.tokenizer)} tokens, model only {vocab}")
+    ids = policy.encode(policy.template("Hello"))
+    if not ids:
+        raise CheckpointError(f"{policy.path}: the tokenizer produced no tokens")
+    try:
+        logits = policy.model(input_ids=torch.tensor([ids], device=policy.device)).logits
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{policy.path}: forward pass failed: {type(exc).__name__}: {exc}") from exc
+    if not torch.isfinite(logits).all():
+        raise CheckpointError(f"{policy.path}: the model produces non-finite logits")
+
+
+# --------------------------------------------------------------------------------------------------
+# One sequence (prompt x candidate) of a batch
+# --------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Sequence_:
+    """One row of a batch: its inputs, and (once generated) its outputs. Filled in by generate_batch."""
+
+    prompt_text: str
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    prompt_ids: list[int] | None = None
+    # set from any thread to stop this row at the next step (deadline passed, client gone)
+    cancelled: bool = False
+    # -- outputs ---------------------------------------------------------------------------------
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    seed_used: int | None = None
+    policy_version: str = ""
+    started_at: float = 0.0
+    completed_at: float = 0.0
+
+    @classmethod
+    def from_config(cls, prompt_text: str, config: SamplingConfig, candidate_index: int = 0,
+                    prompt_ids: list[int] | None = None) -> "Sequence_":
+        return cls(prompt_text=prompt_text, temperature=config.temperature, top_k=config.top_k,
+                   top_p=config.top_p, max_new_tokens=config.max_new_tokens, stop=tuple(config.stop),
+                   seed=config.candidate_seed(candidate_index), prompt_ids=prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+# Public name: `Sequence` clashes with typing.Sequence inside this module only.
+GenSequence = Sequence_
+
+StepCallback = Callable[[list[tuple[Sequence_, int, float]]], None]
+
+
+def _gumbel(gens: list[torch.Generator], vocab: int, device: torch.device) -> torch.Tensor:
+    u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in gens])
+    return -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
+
+
+def _filter_top_k_top_p(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k and then top-p (on the renormalised top-k mass) remove, row-wise."""
+    vocab = logp.shape[-1]
+    sorted_lp, order = logp.sort(dim=-1, descending=True)
+    position = torch.arange(vocab, device=logp.device)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    remove = position[None, :] >= k[:, None]
+    probs = sorted_lp.exp().masked_fill(remove, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    mass_before = probs.cumsum(dim=-1) - probs
+    p = torch.where(top_p < 1.0, top_p, torch.full_like(top_p, float("inf")))
+    remove |= mass_before > p[:, None]  # keeps the smallest prefix whose mass reaches top_p (>= 1 token)
+    mask = torch.zeros_like(remove).scatter_(1, order, remove)
+    return logp.masked_fill(mask, float("-inf"))
+
+
+def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row; returns (tokens, behaviour logprobs) per the module's convention."""
+    logits = logits.float()
+    greedy = temperature == 0
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logp = torch.log_softmax(logits / scale[:, None], dim=-1)
+    best = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        tokens = best
+    else:
+        filtered = logp
+        if bool(((top_k > 0) | (top_p < 1.0)).any()):
+            filtered = _filter_top_k_top_p(logp, top_k, top_p)
+        sampled = (filtered + _gumbel(gens, logits.shape[-1], logits.device)).argmax(dim=-1)
+        tokens = torch.where(greedy, best, sampled)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _find_stop(text: str, stops: Iterable[str]) -> int:
+    cut = -1
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (cut < 0 or i < cut):
+            cut = i
+    return cut
+
+
+@torch.inference_mode()
+def generate_batch(policy: LoadedPolicy, seqs: list[Sequence_], on_step: StepCallback | None = None) -> None:
+    """Generate every sequence of `seqs` in one padded batch, filling in their outputs in place."""
+    if not seqs:
+        return
+    model, device = policy.model, policy.device
+    started = time.time()
+    missing = [s for s in seqs if s.prompt_ids is None]
+    if missing:
+        encoded = policy.tokenizer([s.prompt_text for s in missing], add_special_tokens=False)["input_ids"]
+        for s, ids in zip(missing, encoded):
+            s.prompt_ids = list(ids)
+    for s in seqs:
+        s.policy_version = policy.version
+        s.started_at = started
+        s.token_ids, s.logprobs, s.text, s.finish_reason = [], [], "", None
+        s.seed_used = s.seed if s.seed is not None else secrets.randbits(63)
+        if not s.prompt_ids:
+            raise ValueError("empty prompt")
+    budgets = [max(0, min(s.max_new_tokens, policy.max_positions - len(s.prompt_ids or []))) for s in seqs]
+    live = [i for i, s in enumerate(seqs) if budgets[i] > 0 and not s.cancelled]
+    for i, s in enumerate(seqs):
+        if i not in live:
+            s.finish_reason = FINISH_CANCELLED if s.cancelled else FINISH_LENGTH
+            s.completed_at = time.time()
+    if not live:
+        return
+
+    lengths = [len(seqs[i].prompt_ids or []) for i in live]
+    width = max(lengths)
+    input_ids = torch.full((len(live), width), policy.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(live), width), dtype=torch.long)
+    for row, i in enumerate(live):
+        ids = seqs[i].prompt_ids or []
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp_(min=0)
+    input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+    temperature = torch.tensor([seqs[i].temperature for i in live], dtype=torch.float32, device=device)
+    top_k = torch.tensor([seqs[i].top_k for i in live], dtype=torch.long, device=device)
+    top_p = torch.tensor([seqs[i].top_p for i in live], dtype=torch.float32, device=device)
+    gens = []
+    for i in live:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(seqs[i].seed_used or 0) & ((1 << 63) - 1))
+        gens.append(g)
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :]
+    next_position = positions[:, -1] + 1
+    steps = 0
+    while live:
+        tokens, logprobs = choose_tokens(logits, temperature, top_k, top_p, gens)
+        steps += 1
+        token_list, lp_list = tokens.tolist(), logprobs.tolist()
+        events: list[tuple[Sequence_, int, float]] = []
+        keep: list[int] = []
+        for row, i in enumerate(live):
+            s = seqs[i]
+            token = int(token_list[row])
+            s.token_ids.append(token)
+            s.logprobs.append(float(lp_list[row]))
+            events.append((s, token, float(lp_list[row])))
+            if token in policy.eos_token_ids:
+                s.finish_reason = FINISH_EOS
+            elif s.stop:
+                text = policy.decode(s.token_ids)
+                cut = _find_stop(text, s.stop)
+                if cut >= 0:
+                    s.finish_reason, s.text = FINISH_STOP, text[:cut]
+            if s.finish_reason is None and len(s.token_ids) >= budgets[i]:
+                s.finish_reason = FINISH_LENGTH
+            if s.finish_reason is None and s.cancelled:
+                s.finish_reason = FINISH_CANCELLED
+            if s.finish_reason is None:
+                keep.append(row)
+            else:
+                s.completed_at = time.time()
+                if s.finish_reason != FINISH_STOP:
+                    s.text = policy.decode(s.token_ids)
+        if on_step is not None:
+            on_step(events)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            tokens, attention, next_position = tokens[index], attention[index], next_position[index]
+            temperature, top_k, top_p = temperature[index], top_k[index], top_p[index]
+            gens = [gens[r] for r in keep]
+            live = [live[r] for r in keep]
+        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :]
+        next_position = next_position + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine: a current policy that can be swapped atomically
+# --------------------------------------------------------------------------------------------------
+class PolicyEngine:
+    """Holds the serving policy; `swap` replaces it atomically (batches in flight finish on the old one).
+
+    Generation itself is synchronous and single-threaded per batch; callers that share an engine
+    across threads serialise batches with `lock` (the async batcher runs all batches on one thread).
+    """
+
+    def __init__(self, policy: LoadedPolicy, *, torch_threads: int | None = None) -> None:
+        self._policy = policy
+        self.lock = threading.Lock()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, version: str = BASE_VERSION, *, device: str = "cpu",
+                        dtype: str = "float32", torch_threads: int | None = None) -> "PolicyEngine":
+        if path is None:
+            from flywheel.models import smollm2_checkpoint
+
+            path = smollm2_checkpoint()
+        return cls(load_policy(path, version, device=device, dtype=dtype), torch_threads=torch_threads)
+
+    @property
+    def current(self) -> LoadedPolicy:
+        return self._policy
+
+    @property
+    def version(self) -> str:
+        return self._policy.version
+
+    def swap(self, policy: LoadedPolicy) -> LoadedPolicy:
+        """Serve `policy` from the next batch on; returns the previous one."""
+        old, self._policy = self._policy, policy
+        log.info("policy swapped: %s -> %s", old.version, policy.version)
+        return old
+
+    def generate(self, prompts: Sequence[str | Sequence[dict[str, str]]], sampling: SamplingConfig, *,
+                 max_batch_size: int = 32, on_step: StepCallback | None = None) -> list[list[Sequence_]]:
+        """Sample `sampling.n` candidates per prompt (plain text or chat messages), in batches.
+
+        Returns, per prompt, its candidates in candidate order; each carries token ids, behaviour
+        logprobs, text, finish reason and the policy version that produced it.
+        """
+        policy = self.current
+        grouped: list[list[Sequence_]] = []
+        for prompt in prompts:
+            text = policy.template(text=prompt) if isinstance(prompt, str) else policy.template(messages=prompt)
+            ids = policy.encode(text)
+            grouped.append([Sequence_.from_config(text, sampling, c, list(ids)) for c in range(sampling.n)])
+        flat = [s for group in grouped for s in group]
+        with self.lock:
+            for start in range(0, len(flat), max_batch_size):
+                generate_batch(policy, flat[start:start + max_batch_size], on_step)
+        return grouped
