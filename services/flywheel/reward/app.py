@@ -1,0 +1,103 @@
+"""Composition of the reward service: scorer + batcher + gRPC servicers + Kafka workers."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flywheel.bus import ensure_topics_for, producer_for, topics, worker_for
+from flywheel.bus.topics import Topic
+from flywheel.reward.batching import DynamicBatcher
+from flywheel.reward.scorers import Scorer, build_scorer, transformer_from_settings
+from flywheel.reward.service import registrations
+from flywheel.reward.settings import RewardSettings
+from flywheel.reward.worker import ReloadHandler, ScoringHandler
+from flywheel.runtime import ServiceRuntime
+
+log = logging.getLogger(__name__)
+
+Settings = RewardSettings
+
+
+class _BatcherLifecycle:
+    """Starts the batcher with the workers; it is stopped in on_stop, after in-flight RPCs drained."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self.batcher = batcher
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        pass
+
+
+class RewardApp:
+    """Handles to the parts of a built service (tests and the benchmark use them)."""
+
+    def __init__(self, runtime: ServiceRuntime, batcher: DynamicBatcher,
+                 scoring: ScoringHandler | None, reload: ReloadHandler | None) -> None:
+        self.runtime = runtime
+        self.batcher = batcher
+        self.scoring = scoring
+        self.reload = reload
+
+
+def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
+              rollouts_topic: Topic = topics.ROLLOUTS, scored_topic: Topic = topics.SCORED_ROLLOUTS,
+              versions_topic: Topic = topics.MODEL_VERSIONS) -> RewardApp:
+    """Everything `build` does, with the parts exposed; topics are overridable for isolated tests."""
+    runtime = ServiceRuntime(settings)
+    scorer = scorer or build_scorer(settings)
+    batcher = DynamicBatcher(scorer, max_batch_size=settings.reward_max_batch_size,
+                             max_wait_s=settings.reward_max_wait_ms / 1000.0,
+                             max_queue_items=settings.reward_max_queue_items)
+    runtime.add_worker(_BatcherLifecycle(batcher))
+    ready = {"serving": False}
+
+    for name, register in registrations(batcher, settings, is_ready=lambda: ready["serving"]):
+        runtime.add_service(name, register)
+
+    scoring: ScoringHandler | None = None
+    reload: ReloadHandler | None = None
+    producer = None
+    if settings.reward_worker_enabled or settings.reward_hot_reload:
+        ensure_topics_for(settings, [t for t in (rollouts_topic, scored_topic, versions_topic)])
+        producer = producer_for(settings)
+    if settings.reward_worker_enabled:
+        assert producer is not None
+        scoring = ScoringHandler(batcher, producer, output_topic=scored_topic)
+        runtime.add_worker(worker_for(settings, rollouts_topic, settings.reward_consumer_group, scoring, producer))
+    if settings.reward_hot_reload:
+        assert producer is not None
+        reload = ReloadHandler(batcher, lambda mv: transformer_from_settings(settings, mv.checkpoint_uri))
+        instance = settings.reward_instance_id or uuid.uuid4().hex[:12]
+        runtime.add_worker(worker_for(settings, versions_topic, f"{settings.reward_consumer_group}-reload-{instance}",
+                                      reload, producer))
+
+    original_set_serving = runtime.set_serving
+
+    async def set_serving(serving: bool) -> None:
+        ready["serving"] = serving
+        await original_set_serving(serving)
+
+    runtime.set_serving = set_serving  # type: ignore[method-assign] - KServe ServerReady mirrors health
+
+    async def shutdown() -> None:
+        await batcher.stop()
+        if producer is not None:
+            producer.flush(10.0)
+            producer.close()
+        batcher.scorer.close()
+
+    runtime.on_stop(shutdown)
+    return RewardApp(runtime, batcher, scoring, reload)
+
+
+def build(settings: RewardSettings) -> ServiceRuntime:
+    return build_app(settings).runtime
+
+
+async def serve(settings: RewardSettings) -> None:
+    runtime = build(settings)
+    await runtime.serve(ready=True)

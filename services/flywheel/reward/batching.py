@@ -1,0 +1,256 @@
+"""Dynamic batching: concurrent scoring requests share one forward pass.
+
+Requests (each a list of (prompt, response) items) wait in a bounded queue. One collector task
+takes queued requests until the batch holds `max_batch_size` items or the oldest queued item has
+waited `max_wait_s`, then runs the scorer once on a dedicated thread (torch work never blocks the
+event loop) and hands each request its slice of the results. While a forward pass runs, the next
+batch fills up, so under load batches are full and the wait costs nothing.
+
+- Bounded: more than `max_queue_items` waiting items -> `Overloaded` (RESOURCE_EXHAUSTED).
+- Deadlines: a request whose deadline passed before its batch ran is dropped (DeadlineExceeded)
+  and costs no compute; a caller that gave up (cancelled) is skipped the same way.
+- Hot swap: `swap(scorer)` replaces the scorer reference; the batch in flight keeps the scorer it
+  started with, so in-flight requests finish on the old model and no request is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from flywheel.reward import metrics
+from flywheel.reward.scorers import Component, Scorer
+from flywheel.runtime.errors import DeadlineExceeded, NotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """One request's results and the identity of the scorer that produced them."""
+
+    values: list[float]
+    components: list[Component]
+    scorer: str
+    scorer_version: str
+
+
+@dataclass
+class _Request:
+    prompts: list[str]
+    responses: list[str]
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic()
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class DynamicBatcher:
+    def __init__(self, scorer: Scorer, *, max_batch_size: int = 32, max_wait_s: float = 0.005,
+                 max_queue_items: int = 1024) -> None:
+        if max_batch_size < 1 or max_queue_items < 1:
+            raise ValueError("max_batch_size and max_queue_items must be >= 1")
+        self._scorer = scorer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_items = max_queue_items
+        self._queue: deque[_Request] = deque()
+        self._queued_items = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # One thread: forward passes are serialised (torch parallelises inside one pass).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-forward")
+        self._swap_lock = threading.Lock()
+        self._closed = False
+        self.batches = 0
+        self.forward_items = 0
+        metrics.publish_model(scorer)
+
+    # -- scorer ------------------------------------------------------------------------------
+    @property
+    def scorer(self) -> Scorer:
+        return self._scorer
+
+    def swap(self, scorer: Scorer) -> Scorer:
+        """Serve `scorer` from the next batch on; returns the previous one (its in-flight batch
+        still completes on it)."""
+        with self._swap_lock:
+            old, self._scorer = self._scorer, scorer
+        metrics.publish_model(scorer)
+        log.info("reward scorer now %s@%s (was %s@%s)", scorer.name, scorer.version, old.name, old.version)
+        return old
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def start(self) -> None:
+        """Start the collector on the running loop (idempotent)."""
+        if self._task is not None and not self._task.done():
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._task = self._loop.create_task(self._run(), name="reward-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        self._closed = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            try:
+                await self._task
+            finally:
+                self._task = None
+        self._executor.shutdown(wait=True)
+
+    # -- submitting --------------------------------------------------------------------------
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
+    async def score(self, prompts: Sequence[str], responses: Sequence[str], *,
+                    timeout_s: float | None = None) -> ScoredBatch:
+        """Score one request's items within `timeout_s` (None: no deadline)."""
+        if len(prompts) != len(responses):
+            raise ValueError("prompts and responses differ in length")
+        if self._closed:
+            raise NotReady("reward scorer is shutting down")
+        if self._task is None:
+            self.start()
+        n = len(prompts)
+        if n == 0:
+            scorer = self._scorer
+            return ScoredBatch([], [], scorer.name, scorer.version)
+        if self._queued_items + n > self.max_queue_items:
+            metrics.REJECTED.labels("overloaded").inc()
+            raise Overloaded(f"scoring queue full ({self._queued_items} items waiting, "
+                             f"limit {self.max_queue_items})")
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        request = _Request(list(prompts), list(responses), loop.create_future(), deadline)
+        self._queue.append(request)
+        self._queued_items += n
+        metrics.QUEUE_DEPTH.set(self._queued_items)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            if timeout_s is None:
+                return await asyncio.shield(request.future)
+            return await asyncio.wait_for(asyncio.shield(request.future), timeout=max(timeout_s, 0.0))
+        except asyncio.TimeoutError:
+            request.future.cancel()
+            metrics.REJECTED.labels("deadline").inc()
+            raise DeadlineExceeded(f"scoring did not finish within {timeout_s:.3f}s") from None
+        except asyncio.CancelledError:
+            request.future.cancel()  # the collector skips it
+            raise
+        finally:
+            metrics.REQUEST_SECONDS.observe(time.monotonic() - request.enqueued)
+
+    def score_threadsafe(self, prompts: Sequence[str], responses: Sequence[str], *,
+                         timeout_s: float | None = None) -> ScoredBatch:
+        """Blocking variant for worker threads (the Kafka worker): runs on the batcher's loop."""
+        if self._loop is None:
+            raise NotReady("batcher not started")
+        future = asyncio.run_coroutine_threadsafe(self.score(prompts, responses, timeout_s=timeout_s), self._loop)
+        return future.result()
+
+    # -- the collector -----------------------------------------------------------------------
+    def _take_batch(self) -> list[_Request]:
+        batch: list[_Request] = []
+        items = 0
+        now = time.monotonic()
+        while self._queue:
+            request = self._queue[0]
+            if request.future.done():  # cancelled or timed out by its caller
+                self._queue.popleft()
+                self._queued_items -= len(request)
+                continue
+            if request.deadline is not None and request.deadline <= now:
+                self._queue.popleft()
+                self._queued_items -= len(request)
+                metrics.REJECTED.labels("deadline").inc()
+                request.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            # A request larger than a batch runs alone (the scorer chunks it); never split requests.
+            if batch and items + len(request) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_items -= len(request)
+            batch.append(request)
+            items += len(request)
+            if items >= self.max_batch_size:
+                break
+        metrics.QUEUE_DEPTH.set(self._queued_items)
+        return batch
+
+    async def _wait_to_fill(self) -> None:
+        """Wait until a full batch is queued, or the oldest queued item waited max_wait_s."""
+        assert self._wakeup is not None
+        while not self._closed and self._queued_items < self.max_batch_size and self._queue:
+            remaining = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except asyncio.TimeoutError:
+                return
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None and self._loop is not None
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_to_fill()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            scorer = self._scorer  # the whole batch runs on one scorer, even if a swap happens now
+            prompts = [p for r in batch for p in r.prompts]
+            responses = [x for r in batch for x in r.responses]
+            start = time.monotonic()
+            try:
+                result = await self._loop.run_in_executor(self._executor, scorer.score_components,
+                                                          prompts, responses)
+            except Exception as exc:  # noqa: BLE001 - delivered to every request of the batch
+                log.exception("forward pass of %d items failed", len(prompts))
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                continue
+            elapsed = time.monotonic() - start
+            self.batches += 1
+            self.forward_items += len(prompts)
+            metrics.BATCH_SIZE.observe(len(prompts))
+            metrics.FORWARD_SECONDS.observe(elapsed)
+            for v in result.values:
+                metrics.SCORES.labels(scorer.name).observe(v)
+            offset = 0
+            for request in batch:
+                n = len(request)
+                if not request.future.done():
+                    request.future.set_result(ScoredBatch(
+                        values=result.values[offset:offset + n],
+                        components=[type(c)(c.scorer, c.version, c.values[offset:offset + n])
+                                    for c in result.components],
+                        scorer=scorer.name,
+                        scorer_version=scorer.version,
+                    ))
+                offset += n
