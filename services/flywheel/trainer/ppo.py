@@ -414,6 +414,13 @@ class StepStats:
         return out
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off: PPO's ratio and KL compare log-probs across passes, which dropout would perturb."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -430,6 +437,8 @@ class PPOTrainer:
         self.config = config.validate()
         self.policy = policy
         self.ref_model = ref_model.eval()
+        disable_dropout(policy)
+        disable_dropout(ref_model)
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
         self.optimizer = optimizer or torch.optim.AdamW(

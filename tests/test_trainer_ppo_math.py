@@ -1,0 +1,258 @@
+"""PPO maths against hand-computed values (GAE, whitening, KL estimators, clipped losses, KL control)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flywheel.trainer.batch import RolloutFilter, collate, version_number
+from flywheel.trainer.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PolicyWithValueHead,
+    PPOConfig,
+    PPOTrainer,
+    compute_gae,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+from flywheel.v1 import common_pb2
+
+T = torch.tensor
+
+
+def test_gae_hand_computed_gamma1_lambda_half():
+    # deltas = [0 + 0.4 - 0.5, 0 + 0.3 - 0.4, 1 + 0 - 0.3] = [-0.1, -0.1, 0.7]
+    # A2 = 0.7; A1 = -0.1 + 0.5 * 0.7 = 0.25; A0 = -0.1 + 0.5 * 0.25 = 0.025
+    adv, ret = compute_gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.4, 0.3]]), T([[1.0, 1.0, 1.0]]), gamma=1.0, lam=0.5)
+    assert adv.flatten().tolist() == pytest.approx([0.025, 0.25, 0.7])
+    assert ret.flatten().tolist() == pytest.approx([0.525, 0.65, 1.0])
+
+
+def test_gae_hand_computed_discounted():
+    # gamma 0.9, lambda 1: deltas = [0.36 - 0.5, 0.27 - 0.4, 0.7] = [-0.14, -0.13, 0.7]
+    # A2 = 0.7; A1 = -0.13 + 0.9 * 0.7 = 0.5; A0 = -0.14 + 0.9 * 0.5 = 0.31
+    adv, _ = compute_gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.4, 0.3]]), T([[1.0, 1.0, 1.0]]), gamma=0.9, lam=1.0)
+    assert adv.flatten().tolist() == pytest.approx([0.31, 0.5, 0.7])
+
+
+def test_gae_respects_padding():
+    # Row of length 2 (last column is padding, its reward/value must not leak in):
+    # V = [1, 1], next V = [1, 0]; deltas = [0 + 1 - 1, 2 + 0 - 1] = [0, 1]; A1 = 1, A0 = 0 + 0.5 * 1 = 0.5
+    adv, ret = compute_gae(T([[0.0, 2.0, 5.0]]), T([[1.0, 1.0, 9.0]]), T([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5)
+    assert adv.flatten().tolist() == pytest.approx([0.5, 1.0, 0.0])
+    assert ret.flatten().tolist() == pytest.approx([1.5, 2.0, 0.0])
+
+
+def test_gae_matches_reference_reverse_loop():
+    torch.manual_seed(0)
+    b, n, gamma, lam = 5, 11, 0.97, 0.9
+    rewards, values = torch.randn(b, n, dtype=torch.float64), torch.randn(b, n, dtype=torch.float64)
+    lengths = torch.tensor([11, 7, 1, 4, 10])
+    mask = (torch.arange(n)[None] < lengths[:, None]).double()
+    adv, _ = compute_gae(rewards, values, mask, gamma, lam)
+    for i in range(b):  # the textbook recursion, one sequence at a time
+        last, expected = 0.0, [0.0] * n
+        for t in reversed(range(int(lengths[i]))):
+            next_v = float(values[i, t + 1]) if t + 1 < lengths[i] else 0.0
+            delta = float(rewards[i, t]) + gamma * next_v - float(values[i, t])
+            last = delta + gamma * lam * last
+            expected[t] = last
+        assert adv[i].tolist() == pytest.approx(expected, abs=1e-9)
+
+
+def test_whitening_hand_computed():
+    x = T([[1.0, 2.0, 3.0, 4.0]])
+    # mean 2.5, unbiased var = (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
+    s = math.sqrt(5 / 3)
+    assert masked_whiten(x, torch.ones_like(x)).flatten().tolist() == pytest.approx([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s],
+                                                                          abs=1e-6)
+    y = T([[1.0, 2.0, 3.0, 100.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    # over the mask: mean 2, unbiased var 1 -> [-1, 0, 1]; masked element zeroed
+    assert masked_whiten(y, mask).flatten().tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-6)
+    assert masked_whiten(y, mask, shift_mean=False).flatten().tolist() == pytest.approx([1.0, 2.0, 3.0, 0.0], abs=1e-6)
+
+
+def test_kl_estimators_hand_computed():
+    logp, ref = T([math.log(0.5), math.log(0.3)]), T([math.log(0.25), math.log(0.3)])
+    # k1 = log(0.5/0.25) = log 2; k3 with r = ref/p = 0.5: (0.5 - 1) - log 0.5 = log 2 - 0.5
+    assert kl_per_token(logp, ref, "k1").tolist() == pytest.approx([math.log(2), 0.0])
+    assert kl_per_token(logp, ref, "k3").tolist() == pytest.approx([math.log(2) - 0.5, 0.0])
+    # k3 is never negative, k1 can be
+    assert float(kl_per_token(T([math.log(0.1)]), T([math.log(0.9)]), "k1")) < 0
+    assert float(kl_per_token(T([math.log(0.1)]), T([math.log(0.9)]), "k3")) == pytest.approx(9 - 1 - math.log(9))
+    with pytest.raises(ValueError):
+        kl_per_token(logp, ref, "k2")
+
+
+def test_kl_estimators_are_unbiased():
+    # E_{x~p}[k] = KL(p || q) for both estimators.
+    p, q = T([0.7, 0.2, 0.1], dtype=torch.float64), T([0.4, 0.4, 0.2], dtype=torch.float64)
+    exact = float((p * (p / q).log()).sum())
+    for est in ("k1", "k3"):
+        assert float((p * kl_per_token(p.log(), q.log(), est)).sum()) == pytest.approx(exact)
+
+
+def test_token_rewards_score_on_last_token():
+    kl = T([[0.1, 0.2, 0.3], [0.5, 0.5, 7.0]])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, non_score = token_rewards(T([1.0, -1.0]), kl, mask, kl_coef=0.1)
+    assert non_score.flatten().tolist() == pytest.approx([-0.01, -0.02, -0.03, -0.05, -0.05, 0.0])
+    assert rewards.flatten().tolist() == pytest.approx([-0.01, -0.02, 0.97, -0.05, -1.05, 0.0])
+
+
+def test_clipped_surrogate_hand_computed():
+    logprobs = torch.log(T([[1.5, 0.5, 1.1]]))
+    old = torch.zeros(1, 3)
+    adv = T([[1.0, 1.0, -2.0]])
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5; token 2: max(2.2, 2.2) = 2.2
+    loss, stats = policy_loss(logprobs, old, adv, torch.ones(1, 3), cliprange=0.2)
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert float(stats["clipfrac"]) == pytest.approx(1 / 3)
+    assert float(stats["ratio"]) == pytest.approx((1.5 + 0.5 + 1.1) / 3)
+
+
+def test_clipped_surrogate_gradient_vanishes_when_clipped():
+    logprobs = torch.log(T([[1.5]])).requires_grad_(True)
+    loss, _ = policy_loss(logprobs, torch.zeros(1, 1), T([[1.0]]), torch.ones(1, 1), cliprange=0.2)
+    loss.backward()
+    assert float(logprobs.grad) == 0.0  # ratio beyond 1 + eps with A > 0: no incentive to push further
+
+
+def test_clipped_value_loss_hand_computed():
+    values, old, returns = T([[1.0, 0.0]]), T([[0.5, 0.5]]), T([[2.0, 0.0]])
+    # clipped V = [0.7, 0.3]; unclipped sq err = [1, 0]; clipped = [1.69, 0.09]; max = [1.69, 0.09]
+    loss, stats = value_loss(values, old, returns, torch.ones(1, 2), cliprange_value=0.2)
+    assert float(loss) == pytest.approx(0.5 * (1.69 + 0.09) / 2)
+    assert float(stats["vf_clipfrac"]) == pytest.approx(1.0)
+
+
+def test_weighted_masked_mean_downweights_rows():
+    x = T([[1.0, 3.0], [10.0, 10.0]])
+    mask = torch.ones(2, 2)
+    assert float(masked_mean(x, mask)) == pytest.approx(6.0)
+    weight = T([[1.0, 1.0], [0.0, 0.0]])
+    assert float(masked_mean(x, mask, weight)) == pytest.approx(2.0)
+    weight = T([[1.0, 1.0], [0.5, 0.5]])
+    assert float(masked_mean(x, mask, weight)) == pytest.approx((1 + 3 + 5 + 5) / 3)
+
+
+def test_adaptive_kl_controller_hand_computed():
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10_000)
+    # KL 9: error clip(9/6 - 1) = +0.2 -> x (1 + 0.2 * 100 / 10000) = 1.002
+    assert ctl.update(9.0, 100) == pytest.approx(0.2 * 1.002)
+    # KL 3: error -0.5 clipped to -0.2 -> x 0.998
+    assert ctl.update(3.0, 100) == pytest.approx(0.2 * 1.002 * 0.998)
+    # KL 6.6: error 0.1 (inside the clip) -> x (1 + 0.1 * 1000 / 10000) = 1.01
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert ctl.update(6.6, 1000) == pytest.approx(0.1 * 1.01)
+    fixed = FixedKLController(0.05)
+    assert fixed.update(100.0, 1000) == 0.05
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="cliprange"):
+        PPOConfig(cliprange=0).validate()
+    with pytest.raises(ValueError, match="kl_estimator"):
+        PPOConfig(kl_estimator="k9").validate()  # type: ignore[arg-type]
+    cfg = PPOConfig(adaptive_kl=True, adam_betas=(0.8, 0.9))
+    assert PPOConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- the trainer on a tiny GPT-2 -------------------------------------------------------------------
+
+
+def _tiny():
+    from flywheel.trainer.testing import tiny_gpt2
+
+    lm = tiny_gpt2(seed=0)
+    ref = tiny_gpt2(seed=0)
+    return lm, ref
+
+
+def _rollouts(lm, n=4, plen=5, rlen=6, logprob_shift=0.0, finished=True, version="policy-0000"):
+    """Rollouts whose behaviour log-probs are the model's own (+ shift), as a policy service reports them."""
+    from flywheel.trainer.ppo import response_forward
+
+    lm.eval()
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        p = torch.randint(0, 1000, (plen,), generator=g).tolist()
+        r = torch.randint(0, 1000, (rlen,), generator=g).tolist()
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            lp, _, _ = response_forward(lm, ids, torch.ones_like(ids), torch.tensor([plen]), torch.tensor([r]),
+                                        torch.ones(1))
+        ro = common_pb2.Rollout(rollout_id=f"r{i}", prompt_token_ids=p, response_token_ids=r,
+                                token_logprobs=(lp[0] + logprob_shift).tolist(), policy_version=version,
+                                finish_reason=common_pb2.FINISH_REASON_EOS_TOKEN if finished
+                                else common_pb2.FINISH_REASON_LENGTH)
+        out.append(common_pb2.ScoredRollout(rollout=ro, reward=float(i % 2)))
+    return out
+
+
+def test_ratio_uses_behaviour_logprobs():
+    lm, ref = _tiny()
+    # Behaviour policy assigned half the probability the current policy does: ratio = 2 everywhere.
+    batch = collate(_rollouts(lm, logprob_shift=-math.log(2)))
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12), PolicyWithValueHead(lm), ref)
+    stats = trainer.step(batch)
+    assert stats.ratio == pytest.approx(2.0, rel=1e-3)
+    assert stats.clipfrac > 0
+    assert stats.behaviour_logprob_gap == pytest.approx(math.log(2), rel=1e-3)
+    # Recompute mode ignores the behaviour log-probs: ratio 1 on the first (only) minibatch.
+    lm2, ref2 = _tiny()
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, ratio_logprobs="recompute"),
+                         PolicyWithValueHead(lm2), ref2)
+    assert trainer.step(collate(_rollouts(lm2, logprob_shift=-math.log(2)))).ratio == pytest.approx(1.0, abs=1e-4)
+
+
+def test_step_kl_zero_against_identical_reference_and_missing_eos_penalty():
+    lm, ref = _tiny()
+    cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, init_kl_coef=0.0, missing_eos_penalty=1.0)
+    trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
+    stats = trainer.step(collate(_rollouts(lm, finished=False)))
+    assert stats.kl == pytest.approx(0.0, abs=1e-4)  # behaviour == policy == reference at step start
+    assert stats.mean_score == pytest.approx(0.5)  # raw scores 0, 1, 0, 1
+    assert stats.mean_reward == pytest.approx(0.5 - 1.0, abs=1e-4)  # every response truncated: -1 each
+    assert stats.eos_fraction == 0.0
+    assert trainer.global_step == 1
+
+
+def test_step_changes_policy_and_adaptive_kl_moves():
+    lm, ref = _tiny()
+    before = [p.detach().clone() for p in lm.parameters()]
+    cfg = PPOConfig(ppo_epochs=2, mini_batch_size=2, adaptive_kl=True, init_kl_coef=0.2, target_kl=6.0,
+                    kl_horizon=100, learning_rate=1e-3)
+    trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
+    trainer.step(collate(_rollouts(lm)))
+    # KL(behaviour || ref) was 0 < target: error -0.2, x (1 - 0.2 * 4 / 100)
+    assert trainer.kl_ctl.value == pytest.approx(0.2 * (1 - 0.2 * 4 / 100))
+    assert any(not torch.equal(a, b) for a, b in zip(before, lm.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters()))  # the reference stays frozen
+
+
+def test_rollout_filter_staleness_dedup_and_state():
+    f = RolloutFilter(max_version_lag=2, weight_decay=0.5)
+    r = _rollouts(_tiny()[0], n=1, version="policy-0003")[0]
+    assert version_number("policy-0003") == 3
+    ok = f.admit(r, current_version=4)
+    assert ok.accepted and ok.lag == 1 and ok.weight == 0.5
+    assert f.admit(r, current_version=6).reason == "stale"
+    f.mark_trained([r])
+    assert f.admit(r, current_version=4).reason == "duplicate"
+    restored = RolloutFilter(2)
+    restored.load_state_dict(f.state_dict())
+    assert restored.admit(r, current_version=4).reason == "duplicate"
+    restored.prune(current_version=6)  # policy-0003 is beyond the window now
+    assert restored.trained_count() == 0
+    r.rollout.split = "eval"
+    assert f.admit(r, current_version=4).reason == "eval"
