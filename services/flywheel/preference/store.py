@@ -309,11 +309,14 @@ class PreferenceStore:
                 "SELECT event_id, prompt_id, prompt_text, response_text, rater_id FROM demonstrations "
                 "ORDER BY prompt_id, event_id").fetchall()
 
-    def count_events(self, kind: str | None = None) -> int:
+    def count_events(self, kind: str | None = None, prompt_id: str | None = None) -> int:
+        sql, args = "SELECT count(*) FROM events WHERE 1=1", []
+        if kind is not None:
+            sql, args = sql + " AND kind = ?", args + [kind]
+        if prompt_id is not None:
+            sql, args = sql + " AND prompt_id = ?", args + [prompt_id]
         with self._lock:
-            if kind is None:
-                return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
-            return self._db.execute("SELECT count(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0]
+            return self._db.execute(sql, args).fetchone()[0]
 
     def count_responses(self) -> int:
         with self._lock:

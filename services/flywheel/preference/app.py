@@ -1,0 +1,145 @@
+"""Wiring: store, followers, producer, servicer and background loops on the shared runtime.
+
+Startup: topics are ensured, the followers replay flywheel.rollouts.v1 (known responses) and
+flywheel.preferences.v1 (events) into the store, and only when both have caught up with the end
+offsets seen at start does the service report SERVING (before that, RPCs answer UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from flywheel.bus import ensure_topics_for, producer_for
+from flywheel.bus.producer import TypedProducer
+from flywheel.bus.topics import AGGREGATED_PREFERENCES, PREFERENCES, ROLLOUTS
+from flywheel.preference.aggregation import FitOptions
+from flywheel.preference.auth import Authenticator, TokenStore
+from flywheel.preference.engine import ConsensusEngine
+from flywheel.preference.replay import TopicFollower
+from flywheel.preference.service import SERVICE_NAME, PreferenceServicer
+from flywheel.preference.settings import PreferenceSettings
+from flywheel.preference.store import PreferenceStore
+from flywheel.runtime import ServiceRuntime
+from flywheel.v1 import preference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Settings = PreferenceSettings
+
+ROLLOUTS_GROUP = "flywheel-preference"
+PREFERENCES_GROUP = "flywheel-preference-store"
+
+
+def fit_options(settings: PreferenceSettings) -> FitOptions:
+    return FitOptions(
+        prior_strength=settings.preference_prior_strength, reliability=settings.preference_reliability,
+        reliability_prior_strength=settings.preference_reliability_prior_strength,
+        max_iterations=settings.preference_max_iterations, tolerance=settings.preference_tolerance)
+
+
+class _ReadinessGate:
+    """Reports SERVING once every follower has caught up (a BackgroundWorker started after them)."""
+
+    def __init__(self, service: "PreferenceService") -> None:
+        self._service = service
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        svc = self._service
+        timeout = svc.settings.preference_replay_timeout_s
+        for follower in svc.followers:
+            while not await follower.wait_caught_up(timeout):
+                log.error("store has not caught up with %s after %.0fs; still NOT_SERVING", follower.topic.name,
+                          timeout)
+        svc.servicer.ready = True
+        await svc.runtime.set_serving(True)
+        log.info("preference store ready: %d events, %d known responses", svc.store.count_events(),
+                 svc.store.count_responses())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class _RefreshLoop:
+    """Refits the rater weights over all prompts when new events arrived (at most every interval)."""
+
+    def __init__(self, service: "PreferenceService") -> None:
+        self._service = service
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        svc = self._service
+        while True:
+            await asyncio.sleep(svc.settings.preference_refresh_interval_s)
+            if svc.servicer.ready and svc.engine.stale:
+                try:
+                    await asyncio.to_thread(svc.engine.refresh)
+                except Exception:  # noqa: BLE001 - keep the last weights; try again next interval
+                    log.exception("rater weight refresh failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass
+class PreferenceService:
+    settings: PreferenceSettings
+    runtime: ServiceRuntime
+    servicer: PreferenceServicer
+    store: PreferenceStore
+    engine: ConsensusEngine
+    producer: TypedProducer
+    followers: list[TopicFollower]
+
+
+def build_service(settings: PreferenceSettings) -> PreferenceService:
+    ensure_topics_for(settings, [ROLLOUTS, PREFERENCES, AGGREGATED_PREFERENCES])
+    store = PreferenceStore(settings.store_path())
+    tokens = TokenStore(settings.auth_db_path()) if settings.preference_auth_enabled else None
+    producer = producer_for(settings)
+    engine = ConsensusEngine(store, fit_options(settings))
+    servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine)
+    runtime = ServiceRuntime(settings)
+    runtime.add_service(SERVICE_NAME,
+                        lambda server: preference_pb2_grpc.add_PreferenceServiceServicer_to_server(servicer, server))
+    rollouts = TopicFollower(
+        settings, ROLLOUTS, lambda batch, offsets: store.record_rollouts([m for m, _, _ in batch],
+                                                                         topic=ROLLOUTS.name, offsets=offsets),
+        lambda: store.offsets(ROLLOUTS.name), producer, group_id=ROLLOUTS_GROUP)
+    preferences = TopicFollower(
+        settings, PREFERENCES, lambda batch, offsets: store.record_events(batch, topic=PREFERENCES.name,
+                                                                          offsets=offsets),
+        lambda: store.offsets(PREFERENCES.name), producer, group_id=PREFERENCES_GROUP)
+    service = PreferenceService(settings, runtime, servicer, store, engine, producer, [rollouts, preferences])
+    runtime.add_worker(rollouts)
+    runtime.add_worker(preferences)
+    runtime.add_worker(_ReadinessGate(service))
+    runtime.add_worker(_RefreshLoop(service))
+
+    async def close() -> None:
+        await asyncio.to_thread(producer.close)
+        store.close()
+        if tokens is not None:
+            tokens.close()
+
+    runtime.on_stop(close)
+    return service
+
+
+def build(settings: PreferenceSettings) -> ServiceRuntime:
+    return build_service(settings).runtime
+
+
+async def serve(settings: PreferenceSettings) -> None:
+    runtime = build(settings)
+    await runtime.serve(ready=False)

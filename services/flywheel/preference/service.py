@@ -1,0 +1,260 @@
+"""PreferenceService: authenticated, validated, idempotent ingestion; consensus and dataset export.
+
+Ingestion path of every event (unary or bulk):
+  authenticate (bearer token) -> validate + normalise (field-level INVALID_ARGUMENT) ->
+  de-duplicate on event id (store, in-flight submissions, earlier events of the same stream) ->
+  produce to flywheel.preferences.v1 (key = prompt_id, acks=all, idempotent producer) ->
+  wait for the broker's acknowledgement -> store (event id is the primary key) -> acknowledge.
+
+A crash after the broker acknowledged but before the client saw the ack is safe: the restarted
+service replays the topic into its store before it reports SERVING, so the client's retry finds
+the event id and is answered `duplicate=true` without producing again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Sequence
+
+from grpc import aio
+from prometheus_client import Counter, Histogram
+
+from flywheel.bus import TypedProducer
+from flywheel.bus.topics import AGGREGATED_PREFERENCES, PREFERENCES
+from flywheel.preference.auth import Authenticator, Principal
+from flywheel.preference.engine import ConsensusEngine
+from flywheel.preference.export import write_dataset
+from flywheel.preference.settings import PreferenceSettings
+from flywheel.preference.store import PreferenceStore, event_body
+from flywheel.preference.validation import Validator
+from flywheel.runtime import InvalidArgument, NotFound, NotReady, require
+from flywheel.v1 import common_pb2, preference_pb2, preference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "flywheel.v1.PreferenceService"
+
+EVENTS = Counter("flywheel_preference_events_total", "Submitted events by kind and outcome (accepted, duplicate).",
+                 ("kind", "outcome"))
+AUTH_FAILURES = Counter("flywheel_preference_auth_failures_total",
+                        "Refused calls: unauthenticated (bad/missing token) or permission_denied.", ("reason",))
+ACK_SECONDS = Histogram("flywheel_preference_broker_ack_seconds",
+                        "Time from produce to the broker's acks=all acknowledgement, per batch.",
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+EXPORTS = Counter("flywheel_preference_exports_total", "Datasets exported.", ("format",))
+
+_FORMATS = {preference_pb2.DATASET_FORMAT_UNSPECIFIED: "jsonl", preference_pb2.DATASET_FORMAT_JSONL: "jsonl",
+            preference_pb2.DATASET_FORMAT_PARQUET: "parquet"}
+
+
+class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
+    def __init__(self, settings: PreferenceSettings, store: PreferenceStore, auth: Authenticator,
+                 producer: TypedProducer, engine: ConsensusEngine) -> None:
+        self.settings = settings
+        self.store = store
+        self.auth = auth
+        self.producer = producer
+        self.engine = engine
+        self.validator = Validator(settings, store)
+        self.ready = False
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+
+    # -- auth --------------------------------------------------------------------------------
+    def _principal(self, context: aio.ServicerContext) -> Principal | None:
+        from flywheel.runtime import Unauthenticated
+
+        try:
+            return self.auth.authenticate(context.invocation_metadata())
+        except Unauthenticated:
+            AUTH_FAILURES.labels("unauthenticated").inc()
+            raise
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise NotReady("the event store is catching up with the topics; retry shortly")
+
+    # -- ingestion ---------------------------------------------------------------------------
+    async def _ingest(self, events: Sequence[common_pb2.PreferenceEvent], prefixes: Sequence[str],
+                      principal: Principal | None) -> list[tuple[str, bool]]:
+        """Make `events` durable; returns (event_id, duplicate) per event, in order."""
+        from flywheel.runtime import PermissionDenied
+
+        try:
+            prepared = self.validator.prepare(events, prefixes, principal)
+        except PermissionDenied:
+            AUTH_FAILURES.labels("permission_denied").inc()
+            raise
+        bodies = [event_body(e)[1] for e in prepared]
+        ids = [b.event_id for b in bodies]
+        stored = await asyncio.to_thread(self.store.events, ids)
+        outcome: list[bool] = []  # duplicate?
+        fresh: list[int] = []
+        waits: list[asyncio.Future[None]] = []
+        seen: dict[str, int] = {}
+        for i, (event, body) in enumerate(zip(prepared, bodies)):
+            kind = event.WhichOneof("event")
+            prefix = prefixes[i]
+            field = f"{prefix}{kind}.event_id" if prefix else "event_id"
+            previous = stored.get(body.event_id)
+            if previous is not None:
+                require(previous.rater_id == body.rater_id and previous.prompt_id == body.prompt_id
+                        and previous.kind == kind, field, "already used for a different event")
+                outcome.append(True)
+            elif body.event_id in seen:
+                other = bodies[seen[body.event_id]]
+                require(other.rater_id == body.rater_id and other.prompt_id == body.prompt_id, field,
+                        "used twice in this stream for different events")
+                outcome.append(True)
+            elif body.event_id in self._inflight:
+                waits.append(self._inflight[body.event_id])
+                outcome.append(True)
+            else:
+                seen[body.event_id] = i
+                fresh.append(i)
+                outcome.append(False)
+        loop = asyncio.get_running_loop()
+        mine = {ids[i]: loop.create_future() for i in fresh}
+        self._inflight.update(mine)
+        try:
+            if fresh:
+                await self._publish([prepared[i] for i in fresh])
+            for f in mine.values():
+                f.set_result(None)
+        except BaseException as exc:
+            for f in mine.values():
+                if not f.done():
+                    f.set_exception(exc if isinstance(exc, Exception) else NotReady("submission interrupted"))
+                    f.exception()  # mark retrieved: the waiting duplicates re-raise it themselves
+            raise
+        finally:
+            for event_id in mine:
+                self._inflight.pop(event_id, None)
+        for f in waits:
+            await f  # a concurrent submit of the same id: acknowledge once it is durable
+        for event, dup in zip(prepared, outcome):
+            EVENTS.labels(event.WhichOneof("event"), "duplicate" if dup else "accepted").inc()
+        return list(zip(ids, outcome))
+
+    async def _publish(self, events: list[common_pb2.PreferenceEvent]) -> None:
+        """Produce with acks=all, wait for every acknowledgement, then store with partition/offset."""
+        start = time.perf_counter()
+        futures = [self.producer.send(PREFERENCES, e, key=event_body(e)[1].prompt_id) for e in events]
+        timeout = self.settings.preference_ack_timeout_s
+
+        def wait_all() -> list:
+            results: list = []
+            for f in futures:
+                try:
+                    results.append(f.get(timeout=timeout))
+                except Exception as exc:  # noqa: BLE001 - reported per record below
+                    results.append(exc)
+            return results
+
+        results = await asyncio.to_thread(wait_all)
+        ACK_SECONDS.observe(time.perf_counter() - start)
+        durable = [(e, md.partition, md.offset) for e, md in zip(events, results) if not isinstance(md, Exception)]
+        failed = [md for md in results if isinstance(md, Exception)]
+        hang = self.settings.preference_debug_hang_after_produce_file
+        if hang is not None:
+            hang.write_text("acknowledged by the broker, not yet stored or acknowledged to the client\n")
+            log.warning("debug hook: hanging after produce (waiting to be killed)")
+            await asyncio.Event().wait()
+        if durable:
+            await asyncio.to_thread(self.store.record_events, durable)
+        if failed:
+            log.error("%d of %d events not acknowledged by the broker: %s", len(failed), len(events), failed[0])
+            raise NotReady(f"{len(failed)} event(s) could not be made durable ({type(failed[0]).__name__}); "
+                           "retry with the same event ids")
+
+    async def _submit_one(self, event: common_pb2.PreferenceEvent, context) -> preference_pb2.SubmitAck:
+        principal = self._principal(context)
+        self._check_ready()
+        [(event_id, duplicate)] = await self._ingest([event], [""], principal)
+        return preference_pb2.SubmitAck(event_id=event_id, duplicate=duplicate)
+
+    async def SubmitDemonstration(self, request, context):
+        return await self._submit_one(common_pb2.PreferenceEvent(demonstration=request), context)
+
+    async def SubmitComparison(self, request, context):
+        return await self._submit_one(common_pb2.PreferenceEvent(comparison=request), context)
+
+    async def SubmitRanking(self, request, context):
+        return await self._submit_one(common_pb2.PreferenceEvent(ranking=request), context)
+
+    async def SubmitBulk(self, request_iterator: AsyncIterator[common_pb2.PreferenceEvent], context):
+        """Events are made durable chunk by chunk; the ack comes once all are. An invalid event fails the
+        stream (earlier chunks stay durable: resubmitting the stream is safe, they come back as duplicates)."""
+        principal = self._principal(context)
+        self._check_ready()
+        chunk_size = self.settings.preference_bulk_chunk_size
+        ack = preference_pb2.BulkAck()
+        chunk: list[common_pb2.PreferenceEvent] = []
+        prefixes: list[str] = []
+        n = 0
+
+        async def flush() -> None:
+            for event_id, duplicate in await self._ingest(chunk, prefixes, principal):
+                ack.event_ids.append(event_id)
+                if duplicate:
+                    ack.duplicates += 1
+                else:
+                    ack.accepted += 1
+            chunk.clear()
+            prefixes.clear()
+
+        async for event in request_iterator:
+            chunk.append(event)
+            prefixes.append(f"events[{n}].")
+            n += 1
+            if len(chunk) >= chunk_size:
+                await flush()
+        if chunk:
+            await flush()
+        return ack
+
+    # -- consensus and datasets --------------------------------------------------------------
+    async def GetConsensus(self, request, context):
+        self._principal(context)
+        self._check_ready()
+        require(bool(request.prompt_id), "prompt_id", "required")
+        agg = await asyncio.to_thread(self.engine.prompt, request.prompt_id)
+        if agg is None:
+            raise NotFound(f"no comparisons or rankings for prompt {request.prompt_id!r}")
+        return agg
+
+    async def ExportDataset(self, request, context):
+        principal = self._principal(context)
+        self.auth.require_admin(principal, "ExportDataset")
+        self._check_ready()
+        fmt = _FORMATS.get(request.format)
+        if fmt is None:
+            raise InvalidArgument("format", f"unknown format {request.format}")
+        require(request.min_margin >= 0, "min_margin", "must be >= 0")
+        output = request.output_uri or str(self.settings.export_dir())
+        result = await asyncio.to_thread(self._export, output, fmt, request.min_margin)
+        export, messages = result
+        if request.publish:
+            await self._publish_aggregates(messages)
+        EXPORTS.labels(fmt).inc()
+        return preference_pb2.ExportDatasetResponse(
+            dataset_version=export.dataset_version, pairs_uri=export.pairs_uri,
+            demonstrations_uri=export.demonstrations_uri, num_pairs=export.num_pairs,
+            num_demonstrations=export.num_demonstrations, num_prompts=export.num_prompts)
+
+    def _export(self, output: str, fmt: str, min_margin: float):
+        version = self.store.content_version()
+        fitted = self.engine.refresh()
+        messages = self.engine.messages(fitted.problem, fitted.result, dataset_version=version)
+        for m in messages:  # published pairs obey the same margin filter as the files
+            kept = [p for p in m.pairs if p.margin >= min_margin]
+            del m.pairs[:]
+            m.pairs.extend(kept)
+        export = write_dataset(output, version, messages, self.store.demonstrations(), fmt=fmt, min_margin=min_margin)
+        return export, messages
+
+    async def _publish_aggregates(self, messages: list[common_pb2.AggregatedPreference]) -> None:
+        futures = [self.producer.send(AGGREGATED_PREFERENCES, m, key=m.prompt_id) for m in messages]
+        timeout = self.settings.preference_ack_timeout_s
+        await asyncio.to_thread(lambda: [f.get(timeout=timeout) for f in futures])

@@ -1,0 +1,182 @@
+"""Field-level validation and normalisation of submitted events.
+
+Every failure is an `InvalidArgument(field, reason)` whose field is the path inside the request
+(`response_b.response_id`, `ranks`, or for bulk submits `events[12].ranking.ranks`). Normalisation
+fills what the service knows and the rater may leave out: the rater id (from the token), the
+submit time, and for known rollouts their text, policy version and prompt text, so the published
+event carries full lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from flywheel.preference.auth import Authenticator, Principal
+from flywheel.preference.settings import PreferenceSettings
+from flywheel.preference.store import KnownResponse, PreferenceStore
+from flywheel.runtime import InvalidArgument, require
+from flywheel.v1 import common_pb2
+
+_MAX_CLOCK_SKEW_S = 300.0
+
+
+def external_response_id(prompt_id: str, text: str) -> str:
+    """Deterministic id for a response from outside the loop (same text, same prompt -> same id)."""
+    return "ext-" + hashlib.sha256(f"{prompt_id}\0{text}".encode()).hexdigest()[:24]
+
+
+def ranks_are_valid(ranks: Sequence[int]) -> bool:
+    """Dense (1,1,2) or standard competition (1,1,3) ranking of len(ranks) items, 1 = best."""
+    if not ranks or min(ranks) != 1:
+        return False
+    distinct = sorted(set(ranks))
+    if distinct == list(range(1, len(distinct) + 1)):
+        return True
+    return all(r == 1 + sum(1 for q in ranks if q < r) for r in ranks)
+
+
+@dataclass
+class _Ref:
+    field: str
+    ref: common_pb2.ResponseRef
+
+
+class Validator:
+    def __init__(self, settings: PreferenceSettings, store: PreferenceStore) -> None:
+        self.settings = settings
+        self.store = store
+
+    # -- static checks -----------------------------------------------------------------------
+    def _id(self, value: str, field: str, *, required: bool = True) -> None:
+        if required:
+            require(bool(value), field, "required")
+        require(len(value) <= self.settings.preference_max_id_chars, field,
+                f"longer than {self.settings.preference_max_id_chars} characters")
+        require(value == value.strip() and value.isprintable(), field,
+                "must be printable without leading/trailing whitespace")
+
+    def _text(self, value: str, field: str) -> None:
+        require(len(value) <= self.settings.preference_max_text_chars, field,
+                f"longer than {self.settings.preference_max_text_chars} characters")
+
+    def _common(self, body, prefix: str, principal: Principal | None, now: float) -> None:
+        self._id(body.event_id, prefix + "event_id")
+        if not body.rater_id and principal is not None:
+            body.rater_id = principal.rater_id
+        self._id(body.rater_id, prefix + "rater_id")
+        Authenticator.check_rater(principal, body.rater_id, prefix + "rater_id")
+        self._id(body.prompt_id, prefix + "prompt_id")
+        self._text(body.prompt_text, prefix + "prompt_text")
+        require(body.lead_time_ms >= 0, prefix + "lead_time_ms", "must be >= 0")
+        if not body.HasField("submitted_at"):
+            body.submitted_at.FromNanoseconds(int(now * 1e9))
+        submitted = body.submitted_at.ToNanoseconds() / 1e9
+        require(submitted <= now + _MAX_CLOCK_SKEW_S, prefix + "submitted_at", "is in the future")
+        if body.HasField("created_at"):
+            require(body.created_at.ToNanoseconds() / 1e9 <= submitted, prefix + "created_at",
+                    "is after submitted_at")
+
+    def _ref(self, ref: common_pb2.ResponseRef, field: str) -> None:
+        self._id(ref.response_id, field + ".response_id", required=False)
+        self._text(ref.text, field + ".text")
+        require(len(ref.policy_version) <= self.settings.preference_max_id_chars, field + ".policy_version",
+                "too long")
+
+    def _static(self, event: common_pb2.PreferenceEvent, prefix: str, principal: Principal | None,
+                now: float) -> list[_Ref]:
+        kind = event.WhichOneof("event")
+        require(kind is not None, prefix.rstrip(".") or "event", "no demonstration, comparison or ranking set")
+        body = getattr(event, kind)
+        if prefix:
+            prefix = f"{prefix}{kind}."
+        self._common(body, prefix, principal, now)
+        if kind == "demonstration":
+            require(bool(body.response_text.strip()), prefix + "response_text", "required")
+            self._text(body.response_text, prefix + "response_text")
+            return []
+        if kind == "comparison":
+            require(body.HasField("response_a"), prefix + "response_a", "required")
+            require(body.HasField("response_b"), prefix + "response_b", "required")
+            require(body.choice in (common_pb2.CHOICE_A, common_pb2.CHOICE_B, common_pb2.CHOICE_TIE),
+                    prefix + "choice", "must be CHOICE_A, CHOICE_B or CHOICE_TIE")
+            require(math.isfinite(body.strength) and 0.0 <= body.strength <= 1.0, prefix + "strength",
+                    "must be in [0, 1] (0 means unspecified)")
+            refs = [_Ref(prefix + "response_a", body.response_a), _Ref(prefix + "response_b", body.response_b)]
+        else:
+            k = len(body.responses)
+            require(k >= 2, prefix + "responses", "a ranking needs at least 2 responses")
+            require(k <= self.settings.preference_max_ranking_size, prefix + "responses",
+                    f"more than {self.settings.preference_max_ranking_size} responses")
+            require(len(body.ranks) == k, prefix + "ranks", f"has {len(body.ranks)} entries for {k} responses")
+            require(ranks_are_valid(list(body.ranks)), prefix + "ranks",
+                    "not a ranking: use 1..m (ties share a rank, dense or competition style)")
+            refs = [_Ref(f"{prefix}responses[{i}]", r) for i, r in enumerate(body.responses)]
+        for r in refs:
+            self._ref(r.ref, r.field)
+        return refs
+
+    # -- lineage -----------------------------------------------------------------------------
+    def _lineage(self, body, refs: list[_Ref], known: dict[str, KnownResponse], prefix: str) -> None:
+        allow_external = self.settings.preference_allow_external_responses
+        for r in refs:
+            ref = r.ref
+            if not ref.response_id:
+                require(allow_external, r.field + ".response_id",
+                        "required (free-form responses need FLYWHEEL_PREFERENCE_ALLOW_EXTERNAL_RESPONSES)")
+                require(bool(ref.text), r.field + ".text", "required for a response without id")
+                ref.response_id = external_response_id(body.prompt_id, ref.text)
+            hit = known.get(ref.response_id)
+            if hit is None:
+                require(allow_external, r.field + ".response_id",
+                        f"unknown response id {ref.response_id!r} (not a rollout this service has seen)")
+                require(bool(ref.text), r.field + ".text", "required for a response that is not a known rollout")
+                continue
+            require(hit.prompt_id == body.prompt_id, r.field + ".response_id",
+                    f"belongs to prompt {hit.prompt_id!r}, not {body.prompt_id!r}")
+            if ref.text:
+                require(ref.text == hit.text, r.field + ".text", "differs from the recorded response text")
+            else:
+                ref.text = hit.text
+            if ref.policy_version:
+                require(ref.policy_version == hit.policy_version, r.field + ".policy_version",
+                        f"differs from the recorded policy version {hit.policy_version!r}")
+            else:
+                ref.policy_version = hit.policy_version
+        ids = [r.ref.response_id for r in refs]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            field = prefix + ("responses" if body.DESCRIPTOR.name == "Ranking" else "response_b")
+            raise InvalidArgument(field, f"response {dup!r} appears more than once")
+
+    def prepare(self, events: Sequence[common_pb2.PreferenceEvent], prefixes: Sequence[str],
+                principal: Principal | None) -> list[common_pb2.PreferenceEvent]:
+        """Validate and normalise `events` (copies); raises InvalidArgument naming the first bad field.
+
+        `prefixes[i]` is the field path of event i ("" for unary RPCs, "events[i]." for bulk).
+        """
+        now = time.time()
+        out: list[common_pb2.PreferenceEvent] = []
+        all_refs: list[list[_Ref]] = []
+        for event, prefix in zip(events, prefixes):
+            copy = common_pb2.PreferenceEvent()
+            copy.CopyFrom(event)
+            all_refs.append(self._static(copy, prefix, principal, now))
+            out.append(copy)
+        wanted = [r.ref.response_id for refs in all_refs for r in refs if r.ref.response_id]
+        known = self.store.responses(wanted) if wanted else {}
+        missing_prompt = [e for e in out if not getattr(e, e.WhichOneof("event")).prompt_text]
+        prompt_texts = self.store.prompt_texts([getattr(e, e.WhichOneof("event")).prompt_id
+                                                for e in missing_prompt]) if missing_prompt else {}
+        for event, prefix, refs in zip(out, prefixes, all_refs):
+            kind = event.WhichOneof("event")
+            body = getattr(event, kind)
+            path = f"{prefix}{kind}." if prefix else ""
+            if refs:
+                self._lineage(body, refs, known, path)
+            if not body.prompt_text:
+                body.prompt_text = prompt_texts.get(body.prompt_id, "")
+        return out
