@@ -150,7 +150,7 @@ def _terms(x: np.ndarray, A: np.ndarray, B: np.ndarray, T: np.ndarray, nu: float
 
 
 def _update_rater_weights(S, eta, H, A, B, T, nu, tau, n_r, fw, fl, lw, ll, rater, combo, combo_prompt,
-                          P, K, R, lam, validf, diag):
+                          P, K, R, lam, validf, diag, damping):
     """One Newton step for every rater's weight β_r, judged against the other raters (leave-one-rater-out).
 
     Fitting β_r on scores that rater r itself shaped lets a rater vouch for itself (with few raters
@@ -181,7 +181,7 @@ def _update_rater_weights(S, eta, H, A, B, T, nu, tau, n_r, fw, fl, lw, ll, rate
     gd, h, _, _ = _terms(beta * d_loo, A, B, T, nu)
     g_b = np.bincount(rater, d_loo * gd, R) - tau * (eta - 1.0)
     h_b = -np.bincount(rater, d_loo * d_loo * h, R) - tau
-    new = eta - 0.5 * np.clip(g_b / h_b, -1.0, 1.0)  # damped
+    new = eta - damping * np.clip(g_b / h_b, -1.0, 1.0)
     scale = float((new * n_r).sum() / n_r.sum())
     if scale > 1e-3:
         new = new / scale
@@ -234,6 +234,7 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *,
 
     S = np.zeros(P * K)
     eta_delta = math.inf
+    damping = 0.5
     converged = False
     iterations = 0
     H = np.zeros((P, K, K))
@@ -273,7 +274,9 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *,
             # Block-coordinate: update the rater weights only once the scores have (nearly) converged
             # for the current weights; alternating full steps oscillates when raters overlap heavily.
             eta, d_eta = _update_rater_weights(S, eta, H, A, B, T, nu, tau, n_r, fw, fl, lw, ll, rater, combo,
-                                               combo_prompt, P, K, R, lam, validf, diag)
+                                               combo_prompt, P, K, R, lam, validf, diag, damping)
+            if d_eta > eta_delta:  # not contracting: damp harder (the coupled fixed point can cycle)
+                damping = max(0.05, damping * 0.6)
             eta_delta = d_eta
             delta = max(delta, d_eta)
         elif estimate_eta:
