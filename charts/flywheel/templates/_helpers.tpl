@@ -121,6 +121,13 @@ default
       "kafka_replication_factor" (include "flywheel.kafkaReplication" $root)
       "shutdown_grace_s" (sub $c.terminationGracePeriodSeconds 10 | max 1)
 -}}
+{{- range $c.extraPorts }}
+{{- if .setting }}{{- $_ := set $managed .setting .port }}{{- end }}
+{{- end }}
+{{- if and $root.Values.checkpoints.shared.enabled (eq .name "trainer") }}
+{{- $_ := set $managed "trainer_checkpoint_uri" "file:///var/lib/flywheel/shared/checkpoints/policy" }}
+{{- $_ := set $managed "trainer_reward_output_dir" "/var/lib/flywheel/shared/checkpoints/reward" }}
+{{- end }}
 {{- $settings := merge (dict) $managed (deepCopy ($c.config | default dict)) (deepCopy ($root.Values.config | default dict)) -}}
 {{- range $key := keys $settings | sortAlpha }}
 {{- $value := index $settings $key }}

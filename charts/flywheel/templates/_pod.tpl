@@ -28,25 +28,6 @@ spec:
   {{- end }}
   securityContext:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
-  {{- if $root.Values.seedModelCache }}
-  initContainers:
-    # The image carries the converted model cache under $HOME/.cache/flywheel/models; link it
-    # into FLYWHEEL_HOME so services that resolve models under their home find it read-only.
-    - name: seed-model-cache
-      image: {{ include "flywheel.image" . }}
-      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-      command: ["/bin/sh", "-c"]
-      args:
-        - '[ -e /var/lib/flywheel/models ] || ln -s /home/flywheel/.cache/flywheel/models /var/lib/flywheel/models'
-      securityContext:
-        {{- toYaml $root.Values.securityContext | nindent 8 }}
-      resources:
-        requests: {cpu: 10m, memory: 16Mi}
-        limits: {cpu: 100m, memory: 64Mi}
-      volumeMounts:
-        - name: home
-          mountPath: /var/lib/flywheel
-  {{- end }}
   containers:
     - name: {{ $name }}
       image: {{ include "flywheel.image" . }}
@@ -109,6 +90,11 @@ spec:
           mountPath: /var/lib/flywheel
         - name: tmp
           mountPath: /tmp
+        {{- if and $root.Values.checkpoints.shared.enabled (has $name (list "policy" "reward" "trainer")) }}
+        - name: checkpoints
+          mountPath: /var/lib/flywheel/shared
+          readOnly: {{ ne $name "trainer" }}
+        {{- end }}
   volumes:
     {{- if not (and (eq $name "trainer") $c.persistence.enabled) }}
     - name: home
@@ -117,6 +103,12 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 1Gi
+    {{- if and $root.Values.checkpoints.shared.enabled (has $name (list "policy" "reward" "trainer")) }}
+    - name: checkpoints
+      persistentVolumeClaim:
+        claimName: {{ $root.Values.checkpoints.shared.existingClaim | default (printf "%s-checkpoints" (include "flywheel.fullname" $root)) }}
+        readOnly: {{ ne $name "trainer" }}
+    {{- end }}
   {{- with $c.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
