@@ -1,0 +1,213 @@
+"""Simulated raters for the demo loop and tests: rank candidates by a hidden ground truth.
+
+The hidden truth of a response is its VADER compound sentiment score (in [-1, 1]): the loop's
+"humans" prefer positive answers. Each rater perturbs the truth with Gaussian noise; kinds:
+
+* ``honest``      ranks by truth + noise,
+* ``adversarial`` ranks by the negated truth + noise (systematically wrong),
+* ``random``      ranks uniformly at random (a low-quality rater).
+
+`SimulatedRater.rate(prompt_id, prompt_text, candidates) -> Ranking` is the pure part.
+`RaterClient` submits with the rater's bearer token over gRPC, and `SimulatedRaterRunner` consumes
+flywheel.rollouts.v1, groups candidates by prompt and has a few raters of a pool rank each prompt.
+Event ids are deterministic (rater, prompt, candidate ids), so redelivered rollouts and retried
+submits are acknowledged as duplicates rather than counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import grpc
+
+from flywheel.runtime.client import channel_options
+from flywheel.v1 import common_pb2, preference_pb2, preference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+KINDS = ("honest", "adversarial", "random")
+
+
+@lru_cache(maxsize=1)
+def _analyzer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def ground_truth(text: str) -> float:
+    """The hidden quality of a response: VADER compound sentiment in [-1, 1]."""
+    return float(_analyzer().polarity_scores(text)["compound"])
+
+
+def _ref(candidate: common_pb2.ResponseRef | common_pb2.Rollout) -> common_pb2.ResponseRef:
+    if isinstance(candidate, common_pb2.Rollout):
+        return common_pb2.ResponseRef(response_id=candidate.rollout_id, text=candidate.response_text,
+                                      policy_version=candidate.policy_version)
+    return candidate
+
+
+def competition_ranks(scores: Sequence[float], tie_threshold: float = 0.0) -> list[int]:
+    """1 = best; scores within `tie_threshold` of the previous (sorted) score share its rank."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranks = [0] * len(scores)
+    for pos, i in enumerate(order):
+        if pos > 0 and scores[order[pos - 1]] - scores[i] <= tie_threshold:
+            ranks[i] = ranks[order[pos - 1]]
+        else:
+            ranks[i] = pos + 1
+    return ranks
+
+
+class SimulatedRater:
+    def __init__(self, rater_id: str, *, kind: str = "honest", noise: float = 0.1, tie_threshold: float = 0.0,
+                 seed: int | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        self.rater_id = rater_id
+        self.kind = kind
+        self.noise = noise
+        self.tie_threshold = tie_threshold
+        self._rng = random.Random(seed if seed is not None else rater_id)
+
+    def event_id(self, prompt_id: str, response_ids: Sequence[str]) -> str:
+        key = "\0".join([self.rater_id, prompt_id, *sorted(response_ids)])
+        return "sim-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def scores(self, texts: Sequence[str]) -> list[float]:
+        if self.kind == "random":
+            return [self._rng.random() for _ in texts]
+        sign = -1.0 if self.kind == "adversarial" else 1.0
+        return [sign * ground_truth(t) + self._rng.gauss(0.0, self.noise) for t in texts]
+
+    def rate(self, prompt_id: str, prompt_text: str,
+             candidates: Sequence[common_pb2.ResponseRef | common_pb2.Rollout]) -> common_pb2.Ranking:
+        """A Ranking of `candidates` (>= 2) as this rater judges them."""
+        refs = [_ref(c) for c in candidates]
+        if len(refs) < 2:
+            raise ValueError("need at least two candidates to rank")
+        ranks = competition_ranks(self.scores([r.text for r in refs]), self.tie_threshold if self.kind != "random"
+                                  else 0.0)
+        ranking = common_pb2.Ranking(event_id=self.event_id(prompt_id, [r.response_id for r in refs]),
+                                     rater_id=self.rater_id, prompt_id=prompt_id, prompt_text=prompt_text,
+                                     responses=refs, ranks=ranks,
+                                     lead_time_ms=int(1000 * (2 + len(refs) * self._rng.uniform(1, 4))))
+        now = time.time_ns()
+        ranking.submitted_at.FromNanoseconds(now)
+        ranking.created_at.FromNanoseconds(now - ranking.lead_time_ms * 1_000_000)
+        return ranking
+
+
+def make_pool(n: int, *, adversarial_fraction: float = 0.0, random_fraction: float = 0.0, noise: float = 0.1,
+              tie_threshold: float = 0.0, prefix: str = "sim-rater", seed: int = 0) -> list[SimulatedRater]:
+    """n raters: round(n * fraction) adversarial and random ones, the rest honest."""
+    if adversarial_fraction < 0 or random_fraction < 0 or adversarial_fraction + random_fraction > 1:
+        raise ValueError("fractions must be >= 0 and add up to at most 1")
+    n_adv = round(n * adversarial_fraction)
+    n_rand = round(n * random_fraction)
+    if n_adv + n_rand > n:
+        raise ValueError("fractions add up to more than the pool")
+    kinds = ["adversarial"] * n_adv + ["random"] * n_rand + ["honest"] * (n - n_adv - n_rand)
+    random.Random(seed).shuffle(kinds)
+    return [SimulatedRater(f"{prefix}-{i:02d}", kind=k, noise=noise, tie_threshold=tie_threshold, seed=seed * 1000 + i)
+            for i, k in enumerate(kinds)]
+
+
+class RaterClient:
+    """Submits as one rater (its bearer token in the `authorization` metadata); blocking gRPC."""
+
+    def __init__(self, target: str, token: str, *, root_certificates: bytes | None = None,
+                 timeout_s: float = 30.0) -> None:
+        if root_certificates is not None:
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates),
+                                                options=channel_options())
+        else:
+            self._channel = grpc.insecure_channel(target, options=channel_options())
+        self._stub = preference_pb2_grpc.PreferenceServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._timeout = timeout_s
+
+    def submit(self, ranking: common_pb2.Ranking) -> preference_pb2.SubmitAck:
+        return self._stub.SubmitRanking(ranking, metadata=self._metadata, timeout=self._timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@dataclass
+class _Group:
+    prompt_text: str
+    expected: int
+    first_seen: float
+    rollouts: dict[str, common_pb2.Rollout] = field(default_factory=dict)
+
+
+class SimulatedRaterRunner:
+    """Consumes rollouts, groups them by prompt, and has `raters_per_prompt` raters rank each group.
+
+    A group is rated when it holds the number of candidates the prompt asked for (`sampling.n`) or,
+    with at least two candidates, after `max_wait_s`. Offsets are committed only when no group is
+    pending, after every submission was acknowledged (at-least-once; duplicates are harmless).
+    """
+
+    def __init__(self, consumer, raters: Sequence[tuple[SimulatedRater, RaterClient]], *, raters_per_prompt: int = 3,
+                 max_wait_s: float = 5.0, seed: int = 0,
+                 accept: Callable[[common_pb2.Rollout], bool] | None = None) -> None:
+        """`accept(rollout)` selects the rollouts to rate (default: all; e.g. only the train split)."""
+        self.accept = accept
+        self.consumer = consumer  # a flywheel.bus TypedConsumer of ROLLOUTS
+        self.raters = list(raters)
+        self.raters_per_prompt = min(raters_per_prompt, len(self.raters))
+        self.max_wait_s = max_wait_s
+        self._rng = random.Random(seed)
+        self._groups: dict[str, _Group] = {}
+        self._stop = threading.Event()
+        self.submitted = 0
+        self.duplicates = 0
+        self.prompts_rated = 0
+
+    def _rate(self, prompt_id: str, group: _Group) -> None:
+        candidates = sorted(group.rollouts.values(), key=lambda r: r.candidate_index)
+        for rater, client in self._rng.sample(self.raters, self.raters_per_prompt):
+            ack = client.submit(rater.rate(prompt_id, group.prompt_text, candidates))
+            self.submitted += 1
+            self.duplicates += int(ack.duplicate)
+        self.prompts_rated += 1
+
+    def run_once(self, timeout_ms: int = 500) -> None:
+        for d in self.consumer.poll(timeout_ms=timeout_ms):
+            r = d.value
+            if self.accept is not None and not self.accept(r):
+                continue
+            group = self._groups.setdefault(r.prompt_id, _Group(r.raw_prompt or r.prompt_text, max(r.sampling.n, 1),
+                                                                time.monotonic()))
+            group.rollouts[r.rollout_id] = r
+        now = time.monotonic()
+        for prompt_id, group in list(self._groups.items()):
+            complete = len(group.rollouts) >= group.expected
+            if complete or now - group.first_seen >= self.max_wait_s:
+                if len(group.rollouts) >= 2:
+                    self._rate(prompt_id, group)
+                del self._groups[prompt_id]
+        if not self._groups:
+            self.consumer.commit()
+
+    def run(self, *, max_prompts: int | None = None, timeout_s: float | None = None) -> int:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._stop.is_set():
+            if max_prompts is not None and self.prompts_rated >= max_prompts:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self.run_once()
+        return self.prompts_rated
+
+    def stop(self) -> None:
+        self._stop.set()
