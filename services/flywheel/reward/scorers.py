@@ -282,9 +282,9 @@ class RemoteScorer(Scorer):
 
     def refresh_identity(self) -> None:
         """Ask the remote for its model version (otherwise learned from the first response)."""
-        from flywheel.v1 import reward_pb2
+        from flywheel.v1 import common_pb2
 
-        mv = self._call(self._stub.GetModelVersion, reward_pb2.GetModelVersionRequest())
+        mv = self._call(self._stub.GetModelVersion, common_pb2.GetModelVersionRequest())
         with self._lock:
             self._version = mv.version or self._version
 

@@ -1,0 +1,166 @@
+"""Scorers and the dynamic batcher, in process (tiny real-format checkpoints; VADER is real)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flywheel.reward.batching import DynamicBatcher
+from flywheel.reward.scorers import (
+    EnsembleScorer,
+    TransformerRewardScorer,
+    VaderScorer,
+    build_scorer,
+    parse_ensemble,
+    resolve_checkpoint,
+    with_reward_model,
+)
+from flywheel.reward.settings import RewardSettings
+from flywheel.reward.testing import GatedScorer, tiny_reward_checkpoint
+from flywheel.runtime.errors import DeadlineExceeded, Overloaded
+
+PROMPTS = ["How was your day?", "Tell me about the weather.", "What do you think of this film?", "Hi"]
+RESPONSES = [
+    "It was wonderful, thank you so much!",
+    "Terrible storms all week, I hate it.",
+    "A boring, mediocre film with a dreadful ending and awful acting throughout the second half.",
+    "ok",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_reward_checkpoint(tmp_path_factory.mktemp("tiny") / "reward-0001", version="reward-0001", seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir) -> TransformerRewardScorer:
+    return TransformerRewardScorer(tiny_dir, max_length=64, max_batch_size=2)
+
+
+def test_vader_is_deterministic_and_ignores_the_prompt() -> None:
+    vader = VaderScorer()
+    scores = vader.score(PROMPTS, RESPONSES)
+    assert scores == vader.score(["x"] * 4, RESPONSES)
+    assert scores[0] > 0.5 and scores[1] < -0.5 and scores[2] < -0.5 and scores[3] > 0
+    assert vader.name == "vader" and vader.version.count(".") >= 1
+
+
+def test_transformer_reads_version_and_uri_from_checkpoint(tiny, tiny_dir) -> None:
+    assert tiny.version == "reward-0001"
+    assert tiny.name == "transformer"
+    assert tiny.checkpoint_uri == str(tiny_dir)
+    assert tiny.model_name == "tiny-bert-reward"
+
+
+def test_transformer_batched_equals_one_at_a_time_including_chunking(tiny) -> None:
+    batched = tiny.score(PROMPTS, RESPONSES)  # 4 items, max_batch_size 2: two length-sorted chunks
+    single = [tiny.score([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert len(set(round(s, 4) for s in batched)) == 4  # the scores actually differ per input
+
+
+def test_transformer_uses_the_prompt_and_truncates(tiny) -> None:
+    a, b = tiny.score(["Tell me a story.", "What is 2+2?"], ["Sure."] * 2)
+    assert a != pytest.approx(b, abs=1e-6)
+    long = "word " * 600
+    assert len(tiny.score([long], [long])) == 1  # truncated to max_length, no position overflow
+    assert tiny.encode([long], [long])["input_ids"].shape[1] == 64
+
+
+def test_transformer_loads_file_uri(tiny_dir) -> None:
+    scorer = TransformerRewardScorer(tiny_dir.as_uri(), max_length=32)
+    assert scorer.version == "reward-0001"
+    assert resolve_checkpoint(tiny_dir.as_uri()) == tiny_dir
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(tiny_dir.parent / "missing")
+
+
+def test_ensemble_weights_and_components(tiny) -> None:
+    vader = VaderScorer()
+    ensemble = EnsembleScorer([(tiny, 0.5), (vader, 2.0)])
+    result = ensemble.score_components(PROMPTS, RESPONSES)
+    t, v = tiny.score(PROMPTS, RESPONSES), vader.score(PROMPTS, RESPONSES)
+    assert result.values == pytest.approx([0.5 * a + 2.0 * b for a, b in zip(t, v)], abs=1e-5)
+    assert [c.scorer for c in result.components] == ["transformer", "vader"]
+    assert result.components[1].values == v
+    assert "transformer@reward-0001" in ensemble.version and "vader@" in ensemble.version
+
+
+def test_with_reward_model_replaces_only_transformers(tiny, tiny_dir) -> None:
+    other = TransformerRewardScorer(tiny_dir, version="reward-0002")
+    assert with_reward_model(tiny, other) is other
+    assert with_reward_model(VaderScorer(), other) is None
+    replaced = with_reward_model(EnsembleScorer([(tiny, 1.0), (VaderScorer(), 1.0)]), other)
+    assert isinstance(replaced, EnsembleScorer) and replaced.members[0][0] is other
+
+
+def test_parse_ensemble_and_build_from_settings(tiny_dir) -> None:
+    assert parse_ensemble("transformer=0.8, vader=0.2") == [("transformer", 0.8), ("vader", 0.2)]
+    assert parse_ensemble("vader") == [("vader", 1.0)]
+    with pytest.raises(ValueError):
+        parse_ensemble("bogus=1")
+    with pytest.raises(ValueError):
+        parse_ensemble(" , ")
+    assert isinstance(build_scorer(RewardSettings(reward_scorer="vader")), VaderScorer)
+    ensemble = build_scorer(RewardSettings(reward_scorer="ensemble", reward_model_uri=str(tiny_dir),
+                                           reward_ensemble="transformer=1,vader=0.5"))
+    assert isinstance(ensemble, EnsembleScorer) and ensemble.members[0][0].version == "reward-0001"
+    with pytest.raises(ValueError):
+        build_scorer(RewardSettings(reward_scorer="nope"))
+
+
+async def test_concurrent_requests_batch_and_match_unbatched(tiny) -> None:
+    batcher = DynamicBatcher(tiny, max_batch_size=8, max_wait_s=0.05, max_queue_items=100)
+    batcher.start()
+    try:
+        pairs = [(PROMPTS[i % 4], RESPONSES[(i * 3) % 4] + f" #{i}") for i in range(24)]
+        results = await asyncio.gather(*(batcher.score([p], [r]) for p, r in pairs))
+        expected = [tiny.score([p], [r])[0] for p, r in pairs]
+        assert [r.values[0] for r in results] == pytest.approx(expected, abs=1e-5)
+        assert batcher.batches < len(pairs)  # requests actually shared forward passes
+        assert results[0].scorer_version == "reward-0001"
+    finally:
+        await batcher.stop()
+
+
+async def test_queue_bound_raises_overloaded_and_deadline_is_honoured() -> None:
+    gated = GatedScorer()
+    batcher = DynamicBatcher(gated, max_batch_size=2, max_wait_s=0.0, max_queue_items=4)
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.score(["p"], ["a"]))  # taken into the (blocked) forward pass
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.score(["p"] * 2, ["bb", "ccc"])) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued_items == 4
+        with pytest.raises(Overloaded):
+            await batcher.score(["p"], ["dddd"])
+        batcher.max_queue_items = 5  # room for one more item, which cannot run before its deadline
+        with pytest.raises(DeadlineExceeded):
+            await batcher.score(["p"], ["late"], timeout_s=0.05)
+        gated.gate.set()
+        assert (await first).values == [1.0]
+        assert [(await q).values for q in queued] == [[2.0, 3.0], [2.0, 3.0]]
+        # The timed-out request never reached the scorer.
+        assert sorted(gated.calls) == [1, 2, 2]
+    finally:
+        gated.gate.set()
+        await batcher.stop()
+
+
+async def test_swap_applies_to_next_batch_in_flight_finishes_on_old() -> None:
+    old, new = GatedScorer("1"), GatedScorer("2")
+    new.gate.set()
+    batcher = DynamicBatcher(old, max_batch_size=4, max_wait_s=0.0)
+    batcher.start()
+    try:
+        in_flight = asyncio.ensure_future(batcher.score(["p"], ["x"]))
+        await asyncio.sleep(0.05)
+        batcher.swap(new)
+        old.gate.set()
+        assert (await in_flight).scorer_version == "1"
+        assert (await batcher.score(["p"], ["x"])).scorer_version == "2"
+    finally:
+        await batcher.stop()
