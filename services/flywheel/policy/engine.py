@@ -296,6 +296,10 @@ def generate_batch(policy: LoadedPolicy, seqs: list[Sequence_], on_step: StepCal
         keep: list[int] = []
         for row, i in enumerate(live):
             s = seqs[i]
+            if s.cancelled:  # the caller gave up: drop the row without another token
+                s.finish_reason, s.completed_at = FINISH_CANCELLED, time.time()
+                s.text = policy.decode(s.token_ids)
+                continue
             token = int(token_list[row])
             s.token_ids.append(token)
             s.logprobs.append(float(lp_list[row]))
@@ -309,8 +313,6 @@ def generate_batch(policy: LoadedPolicy, seqs: list[Sequence_], on_step: StepCal
                     s.finish_reason, s.text = FINISH_STOP, text[:cut]
             if s.finish_reason is None and len(s.token_ids) >= budgets[i]:
                 s.finish_reason = FINISH_LENGTH
-            if s.finish_reason is None and s.cancelled:
-                s.finish_reason = FINISH_CANCELLED
             if s.finish_reason is None:
                 keep.append(row)
             else:

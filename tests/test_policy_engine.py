@@ -1,0 +1,196 @@
+"""The generation engine with the real SmolLM2-135M-Instruct weights, plus fast unit tests.
+
+Logprob convention under test (docs/policy.md): token_logprobs[t] = log_softmax(logits_t / T)[token_t]
+in float32, before top-k/top-p filtering (T = 1 for greedy). Tolerance: 2e-3 absolute, which
+covers the float32 difference between the batched, left-padded, KV-cached decode and one plain
+unpadded forward pass over prompt + response (observed ~1e-5); a wrong convention (no
+temperature, or renormalised after filtering) is off by > 0.05 on these prompts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flywheel.policy.engine import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    PolicyEngine,
+    Sequence_,
+    _filter_top_k_top_p,
+    choose_tokens,
+    generate_batch,
+)
+from flywheel.policy.sampling import SamplingConfig, SamplingDefaults, resolve
+from flywheel.runtime.errors import InvalidArgument
+from flywheel.v1 import common_pb2
+
+LOGPROB_TOLERANCE = 2e-3
+PROMPTS = ["Say hello to a friend.", "What is the capital of France?", "Write a haiku about rain."]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    # One intra-op thread: on a shared 2-core machine two spinning OpenMP threads are many times
+    # slower than one. Restored afterwards (the setting is process-wide).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield PolicyEngine.from_checkpoint()
+    torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def recomputed_logprobs(engine: PolicyEngine, prompt_ids: list[int], response_ids: list[int],
+                        temperature: float) -> list[float]:
+    model = engine.current.model
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(input_ids=ids).logits[0].float()
+    t = temperature if temperature > 0 else 1.0
+    logp = torch.log_softmax(logits / t, dim=-1)
+    start = len(prompt_ids) - 1
+    return [float(logp[start + i, tok]) for i, tok in enumerate(response_ids)]
+
+
+# -- real weights ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(temperature=0.7, max_new_tokens=12, seed=11, n=2),
+    SamplingConfig(temperature=1.3, top_k=20, top_p=0.9, max_new_tokens=12, seed=12, n=2),
+    SamplingConfig(temperature=0.0, max_new_tokens=12),
+])
+def test_logprobs_equal_recomputed_log_softmax(engine: PolicyEngine, sampling: SamplingConfig) -> None:
+    grouped = engine.generate(PROMPTS, sampling)  # one batch of different prompt lengths (left padding)
+    checked = 0
+    for group in grouped:
+        for seq in group:
+            assert len(seq.logprobs) == len(seq.token_ids) > 0
+            expected = recomputed_logprobs(engine, seq.prompt_ids, seq.token_ids, sampling.temperature)
+            for got, want in zip(seq.logprobs, expected):
+                assert abs(got - want) <= LOGPROB_TOLERANCE, (got, want)
+            checked += len(expected)
+    assert checked >= len(PROMPTS) * sampling.n
+
+
+def test_logprobs_are_not_renormalised_after_filtering(engine: PolicyEngine) -> None:
+    """With top-k the reported logprob is the unfiltered one: strictly below the renormalised one."""
+    [[seq]] = engine.generate([PROMPTS[2]], SamplingConfig(temperature=1.0, top_k=3, max_new_tokens=8, seed=3))
+    expected = recomputed_logprobs(engine, seq.prompt_ids, seq.token_ids, 1.0)
+    assert seq.logprobs == pytest.approx(expected, abs=LOGPROB_TOLERANCE)
+    model = engine.current.model
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([seq.prompt_ids])).logits[0, -1].float()
+    top3 = torch.log_softmax(logits.topk(3).values, dim=-1)
+    renormalised = float(top3[(logits.topk(3).indices == seq.token_ids[0]).nonzero()[0, 0]])
+    assert seq.logprobs[0] < renormalised - 1e-3
+
+
+def test_seed_makes_sampling_reproducible(engine: PolicyEngine) -> None:
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=1234, n=2)
+    first = engine.generate([PROMPTS[0]], cfg)[0]
+    # the same request again, this time batched together with another prompt
+    second = engine.generate([PROMPTS[1], PROMPTS[0]], cfg)[1]
+    assert [s.token_ids for s in first] == [s.token_ids for s in second]
+    other = engine.generate([PROMPTS[0]], SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=12,
+                                                        seed=99, n=2))[0]
+    assert [s.token_ids for s in other] != [s.token_ids for s in first]
+
+
+def test_top_k_1_equals_greedy(engine: PolicyEngine) -> None:
+    greedy = engine.generate(PROMPTS, SamplingConfig(temperature=0.0, max_new_tokens=10))
+    top1 = engine.generate(PROMPTS, SamplingConfig(temperature=1.5, top_k=1, max_new_tokens=10, seed=7))
+    for g, t in zip(greedy, top1):
+        assert g[0].token_ids == t[0].token_ids
+        assert g[0].text == t[0].text
+
+
+def test_n_candidates_differ_and_carry_version(engine: PolicyEngine) -> None:
+    [group] = engine.generate([PROMPTS[2]], SamplingConfig(temperature=1.0, max_new_tokens=10, seed=5, n=4))
+    assert len(group) == 4
+    assert len({tuple(s.token_ids) for s in group}) == 4
+    assert {s.policy_version for s in group} == {"policy-0000"}
+    assert all(s.finish_reason in (FINISH_LENGTH, FINISH_EOS) for s in group)
+
+
+def test_stop_sequence_and_eos(engine: PolicyEngine) -> None:
+    prompt = "Name three colours."
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    [[full]] = engine.generate([prompt], greedy)
+    words = full.text.split()
+    assert len(words) >= 3, full.text
+    stop_word = words[2]  # a string greedy decoding is known to produce, past the first token
+    stop = SamplingConfig(temperature=0.0, max_new_tokens=16, stop=("unlikely-stop-string", stop_word))
+    [[cut]] = engine.generate([prompt], stop)
+    assert cut.finish_reason == FINISH_STOP
+    assert cut.text == full.text[:full.text.index(stop_word)]
+    assert stop_word not in cut.text
+    assert cut.token_ids == full.token_ids[:len(cut.token_ids)]  # tokens kept up to the one completing the stop
+    assert len(cut.logprobs) == len(cut.token_ids)
+    # greedy answers end with <|im_end|> well within 64 tokens: eos is reported and kept in the ids
+    [[ended]] = engine.generate(["Reply with just the word yes."], SamplingConfig(temperature=0.0, max_new_tokens=64))
+    assert ended.finish_reason == FINISH_EOS
+    assert ended.token_ids[-1] in engine.current.eos_token_ids
+    assert "<|im_end|>" not in ended.text
+
+
+def test_cancelled_rows_leave_the_batch(engine: PolicyEngine) -> None:
+    policy = engine.current
+    ids = policy.encode(policy.template(PROMPTS[0]))
+    keep = Sequence_(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
+    drop = Sequence_(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
+    steps: list[int] = []
+
+    def on_step(events):  # cancel the second row after the first token
+        steps.append(len(events))
+        drop.cancelled = True
+
+    generate_batch(policy, [keep, drop], on_step)
+    assert keep.finish_reason == FINISH_LENGTH and len(keep.token_ids) == 6
+    assert drop.finish_reason == "cancelled" and len(drop.token_ids) == 1
+    assert steps[0] == 2 and steps[1:] == [1] * 5
+
+
+# -- fast unit tests (no weights) ---------------------------------------------------------------------
+def test_filter_top_k_then_top_p() -> None:
+    logp = torch.log_softmax(torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3), dim=-1)
+    out = _filter_top_k_top_p(logp, torch.tensor([0, 2, 4]), torch.tensor([1.0, 1.0, 0.7]))
+    kept = torch.isfinite(out)
+    assert kept[0].tolist() == [True] * 5
+    assert kept[1].tolist() == [True, True, False, False, False]
+    # top-4 renormalised: probs ~ [0.644, 0.237, 0.087, 0.032] -> 0.644 < 0.7, so two tokens stay
+    assert kept[2].tolist() == [True, True, False, False, False]
+    assert torch.equal(out[kept], logp[kept])  # kept values are not renormalised
+
+
+def test_choose_tokens_greedy_rows_and_logprob_convention() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 2.0]])
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    tokens, lps = choose_tokens(logits, torch.tensor([0.0, 0.5]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), gens)
+    assert tokens[0] == 1
+    assert lps[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
+    assert lps[1] == pytest.approx(float(torch.log_softmax(logits[1] / 0.5, -1)[tokens[1]]))
+
+
+def test_sampling_resolution_and_validation() -> None:
+    d = SamplingDefaults(temperature=0.9, max_new_tokens=32)
+    assert resolve(None, d, strict_n=True) == SamplingConfig(temperature=0.9, max_new_tokens=32)
+    explicit = resolve(common_pb2.SamplingParams(top_p=0, max_new_tokens=0, n=2, seed=7), d, strict_n=True)
+    assert (explicit.temperature, explicit.top_p, explicit.max_new_tokens, explicit.seed) == (0.0, 1.0, 32, 7)
+    assert explicit.candidate_seed(1) == 8
+    assert resolve(common_pb2.SamplingParams(temperature=1.0), d, strict_n=False).n == 1
+    bad = [
+        (common_pb2.SamplingParams(temperature=-0.1, n=1), "temperature"),
+        (common_pb2.SamplingParams(temperature=float("nan"), n=1), "temperature"),
+        (common_pb2.SamplingParams(top_p=1.5, n=1), "top_p"),
+        (common_pb2.SamplingParams(top_k=-1, n=1), "top_k"),
+        (common_pb2.SamplingParams(n=0), "n"),
+        (common_pb2.SamplingParams(n=1000), "n"),
+        (common_pb2.SamplingParams(n=1, max_new_tokens=10**6), "max_new_tokens"),
+        (common_pb2.SamplingParams(n=1, stop=[""]), "stop"),
+    ]
+    for params, field in bad:
+        with pytest.raises(InvalidArgument) as info:
+            resolve(params, d, strict_n=True)
+        assert info.value.field == f"sampling.{field}"
+    assert math.isfinite(resolve(common_pb2.SamplingParams(n=1), d, strict_n=True).temperature)
