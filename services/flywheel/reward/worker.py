@@ -147,6 +147,11 @@ class ReloadHandler:
         self._applied = version_key(current.version) if current else (-1, 0.0)
         self.loaded: list[str] = []
 
+    @property
+    def newest_considered(self) -> tuple[int, float]:
+        """Ordering key of the newest version applied or given up on (see `version_key`)."""
+        return self._applied
+
     def __call__(self, batch: Sequence[Delivery[common_pb2.ModelVersion]]) -> list[Rejection]:
         candidates = [d.value for d in batch if d.value.kind == common_pb2.MODEL_KIND_REWARD]
         if not candidates:

@@ -1,0 +1,188 @@
+"""The reward service on the real Kafka broker: scoring worker end to end, hot reload under load."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from grpc import aio
+from kafka import KafkaConsumer
+
+from flywheel.bus import Topic, TypedProducer, codec, ensure_topics
+from flywheel.reward.app import build_app
+from flywheel.reward.scorers import TransformerRewardScorer
+from flywheel.reward.settings import RewardSettings
+from flywheel.reward.testing import tiny_reward_checkpoint
+from flywheel.reward.training import publish_model_version
+from flywheel.reward.worker import HEADER_ROLLOUT_ID, version_key
+from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reward-ckpts")
+    return {v: tiny_reward_checkpoint(root / v, version=v, seed=seed)
+            for v, seed in (("reward-0001", 11), ("reward-0002", 22))}
+
+
+def topics_for(kafka_bootstrap: str, unique: str) -> dict[str, Topic]:
+    t = {
+        "rollouts": Topic(f"test.rollouts.{unique}", common_pb2.Rollout),
+        "scored": Topic(f"test.scored-rollouts.{unique}", common_pb2.ScoredRollout),
+        "versions": Topic(f"test.model-versions.{unique}", common_pb2.ModelVersion),
+    }
+    ensure_topics(kafka_bootstrap, t.values(), partitions=2)
+    return t
+
+
+def read_records(kafka_bootstrap: str, topic_name: str, n: int, timeout_s: float = 60.0, done=None) -> list:
+    """Records of `topic_name` until there are `n` of them (or `done(records)` holds)."""
+    done = done or (lambda got: len(got) >= n)
+    consumer = KafkaConsumer(topic_name, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None)
+    try:
+        got: list = []
+        deadline = time.monotonic() + timeout_s
+        while not done(got) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                got.extend(records)
+        return got
+    finally:
+        consumer.close()
+
+
+def rollout(i: int) -> common_pb2.Rollout:
+    return common_pb2.Rollout(
+        rollout_id=f"roll-{i}", prompt_id=f"prompt-{i % 3}", raw_prompt=f"Question {i % 3}: how are you?",
+        prompt_text=f"<|im_start|>user\nQuestion {i % 3}: how are you?<|im_end|>",
+        response_text=["I am great, thanks!", "Awful, everything is broken.", "Fine."][i % 3] + f" ({i})",
+        response_token_ids=[1, 2, 3], token_logprobs=[-0.1, -0.2, -0.3], policy_version="policy-0007",
+        candidate_index=i % 2)
+
+
+async def test_scoring_worker_end_to_end(kafka_bootstrap, unique, settings_factory, serve, checkpoints) -> None:
+    t = topics_for(kafka_bootstrap, unique)
+    settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
+                                reward_model_uri=str(checkpoints["reward-0001"]), reward_hot_reload=False,
+                                reward_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200)
+    app = build_app(settings, rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
+    await serve(app.runtime)
+    reference = TransformerRewardScorer(checkpoints["reward-0001"], max_length=settings.reward_max_length)
+
+    producer = TypedProducer(kafka_bootstrap, client_id="test")
+    try:
+        rollouts = [rollout(i) for i in range(10)]
+        for r in rollouts:
+            producer.send(t["rollouts"], r, key=r.prompt_id)
+        producer.send(t["rollouts"], rollouts[4], key=rollouts[4].prompt_id)  # a redelivered duplicate
+        invalid = common_pb2.Rollout(prompt_id="prompt-x", response_text="no id")
+        producer.send(t["rollouts"], invalid, key="prompt-x")
+        producer.flush(30)
+    finally:
+        producer.close()
+
+    wanted = {r.rollout_id for r in rollouts}
+
+    def all_scored(records) -> bool:
+        return {codec.decode(t["scored"], r.value, r.headers).rollout.rollout_id for r in records} >= wanted
+
+    records = await asyncio.to_thread(read_records, kafka_bootstrap, t["scored"].name, 0, 60.0, all_scored)
+    scored = {}
+    for record in records:
+        msg = codec.decode(t["scored"], record.value, record.headers)
+        headers = codec.header_dict(record.headers)
+        assert record.key.decode() == msg.rollout.prompt_id
+        assert headers[HEADER_ROLLOUT_ID] == msg.rollout.rollout_id
+        scored.setdefault(msg.rollout.rollout_id, []).append(msg)
+    assert set(scored) == {r.rollout_id for r in rollouts}
+    expected = reference.score([r.raw_prompt for r in rollouts], [r.response_text for r in rollouts])
+    for r, value in zip(rollouts, expected):
+        for msg in scored[r.rollout_id]:  # at-least-once: a duplicate, if any, is identical in content
+            assert msg.rollout == r  # full lineage: the rollout travels unchanged
+            assert (msg.scorer, msg.scorer_version) == ("transformer", "reward-0001")
+            assert msg.reward == pytest.approx(value, abs=1e-5)
+            assert [(s.scorer, s.scorer_version) for s in msg.scores] == [("transformer", "reward-0001")]
+            assert msg.scores[0].value == msg.reward and msg.HasField("scored_at")
+    dead = await asyncio.to_thread(read_records, kafka_bootstrap, t["rollouts"].dlq, 1)
+    assert len(dead) == 1
+    dlq_headers = codec.header_dict(dead[0].headers)
+    assert "rollout_id is empty" in dlq_headers[codec.HEADER_ERROR_MESSAGE]
+
+
+async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, settings_factory, serve,
+                                                      checkpoints) -> None:
+    t = topics_for(kafka_bootstrap, unique)
+    settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
+                                reward_model_uri=str(checkpoints["reward-0001"]), reward_worker_enabled=False,
+                                reward_instance_id=unique, kafka_poll_timeout_ms=200, reward_max_wait_ms=2.0)
+    app = build_app(settings, rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
+    target = await serve(app.runtime)
+    new_model = TransformerRewardScorer(checkpoints["reward-0002"], max_length=settings.reward_max_length)
+    old_model = TransformerRewardScorer(checkpoints["reward-0001"], max_length=settings.reward_max_length)
+    item = reward_pb2.ScoreItem(id="x", prompt="How are you?", response="Very well, thank you.")
+    expected = {"reward-0001": old_model.score([item.prompt], [item.response])[0],
+                "reward-0002": new_model.score([item.prompt], [item.response])[0]}
+    assert expected["reward-0001"] != pytest.approx(expected["reward-0002"], abs=1e-4)
+
+    sent = 0
+    replies: list[reward_pb2.ScoreResponse] = []
+    stop = asyncio.Event()
+
+    async def client(stub) -> list[str]:
+        nonlocal sent
+        versions = []
+        while not stop.is_set():
+            sent += 1
+            reply = await stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30)
+            replies.append(reply)
+            versions.append(reply.scorer_version)
+        return versions
+
+    async with aio.insecure_channel(target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        clients = [asyncio.ensure_future(client(stub)) for _ in range(8)]
+        await asyncio.sleep(0.5)
+        mv = common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_REWARD, version="reward-0002",
+                                     checkpoint_uri=checkpoints["reward-0002"].as_uri(), parent_version="reward-0001")
+        await asyncio.to_thread(publish_model_version, mv, kafka_bootstrap, t["versions"].name)
+        deadline = time.monotonic() + 60
+        while app.batcher.scorer.version != "reward-0002" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # keep the load on after the swap
+        stop.set()
+        per_client = await asyncio.gather(*clients)  # any failed request would raise here
+
+        assert app.batcher.scorer.version == "reward-0002"
+        assert len(replies) == sent  # every request answered
+        for versions in per_client:  # never back to the old model once a client saw the new one
+            assert versions == sorted(versions)
+        seen = {r.scorer_version for r in replies}
+        assert seen == {"reward-0001", "reward-0002"}
+        for reply in replies:  # every answer came entirely from the model it names
+            assert reply.scores[0].score == pytest.approx(expected[reply.scorer_version], abs=1e-5)
+        got = await stub.GetModelVersion(common_pb2.GetModelVersionRequest())
+        assert got.version == "reward-0002"
+
+        # Older and broken versions never replace the newest one.
+        for stale in (common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_REWARD, version="reward-0001",
+                                              checkpoint_uri=checkpoints["reward-0001"].as_uri()),
+                      common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_REWARD, version="reward-0009",
+                                              checkpoint_uri="file:///nonexistent/reward-0009"),
+                      common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_POLICY, version="policy-0010",
+                                              checkpoint_uri=checkpoints["reward-0001"].as_uri())):
+            await asyncio.to_thread(publish_model_version, stale, kafka_bootstrap, t["versions"].name)
+        deadline = time.monotonic() + 30
+        while (app.runtime is not None and time.monotonic() < deadline
+               and _reload_offsets_behind(app)):
+            await asyncio.sleep(0.2)
+        reply = await stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30)
+        assert reply.scorer_version == "reward-0002"
+    assert app.reload is not None and app.reload.loaded == ["reward-0002"]
+
+
+def _reload_offsets_behind(app) -> bool:
+    # The reload handler remembers the newest version it considered; 9: the broken one was seen.
+    return app.reload.newest_considered < version_key("reward-0009")
