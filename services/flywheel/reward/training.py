@@ -51,6 +51,7 @@ class RewardTrainingConfig:
     # None: next free reward-NNNN in output_dir.
     version: str | None = None
     epochs: int = 1
+    # When set (> 0), the number of optimiser steps regardless of epochs.
     max_steps: int | None = None
     batch_size: int = 16
     learning_rate: float = 5e-5
@@ -272,8 +273,8 @@ def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
 
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
+    if config.max_steps is not None and config.max_steps > 0:
+        total_steps = config.max_steps  # as in transformers' Trainer: max_steps overrides epochs
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm", "layer_norm"))]
     no_decay = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm", "layer_norm"))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
