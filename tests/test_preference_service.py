@@ -354,7 +354,7 @@ async def test_external_responses_need_the_setting(kafka_bootstrap, settings_fac
     try:
         cmp = common_pb2.Comparison(event_id=uuid.uuid4().hex, prompt_id=f"ext-{unique}", prompt_text="Say hi",
                                     response_a=common_pb2.ResponseRef(text="Hello there!"),
-                                    response_b=common_pb2.ResponseRef(response_id="vendor-7", text="hi"),
+                                    response_b=common_pb2.ResponseRef(response_id=f"vendor-{unique}", text="hi"),
                                     choice=common_pb2.CHOICE_TIE)
         async with aio.insecure_channel(target) as ch:
             await preference_pb2_grpc.PreferenceServiceStub(ch).SubmitComparison(cmp, metadata=auth(tokens["bob"]))

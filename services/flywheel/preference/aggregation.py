@@ -13,8 +13,8 @@ Model (per prompt, responses i with log-strengths s_i):
   parameter of item response theory, a continuous relative of crowd-BT's flip probability
   (Chen et al., WSDM 2013). Fitted by block-coordinate ascent: Newton steps on the scores for the
   current weights, then a damped Newton step on every β_r (N(1, 1/τ) prior) against
-  leave-one-rater-out scores, so no rater can vouch for itself; weights are normalised to a
-  judgement-weighted mean of 1.
+  leave-one-rater-out scores, so no rater can vouch for itself; weights are normalised so the
+  median rater has weight 1.
 * Regularisation: independent Gamma(λ+1, λ) priors on the strengths π_i = e^{s_i}, i.e. the
   penalty λ Σ (e^{s_i} - s_i). It keeps sparse/separable prompts finite, needs no gauge fixing,
   and its MAP is exactly the fixed point of choix's `ilsr_pairwise(alpha = λ / n_responses)`
@@ -128,7 +128,7 @@ class FitResult:
     scores: np.ndarray       # (P, K) log-strengths centred per prompt; NaN for padding
     stderr: np.ndarray       # (P, K) standard error of the centred scores (Laplace approximation)
     confidence: np.ndarray   # (P,) in [0, 1]: mean over adjacent responses of 2 Φ(Δ/σ_Δ) - 1
-    reliability: np.ndarray  # (R,) rater weights β_r (mean 1; ≈0 random, <0 adversarial; 1 when not estimated)
+    reliability: np.ndarray  # (R,) rater weights β_r (median 1; ≈0 random, <0 adversarial; 1 when not estimated)
     tie_parameter: float     # Davidson's ν
     iterations: int
     converged: bool
@@ -159,7 +159,7 @@ def _update_rater_weights(S, eta, H, A, B, T, nu, tau, n_r, fw, fl, lw, ll, rate
     for every (prompt, rater) cell, one Newton step from the current optimum with that rater's
     gradient and Hessian removed, solved for all cells in one batched call. β_r is then a
     one-parameter logistic regression on those held-out score differences, with a N(1, 1/τ) prior,
-    and the weights are rescaled to a judgement-weighted mean of 1 (scores are on the average rater's scale).
+    and the weights are rescaled so the median rater has weight 1 (scores are on a typical rater's scale).
     """
     C = len(combo_prompt)
     beta = eta[rater]
@@ -179,10 +179,15 @@ def _update_rater_weights(S, eta, H, A, B, T, nu, tau, n_r, fw, fl, lw, ll, rate
     shift = np.linalg.solve(-h_loo, g_loo[..., None])[..., 0].ravel()
     d_loo = d + shift[cw] - shift[cl]
     gd, h, _, _ = _terms(beta * d_loo, A, B, T, nu)
-    g_b = np.bincount(rater, d_loo * gd, R) - tau * (eta - 1.0)
-    h_b = -np.bincount(rater, d_loo * d_loo * h, R) - tau
+    # Only prompts that someone else judged too say anything about a rater; elsewhere the held-out
+    # scores are just the prior, and the prior alone decides (β_r stays near 1 without overlap).
+    shared = (np.bincount(combo_prompt, minlength=P) >= 2)[combo_prompt][combo]
+    g_b = np.bincount(rater, np.where(shared, d_loo * gd, 0.0), R) - tau * (eta - 1.0)
+    h_b = -np.bincount(rater, np.where(shared, d_loo * d_loo * h, 0.0), R) - tau
     new = eta - damping * np.clip(g_b / h_b, -1.0, 1.0)
-    scale = float((new * n_r).sum() / n_r.sum())
+    # Gauge: only β·s is identified. The median rater has weight 1 (robust to a minority of random or
+    # adversarial raters, however many judgements they submit).
+    scale = float(np.median(new[n_r > 0]))
     if scale > 1e-3:
         new = new / scale
     return new, float(np.abs(new - eta).max())

@@ -119,7 +119,8 @@ def build_service(settings: PreferenceSettings) -> PreferenceService:
     preferences = TopicFollower(
         settings, PREFERENCES, lambda batch, offsets: store.record_events(batch, topic=PREFERENCES.name,
                                                                           offsets=offsets),
-        lambda: store.offsets(PREFERENCES.name), producer, group_id=PREFERENCES_GROUP)
+        lambda: store.offsets(PREFERENCES.name), producer, group_id=PREFERENCES_GROUP,
+        live_interval_s=settings.preference_follow_interval_s)
     service = PreferenceService(settings, runtime, servicer, store, engine, producer, [rollouts, preferences])
     runtime.add_worker(rollouts)
     runtime.add_worker(preferences)

@@ -42,7 +42,12 @@ Apply = Callable[[list[tuple[Message, int, int]], dict[int, int]], None]
 
 class TopicFollower:
     def __init__(self, settings: ServiceSettings, topic: Topic, apply: Apply, stored_offsets: Callable[[], dict[int, int]],
-                 dead_letters: TypedProducer, *, group_id: str | None = None, max_records: int = 1000) -> None:
+                 dead_letters: TypedProducer, *, group_id: str | None = None, max_records: int = 1000,
+                 live_interval_s: float = 0.0) -> None:
+        """`live_interval_s`: once caught up, pause this long between polls and first skip (seek past)
+        records the store already has -- for a topic this service also writes, most records were stored
+        by the live path already and need not be fetched and decoded again."""
+        self._live_interval_s = live_interval_s
         self.settings = settings
         self.topic = topic
         self._apply = apply
@@ -109,6 +114,13 @@ class TopicFollower:
             targets = consumer.end_offsets(tps)
             labels = (self.topic.name, self._group_id or "store")
             while not self._stop.is_set():
+                if self._live_interval_s > 0 and self.caught_up.is_set():
+                    if self._stop.wait(self._live_interval_s):
+                        break
+                    stored = self._stored_offsets()
+                    for tp in tps:
+                        if stored.get(tp.partition, 0) > consumer.position(tp):
+                            consumer.seek(tp, stored[tp.partition])
                 raw = consumer.poll(timeout_ms=self.settings.kafka_poll_timeout_ms, max_records=self._max_records)
                 batch: list[tuple[Message, int, int]] = []
                 next_offsets: dict[int, int] = {}

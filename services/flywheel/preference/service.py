@@ -14,6 +14,7 @@ the event id and is answered `duplicate=true` without producing again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from typing import AsyncIterator, Sequence
@@ -47,6 +48,11 @@ EXPORTS = Counter("flywheel_preference_exports_total", "Datasets exported.", ("f
 
 _FORMATS = {preference_pb2.DATASET_FORMAT_UNSPECIFIED: "jsonl", preference_pb2.DATASET_FORMAT_JSONL: "jsonl",
             preference_pb2.DATASET_FORMAT_PARQUET: "parquet"}
+
+
+def trace_id(event_id: str) -> str:
+    """The Kafka trace id of an event: derived from its id (cheaper than uuid4, stable across retries)."""
+    return hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
 
 
 class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
@@ -140,7 +146,10 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
     async def _publish(self, events: list[common_pb2.PreferenceEvent]) -> None:
         """Produce with acks=all, wait for every acknowledgement, then store with partition/offset."""
         start = time.perf_counter()
-        futures = [self.producer.send(PREFERENCES, e, key=event_body(e)[1].prompt_id) for e in events]
+        futures = []
+        for e in events:
+            body = event_body(e)[1]
+            futures.append(self.producer.send(PREFERENCES, e, key=body.prompt_id, trace_id=trace_id(body.event_id)))
         timeout = self.settings.preference_ack_timeout_s
 
         def wait_all() -> list:
@@ -162,7 +171,7 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
             log.warning("debug hook: hanging after produce (waiting to be killed)")
             await asyncio.Event().wait()
         if durable:
-            await asyncio.to_thread(self.store.record_events, durable)
+            await asyncio.to_thread(self.store.record_events, durable, topic=PREFERENCES.name)
         if failed:
             log.error("%d of %d events not acknowledged by the broker: %s", len(failed), len(events), failed[0])
             raise NotReady(f"{len(failed)} event(s) could not be made durable ({type(failed[0]).__name__}); "
@@ -191,27 +200,40 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         chunk_size = self.settings.preference_bulk_chunk_size
         ack = preference_pb2.BulkAck()
         chunk: list[common_pb2.PreferenceEvent] = []
-        prefixes: list[str] = []
         n = 0
+        # One chunk is made durable while the next is read from the stream (ordered, at most one in flight).
+        in_flight: asyncio.Task | None = None
 
-        async def flush() -> None:
-            for event_id, duplicate in await self._ingest(chunk, prefixes, principal):
+        async def collect(task: asyncio.Task) -> None:
+            for event_id, duplicate in await task:
                 ack.event_ids.append(event_id)
                 if duplicate:
                     ack.duplicates += 1
                 else:
                     ack.accepted += 1
-            chunk.clear()
-            prefixes.clear()
 
-        async for event in request_iterator:
-            chunk.append(event)
-            prefixes.append(f"events[{n}].")
-            n += 1
-            if len(chunk) >= chunk_size:
-                await flush()
-        if chunk:
-            await flush()
+        async def submit(events: list[common_pb2.PreferenceEvent], first: int) -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                await collect(in_flight)
+            prefixes = [f"events[{first + i}]." for i in range(len(events))]
+            in_flight = asyncio.ensure_future(self._ingest(events, prefixes, principal))
+
+        try:
+            async for event in request_iterator:
+                chunk.append(event)
+                n += 1
+                if len(chunk) >= chunk_size:
+                    await submit(chunk, n - len(chunk))
+                    chunk = []
+            if chunk:
+                await submit(chunk, n - len(chunk))
+            if in_flight is not None:
+                await collect(in_flight)
+        except BaseException:
+            if in_flight is not None and not in_flight.done():
+                await asyncio.wait([in_flight])  # never abandon a chunk half-way through its publish
+            raise
         return ack
 
     # -- consensus and datasets --------------------------------------------------------------

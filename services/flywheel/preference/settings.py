@@ -47,6 +47,9 @@ class PreferenceSettings(ServiceSettings):
         30.0, gt=0, description="Refit rater reliabilities over all prompts at most this often when new events arrived.")
     preference_replay_timeout_s: float = Field(
         300.0, gt=0, description="Readiness: the store must catch up with the topics within this time.")
+    preference_follow_interval_s: float = Field(
+        0.5, ge=0, description="Once caught up, poll the preferences topic for other instances' events this often "
+        "(records this instance stored itself are skipped, not re-read).")
     preference_debug_hang_after_produce_file: Path | None = Field(
         None, description="Testing only: after the broker acknowledged an event, create this file and hang before "
         "storing and acknowledging (lets a test kill -9 the service between submit and ack).")

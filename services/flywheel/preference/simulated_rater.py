@@ -166,7 +166,7 @@ class SimulatedRaterRunner:
         self.raters = list(raters)
         self.raters_per_prompt = min(raters_per_prompt, len(self.raters))
         self.max_wait_s = max_wait_s
-        self._rng = random.Random(seed)
+        self._seed = seed
         self._groups: dict[str, _Group] = {}
         self._stop = threading.Event()
         self.submitted = 0
@@ -175,7 +175,9 @@ class SimulatedRaterRunner:
 
     def _rate(self, prompt_id: str, group: _Group) -> None:
         candidates = sorted(group.rollouts.values(), key=lambda r: r.candidate_index)
-        for rater, client in self._rng.sample(self.raters, self.raters_per_prompt):
+        # the same prompt always goes to the same raters: a redelivered prompt yields the same event ids
+        chooser = random.Random(f"{self._seed}:{prompt_id}")
+        for rater, client in chooser.sample(self.raters, self.raters_per_prompt):
             ack = client.submit(rater.rate(prompt_id, group.prompt_text, candidates))
             self.submitted += 1
             self.duplicates += int(ack.duplicate)

@@ -174,6 +174,8 @@ class PreferenceStore:
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
         self.changes = 0  # bumped on every write that added events (aggregation cache key)
+        self._next: dict[tuple[str, int], int] = {}       # live path: next contiguous offset per partition
+        self._pending: dict[tuple[str, int], set[int]] = {}  # live path: written offsets beyond it
 
     def close(self) -> None:
         with self._lock:
@@ -182,26 +184,38 @@ class PreferenceStore:
     # -- writes ------------------------------------------------------------------------------
     def _insert_events(self, items: Sequence[tuple[common_pb2.PreferenceEvent, int | None, int | None]]) -> list[bool]:
         now = time.time()
-        inserted: list[bool] = []
         db = self._db
-        for event, partition, offset in items:
-            d = derive(event)
-            cur = db.execute(
-                "INSERT OR IGNORE INTO events (event_id, kind, rater_id, prompt_id, payload, topic_partition, "
-                "topic_offset, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (d.event_id, d.kind, d.rater_id, d.prompt_id, event.SerializeToString(), partition, offset, now))
-            if cur.rowcount == 0:
+        ids = [event_body(e)[1].event_id for e, _, _ in items]
+        existing: set[str] = set()
+        unique_ids = list(dict.fromkeys(ids))
+        for start in range(0, len(unique_ids), 500):
+            chunk = unique_ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            existing.update(r[0] for r in db.execute(f"SELECT event_id FROM events WHERE event_id IN ({marks})", chunk))
+        inserted: list[bool] = []
+        events, judgements, demos, responses, prompts = [], [], [], [], []
+        for (event, partition, offset), event_id in zip(items, ids):
+            if event_id in existing:
                 inserted.append(False)
                 continue
+            existing.add(event_id)
             inserted.append(True)
-            if d.judgements:
-                db.executemany("INSERT OR IGNORE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?, ?)", d.judgements)
+            d = derive(event)
+            events.append((d.event_id, d.kind, d.rater_id, d.prompt_id, event.SerializeToString(), partition, offset,
+                           now))
+            judgements.extend(d.judgements)
             if d.demonstration:
-                db.execute("INSERT OR IGNORE INTO demonstrations VALUES (?, ?, ?, ?, ?)", d.demonstration)
-            if d.responses:
-                db.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?)", d.responses)
+                demos.append(d.demonstration)
+            responses.extend(d.responses)
             if d.prompt_text:
-                db.execute("INSERT OR IGNORE INTO prompts VALUES (?, ?)", (d.prompt_id, d.prompt_text))
+                prompts.append((d.prompt_id, d.prompt_text))
+        if events:
+            db.executemany("INSERT INTO events (event_id, kind, rater_id, prompt_id, payload, topic_partition, "
+                           "topic_offset, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", events)
+            db.executemany("INSERT OR IGNORE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?, ?)", judgements)
+            db.executemany("INSERT OR IGNORE INTO demonstrations VALUES (?, ?, ?, ?, ?)", demos)
+            db.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?)", responses)
+            db.executemany("INSERT OR IGNORE INTO prompts VALUES (?, ?)", prompts)
         return inserted
 
     def _set_offsets(self, topic: str, offsets: dict[int, int]) -> None:
@@ -209,12 +223,44 @@ class PreferenceStore:
             "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
             "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
             [(topic, p, o) for p, o in offsets.items()])
+        for p, o in offsets.items():
+            key = (topic, p)
+            if key in self._next:
+                self._next[key] = max(self._next[key], o)
+                self._pending[key] = {x for x in self._pending.get(key, ()) if x >= self._next[key]}
+
+    def _advance_contiguous(self, topic: str, written: Iterable[tuple[int, int]]) -> dict[int, int]:
+        """Offsets written by the live path: advance a partition's next offset while they are contiguous.
+
+        Lets the follower skip records this instance already stored (it seeks past them instead of
+        fetching and decoding them again). Gaps (other instances' records) wait for the follower.
+        """
+        advanced: dict[int, int] = {}
+        for partition, offset in written:
+            key = (topic, partition)
+            if key not in self._next:
+                row = self._db.execute("SELECT next_offset FROM offsets WHERE topic = ? AND partition = ?",
+                                       key).fetchone()
+                self._next[key] = row[0] if row else 0
+            if offset < self._next[key]:
+                continue
+            pending = self._pending.setdefault(key, set())
+            pending.add(offset)
+            nxt = self._next[key]
+            while nxt in pending:
+                pending.discard(nxt)
+                nxt += 1
+            if nxt != self._next[key]:
+                self._next[key] = advanced[partition] = nxt
+        return advanced
 
     def record_events(self, items: Sequence[tuple[common_pb2.PreferenceEvent, int | None, int | None]], *,
                       topic: str | None = None, offsets: dict[int, int] | None = None) -> list[bool]:
         """Store events (event, partition, offset) in one transaction; True where the event was new.
 
-        `topic`/`offsets` (next offset per partition) are advanced in the same transaction by followers.
+        Followers pass `offsets` (next offset per partition of `topic`), advanced in the same
+        transaction. The live path passes only `topic`: the offsets of what it wrote advance the
+        partition's next offset where they are contiguous with it.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -222,9 +268,16 @@ class PreferenceStore:
                 inserted = self._insert_events(items)
                 if topic is not None and offsets:
                     self._set_offsets(topic, offsets)
+                elif topic is not None:
+                    advanced = self._advance_contiguous(
+                        topic, [(p, o) for _, p, o in items if p is not None and o is not None])
+                    if advanced:
+                        self._set_offsets(topic, advanced)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._next.clear()  # in-memory offsets may be ahead of what was committed
+                self._pending.clear()
                 raise
             if any(inserted):
                 self.changes += 1

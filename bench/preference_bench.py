@@ -1,0 +1,249 @@
+"""Preference service benchmark: ingestion through gRPC (acks=all, real broker) and aggregation vs choix.
+
+    python bench/preference_bench.py [--bootstrap HOST:PORT] [--events 20000] [--prompts 10000]
+
+Without --bootstrap (or FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS) a broker is started with
+deploy/kafka/kafka.sh in a temporary directory. The service runs as its own process
+(`python -m flywheel.preference`, authentication on), exactly as deployed.
+
+1. Ingestion: rankings of 4 known rollouts, each made durable (acks=all) and stored before the ack:
+   batched client-streaming SubmitBulk (2 concurrent streams) vs one-at-a-time unary SubmitRanking.
+2. Aggregation: 10,000 prompts x 4 responses x 3 raters (Plackett–Luce rankings broken into 6
+   pairs each): the vectorised fit vs choix.ilsr_pairwise run per prompt with the equivalent
+   regularisation (alpha = lambda / 4), and the largest difference of the estimates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- ingestion -------------------------------------------------------------------------------------
+
+def start_broker(tmp: Path) -> tuple[str, Path]:
+    data = tmp / "kafka"
+    out = subprocess.run([str(REPO / "deploy" / "kafka" / "kafka.sh"), "start", "--data-dir", str(data), "--port",
+                          str(free_port()), "--controller-port", str(free_port())],
+                         capture_output=True, text=True, timeout=180, check=True)
+    return out.stdout.strip().splitlines()[-1], data
+
+
+def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("preference service exited")
+            try:
+                req = health_pb2.HealthCheckRequest(service="flywheel.v1.PreferenceService")
+                if stub.Check(req, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError("service not SERVING")
+
+
+async def ingest(target: str, token: str, rollouts_by_prompt: list[list], n_events: int, streams: int,
+                 n_unary: int) -> dict[str, float]:
+    from grpc import aio
+
+    from flywheel.runtime.client import channel_options
+    from flywheel.v1 import common_pb2, preference_pb2_grpc
+
+    rng = np.random.default_rng(0)
+
+    def event(i: int) -> common_pb2.PreferenceEvent:
+        rs = rollouts_by_prompt[i % len(rollouts_by_prompt)]
+        return common_pb2.PreferenceEvent(ranking=common_pb2.Ranking(
+            event_id=f"bench-{uuid.uuid4().hex}", rater_id="bench-rater", prompt_id=rs[0].prompt_id,
+            responses=[common_pb2.ResponseRef(response_id=r.rollout_id) for r in rs],
+            ranks=list(rng.permutation(4) + 1), lead_time_ms=1500))
+
+    bulk = [event(i) for i in range(n_events)]
+    unary = [event(i).ranking for i in range(n_unary)]
+    metadata = (("authorization", f"Bearer {token}"),)
+    results: dict[str, float] = {}
+    async with aio.insecure_channel(target, options=channel_options()) as ch:
+        stub = preference_pb2_grpc.PreferenceServiceStub(ch)
+        await stub.SubmitRanking(unary[0], metadata=metadata)  # warm up
+        start = time.perf_counter()
+        for r in unary[1:]:
+            await stub.SubmitRanking(r, metadata=metadata)
+        results["unary"] = (len(unary) - 1) / (time.perf_counter() - start)
+
+        per_stream = [bulk[i::streams] for i in range(streams)]
+
+        async def one_stream(items):
+            async def gen():
+                for e in items:
+                    yield e
+            return await stub.SubmitBulk(gen(), metadata=metadata, timeout=600)
+
+        start = time.perf_counter()
+        acks = await asyncio.gather(*[one_stream(items) for items in per_stream])
+        elapsed = time.perf_counter() - start
+        accepted = sum(a.accepted for a in acks)
+        assert accepted == n_events, f"accepted {accepted} of {n_events}"
+        results["bulk"] = n_events / elapsed
+        # the same stream again: all duplicates, nothing produced (idempotency cost)
+        start = time.perf_counter()
+        acks = await asyncio.gather(*[one_stream(items) for items in per_stream])
+        assert sum(a.duplicates for a in acks) == n_events
+        results["bulk_duplicates"] = n_events / (time.perf_counter() - start)
+    return results
+
+
+def bench_ingestion(args, tmp: Path) -> dict[str, float]:
+    from flywheel.bus import TypedProducer, ensure_topics
+    from flywheel.bus.topics import ALL_TOPICS, ROLLOUTS
+    from flywheel.preference.auth import TokenStore
+    from flywheel.v1 import common_pb2
+
+    bootstrap = args.bootstrap or os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS")
+    broker_dir = None
+    if not bootstrap:
+        bootstrap, broker_dir = start_broker(tmp)
+    ensure_topics(bootstrap, ALL_TOPICS)
+    home = tmp / "home"
+    tokens = TokenStore(home / "preference" / "auth.sqlite")
+    token = tokens.issue("bench-rater")
+    tokens.close()
+    run = uuid.uuid4().hex[:8]
+    rollouts = [[common_pb2.Rollout(rollout_id=f"bench-{run}-{p}-{i}", prompt_id=f"bench-{run}-{p}",
+                                    response_text=f"candidate {i} for prompt {p}", policy_version="policy-0001",
+                                    candidate_index=i) for i in range(4)] for p in range(500)]
+    producer = TypedProducer(bootstrap, client_id="bench")
+    for group in rollouts:
+        for r in group:
+            producer.send(ROLLOUTS, r, key=r.prompt_id)
+    producer.flush()
+    producer.close()
+    port = free_port()
+    env = {**os.environ, "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FLYWHEEL_HOST": "127.0.0.1",
+           "FLYWHEEL_GRPC_PORT": str(port), "FLYWHEEL_METRICS_ENABLED": "false", "FLYWHEEL_HOME": str(home),
+           "FLYWHEEL_LOG_LEVEL": "WARNING", "FLYWHEEL_SHUTDOWN_DELAY_S": "0",
+           "FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S": "3600"}
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        time.sleep(1.0)  # let the rollouts follower apply the last batch
+        return asyncio.run(ingest(f"127.0.0.1:{port}", token, rollouts, args.events, args.streams, args.unary))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        if broker_dir is not None:
+            subprocess.run([str(REPO / "deploy" / "kafka" / "kafka.sh"), "stop", "--data-dir", str(broker_dir)],
+                           timeout=60, check=False)
+
+
+# -- aggregation -----------------------------------------------------------------------------------
+
+def bench_aggregation(n_prompts: int, K: int = 4, raters: int = 3, lam: float = 0.5) -> dict[str, float]:
+    import choix
+
+    from flywheel.preference.aggregation import FitOptions, Problem, fit
+
+    rng = np.random.default_rng(0)
+    true = rng.normal(0, 1, (n_prompts, K))
+    W, L, R = [], [], []
+    per_prompt: list[list[tuple[int, int]]] = [[] for _ in range(n_prompts)]
+    for p in range(n_prompts):
+        for r in range(raters):
+            order = np.argsort(-(true[p] + rng.gumbel(size=K)))
+            for i in range(K):
+                for j in range(i + 1, K):
+                    W.append(p * K + order[i])
+                    L.append(p * K + order[j])
+                    R.append(r)
+                    per_prompt[p].append((int(order[i]), int(order[j])))
+    m = len(W)
+    problem = Problem(n_prompts, np.repeat(np.arange(n_prompts), K), np.array(W), np.array(L), np.zeros(m, bool),
+                      np.ones(m), np.array(R), raters)
+    options = FitOptions(prior_strength=lam, reliability=False, tolerance=1e-8)
+    fit(problem, options)  # warm up (imports, allocator)
+    t0 = time.perf_counter()
+    ours = fit(problem, options)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    weighted = fit(problem, FitOptions(prior_strength=lam, reliability=True))
+    t_weighted = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = np.array([choix.ilsr_pairwise(K, per_prompt[p], alpha=lam / K, tol=1e-8) for p in range(n_prompts)])
+    t_choix = time.perf_counter() - t0
+    rho = np.mean([np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]
+                   for a, b in zip(ours.scores, ref)])
+    return {"ours_s": t_ours, "weighted_s": t_weighted, "choix_s": t_choix, "max_abs_diff": float(np.abs(ours.scores - ref).max()),
+            "rank_agreement": float(rho), "iterations": ours.iterations, "weighted_iterations": weighted.iterations,
+            "judgements": m}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bootstrap", default=None, help="Use this Kafka broker instead of starting one.")
+    parser.add_argument("--events", type=int, default=20_000, help="Events sent through SubmitBulk.")
+    parser.add_argument("--streams", type=int, default=2, help="Concurrent SubmitBulk streams.")
+    parser.add_argument("--unary", type=int, default=500, help="Events sent one by one (baseline).")
+    parser.add_argument("--prompts", type=int, default=10_000, help="Prompts in the aggregation benchmark.")
+    parser.add_argument("--skip-ingestion", action="store_true")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="preference-bench-"))
+    try:
+        ing = None if args.skip_ingestion else bench_ingestion(args, tmp)
+        agg = bench_aggregation(args.prompts)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = []
+    if ing:
+        rows += [
+            ("ingestion: SubmitBulk, %d streams, acks=all (events/s)" % args.streams, f"{ing['bulk']:,.0f}",
+             "goal >= 5,000"),
+            ("ingestion: same events again, all duplicates (events/s)", f"{ing['bulk_duplicates']:,.0f}", ""),
+            ("baseline: unary SubmitRanking one at a time (events/s)", f"{ing['unary']:,.0f}",
+             f"bulk {ing['bulk'] / ing['unary']:.1f}x"),
+        ]
+    rows += [
+        (f"aggregation: vectorised BT, {args.prompts:,} prompts x 4 x 3 raters (s)", f"{agg['ours_s']:.3f}",
+         f"{agg['iterations']} Newton steps"),
+        ("aggregation: + rater weights (leave-one-rater-out) (s)", f"{agg['weighted_s']:.3f}",
+         f"{agg['weighted_iterations']} iterations"),
+        ("baseline: choix.ilsr_pairwise per prompt (s)", f"{agg['choix_s']:.3f}",
+         f"vectorised {agg['choix_s'] / agg['ours_s']:.1f}x faster (goal >= 10x)"),
+        ("estimates: max |ours - choix| (log-strength)", f"{agg['max_abs_diff']:.2e}",
+         f"rank agreement {agg['rank_agreement']:.4f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measure'.ljust(width)} | {'value':>10} | note")
+    print(f"{'-' * width}-+-{'-' * 10}-+-{'-' * 40}")
+    for name, value, note in rows:
+        print(f"{name.ljust(width)} | {value:>10} | {note}")
+
+
+if __name__ == "__main__":
+    main()
