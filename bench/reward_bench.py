@@ -1,0 +1,223 @@
+"""Reward scoring throughput: the gRPC service with dynamic batching vs its two baselines.
+
+    python bench/reward_bench.py [--duration 8] [--concurrency 1 8 32] [--max-length 128]
+
+Scores real MiniLM (the reward-0000 base: MiniLM backbone + fresh head) on (prompt, response)
+pairs built from chatterbot-corpus text, and prints one table:
+
+- ceiling: in-process `scorer.score` on batches of max_batch_size (no gRPC, no queueing).
+- naive:   in-process, one forward pass per request (what serving without batching costs).
+- grpc c=N: N concurrent clients, one pair per Score call, against `flywheel serve reward`
+  running in a subprocess (dynamic batching on), so clients and server do not share a GIL.
+- grpc-unbatched c=N: the same server with reward_max_batch_size=1 (one forward per request).
+
+Goal: at concurrency 32, batched gRPC >= 0.8x ceiling and >= 5x naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "services"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dataset(n: int) -> list[tuple[str, str]]:
+    from flywheel.reward.datasets import corpus_sentences
+
+    sentences = corpus_sentences()
+    questions = [s for s in sentences if s.endswith("?")]
+    answers = [s for s in sentences if not s.endswith("?")]
+    return [(questions[(i * 7) % len(questions)], answers[(i * 13) % len(answers)]) for i in range(n)]
+
+
+def measure(fn, duration_s: float) -> float:
+    """Items per second of `fn()` (returns items done) over about `duration_s`."""
+    fn()  # warm-up
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < duration_s:
+        done += fn()
+    return done / (time.perf_counter() - start)
+
+
+def in_process(scorer, pairs, batch_size: int, duration_s: float) -> float:
+    state = {"i": 0}
+
+    def step() -> int:
+        i = state["i"]
+        chunk = [pairs[(i + k) % len(pairs)] for k in range(batch_size)]
+        state["i"] = i + batch_size
+        scorer.score([p for p, _ in chunk], [r for _, r in chunk])
+        return batch_size
+
+    return measure(step, duration_s)
+
+
+class Server:
+    """`flywheel serve reward` in a subprocess (no Kafka workers)."""
+
+    def __init__(self, max_batch_size: int, max_length: int, threads: int, max_wait_ms: float) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        env = dict(os.environ,
+                   FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_GRPC_PORT=str(self.port),
+                   FLYWHEEL_METRICS_PORT=str(self.metrics_port), FLYWHEEL_REWARD_SCORER="transformer",
+                   FLYWHEEL_REWARD_WORKER_ENABLED="false", FLYWHEEL_REWARD_HOT_RELOAD="false",
+                   FLYWHEEL_REWARD_MAX_BATCH_SIZE=str(max_batch_size), FLYWHEEL_REWARD_MAX_LENGTH=str(max_length),
+                   FLYWHEEL_REWARD_TORCH_THREADS=str(threads), FLYWHEEL_REWARD_MAX_WAIT_MS=str(max_wait_ms),
+                   FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_LOG_LEVEL="WARNING",
+                   PYTHONPATH=str(REPO / "services"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve", "reward"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError("reward server did not become ready")
+
+    def mean_batch_size(self) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        total = float(re.search(r"^flywheel_reward_batch_size_sum ([0-9.e+]+)$", text, re.M).group(1))
+        count = float(re.search(r"^flywheel_reward_batch_size_count ([0-9.e+]+)$", text, re.M).group(1))
+        return total / count if count else 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def grpc_rate(target: str, pairs, concurrency: int, duration_s: float) -> float:
+    from grpc import aio
+
+    from flywheel.v1 import reward_pb2, reward_pb2_grpc
+
+    requests = [reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=p, response=r)]) for p, r in pairs]
+    async with aio.insecure_channel(target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        await asyncio.gather(*(stub.Score(requests[i % len(requests)], timeout=60) for i in range(concurrency)))
+        done = 0
+        stop_at = time.perf_counter() + duration_s
+
+        async def client(k: int) -> None:
+            nonlocal done
+            i = k
+            while time.perf_counter() < stop_at:
+                await stub.Score(requests[i % len(requests)], timeout=60)
+                done += 1
+                i += concurrency
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+        return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows medians")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: min(cores, 4))")
+    parser.add_argument("--skip-unbatched-server", action="store_true")
+    args = parser.parse_args()
+
+    import statistics
+
+    import torch
+
+    from flywheel.reward.scorers import TransformerRewardScorer, default_torch_threads
+
+    threads = args.threads or default_torch_threads()
+    pairs = dataset(512)
+    scorer = TransformerRewardScorer(max_length=args.max_length, max_batch_size=args.max_batch_size,
+                                     torch_threads=threads)
+    load = os.getloadavg()[0]
+    print(f"model MiniLM-L6 ({scorer.version}), torch {torch.__version__}, {threads} threads, "
+          f"{os.cpu_count()} cores, max_length {args.max_length}, {args.rounds} rounds x {args.duration:.0f}s "
+          f"per point, load average at start {load:.1f}", flush=True)
+    c_max = max(args.concurrency)
+    samples: dict[tuple[str, int], list[float]] = {}
+    notes: dict[tuple[str, int], str] = {}
+
+    def record(mode: str, c: int, rate: float) -> None:
+        samples.setdefault((mode, c), []).append(rate)
+        print(f"  {mode:36} c={c:<3} {rate:8.1f} seqs/s", flush=True)
+
+    batched = Server(args.max_batch_size, args.max_length, threads, args.max_wait_ms)
+    unbatched = None if args.skip_unbatched_server else Server(1, args.max_length, threads, 0.0)
+    try:
+        batched.wait_ready()
+        if unbatched is not None:
+            unbatched.wait_ready()
+        # Interleaved rounds: load changes on a shared machine hit every mode alike.
+        for _ in range(args.rounds):
+            record(f"ceiling: in-process batch {args.max_batch_size}", 0,
+                   in_process(scorer, pairs, args.max_batch_size, args.duration))
+            record("naive: in-process batch 1", 0, in_process(scorer, pairs, 1, args.duration))
+            for c in args.concurrency:
+                record("grpc, dynamic batching", c, asyncio.run(grpc_rate(batched.target, pairs, c, args.duration)))
+            if unbatched is not None:
+                record("grpc, unbatched server", c_max,
+                       asyncio.run(grpc_rate(unbatched.target, pairs, c_max, args.duration)))
+        notes[("grpc, dynamic batching", c_max)] = f"mean batch {batched.mean_batch_size():.1f} (all runs)"
+    finally:
+        batched.stop()
+        if unbatched is not None:
+            unbatched.stop()
+
+    median = {key: statistics.median(v) for key, v in samples.items()}
+    ceiling = median[(f"ceiling: in-process batch {args.max_batch_size}", 0)]
+    naive = median[("naive: in-process batch 1", 0)]
+    print(f"\nmedians of {args.rounds} rounds; load average now {os.getloadavg()[0]:.1f}")
+    print(f"{'mode':36} {'conc':>5} {'seqs/s':>9} {'x ceiling':>10} {'x naive':>8}  note")
+    print("-" * 96)
+    for (mode, c), rate in median.items():
+        print(f"{mode:36} {c or '-':>5} {rate:9.1f} {rate / ceiling:10.2f} {rate / naive:8.2f}  "
+              f"{notes.get((mode, c), '')}")
+    best = median.get(("grpc, dynamic batching", c_max))
+    if best is not None:
+        print(f"\nconcurrency {c_max}: {best / ceiling:.2f}x ceiling (goal >= 0.8), "
+              f"{best / naive:.1f}x naive (goal >= 5)")
+
+
+if __name__ == "__main__":
+    main()
