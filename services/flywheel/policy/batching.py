@@ -1,11 +1,14 @@
-"""Async request batching in front of the engine.
+"""Async request batching in front of the engine (continuous batching).
 
-Concurrent requests are gathered (for `batch_wait_ms` when the engine is idle; while a batch runs
-new requests simply accumulate), padded into one batch of up to `max_batch_size` sequences and
-decoded together on a single engine thread. The queue is bounded (`Overloaded` ->
-RESOURCE_EXHAUSTED), deadlines are honoured (expired requests never reach the engine; rows whose
-caller gave up are dropped from the running batch at the next step) and streaming callers get
-every token as soon as it is sampled.
+Concurrent requests are gathered (for `batch_wait_ms` when the engine is idle), padded into one
+batch of up to `max_batch_size` sequences and decoded together on a single engine thread. While a
+batch runs, queued sequences join it at the next step boundary (one batched prefill, then merged)
+and finished ones leave it, so the engine never waits for a batch's longest row. A running batch
+stays on the policy version it started with: after a hot swap it stops admitting rows, drains, and
+the next batch starts on the new version (every row is produced by exactly one version).
+The queue is bounded (`Overloaded` -> RESOURCE_EXHAUSTED), deadlines are honoured (expired
+requests never reach the engine; rows whose caller gave up leave the batch at the next step) and
+streaming callers get every token as soon as it is sampled.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from flywheel.policy import metrics
-from flywheel.policy.engine import PolicyEngine, Sequence_, generate_batch
+from flywheel.policy.engine import DecodeBatch, PolicyEngine, Sequence_
 from flywheel.runtime.errors import DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
@@ -54,11 +58,11 @@ class _Request:
 
 @dataclass
 class _Stats:
-    batches: int = 0
+    batches: int = 0  # decode batches started (a batch lives while rows keep joining it)
+    steps: int = 0
     sequences: int = 0
     tokens: int = 0
-    max_batch: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    max_batch: int = 0  # most rows decoded in one step
 
 
 class Batcher:
@@ -70,6 +74,8 @@ class Batcher:
         self.max_queue = max_queue
         self.stats = _Stats()
         self._queue: collections.deque[tuple[_Request, Sequence_]] = collections.deque()
+        self._queue_lock = threading.Lock()  # the engine thread pops while the loop appends
+        self._rate_window = (time.perf_counter(), 0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-engine")
         self._wakeup: asyncio.Event | None = None
         self._space: asyncio.Event | None = None
@@ -98,8 +104,11 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        while self._queue:
-            request, _ = self._queue.popleft()
+        with self._queue_lock:
+            pending = list(self._queue)
+            self._queue.clear()
+        for request, _ in pending:
+            request.give_up()
             request.finish(NotReady("the policy engine is shutting down"))
         metrics.QUEUE_DEPTH.set(0)
         await asyncio.to_thread(self._executor.shutdown, True)
@@ -124,8 +133,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         request = _Request(seqs=seqs, future=loop.create_future(), submitted=now, deadline=deadline,
                            stream=asyncio.Queue() if stream else None, pending=len(seqs))
-        for s in seqs:
-            self._queue.append((request, s))
+        with self._queue_lock:
+            for s in seqs:
+                self._queue.append((request, s))
         metrics.QUEUE_DEPTH.set(self.queued)
         self._wakeup.set()
         return request
@@ -187,22 +197,108 @@ class Batcher:
         metrics.REQUEST_LATENCY.labels(outcome).observe(time.monotonic() - request.submitted)
 
     # -- the batch loop --------------------------------------------------------------------------
-    def _take_batch(self) -> list[tuple[_Request, Sequence_]]:
-        batch: list[tuple[_Request, Sequence_]] = []
+    def _pop(self, room: int) -> list[tuple[_Request, Sequence_]]:
+        """Engine thread: up to `room` live queued sequences (expired requests are failed on the loop)."""
+        assert self._loop is not None
+        taken: list[tuple[_Request, Sequence_]] = []
+        expired: list[_Request] = []
         now = time.monotonic()
-        while self._queue and len(batch) < self.max_batch_size:
-            request, seq = self._queue.popleft()
-            if request.gone or request.future.done():
-                continue
-            if request.deadline is not None and now >= request.deadline:
-                request.give_up()
-                request.finish(DeadlineExceeded("deadline exceeded before generation started"))
-                continue
-            batch.append((request, seq))
+        with self._queue_lock:
+            while self._queue and len(taken) < room:
+                request, seq = self._queue.popleft()
+                if request.gone or request.future.done():
+                    continue
+                if request.deadline is not None and now >= request.deadline:
+                    request.give_up()
+                    expired.append(request)
+                    continue
+                taken.append((request, seq))
+        if taken or expired:
+            self._loop.call_soon_threadsafe(self._popped, expired)
+        return taken
+
+    def _popped(self, expired: list[_Request]) -> None:
+        for request in expired:
+            request.finish(DeadlineExceeded("deadline exceeded before generation started"))
         metrics.QUEUE_DEPTH.set(self.queued)
         assert self._space is not None
         self._space.set()
-        return batch
+
+    def _drive(self) -> None:
+        """Engine thread: decode until there is no work left, admitting queued rows between steps."""
+        assert self._loop is not None
+        loop = self._loop
+        owners: dict[int, _Request] = {}
+        batch: DecodeBatch | None = None
+
+        def on_step(events: list[tuple[Sequence_, int, float]]) -> None:
+            loop.call_soon_threadsafe(self._deliver, events, dict(owners))
+
+        while True:
+            current = self.engine.current
+            if batch is None or (batch.policy is current and len(batch) < self.max_batch_size):
+                room = self.max_batch_size - (len(batch) if batch is not None else 0)
+                taken = self._pop(room)
+                if taken:
+                    if batch is None:
+                        batch = DecodeBatch(current)
+                        self.stats.batches += 1
+                    for request, seq in taken:
+                        owners[id(seq)] = request
+                    self.stats.sequences += len(taken)
+                    try:
+                        with self.engine.lock:
+                            done = batch.add([seq for _, seq in taken])
+                    except Exception as exc:  # noqa: BLE001 - fail the joining requests, keep the batch
+                        log.exception("prefill of %d sequences failed", len(taken))
+                        for request, seq in taken:
+                            owners.pop(id(seq), None)
+                            loop.call_soon_threadsafe(request.finish, exc)
+                        done = []
+                    if done:
+                        loop.call_soon_threadsafe(self._rows_done, done, [owners.pop(id(s)) for s in done])
+            if batch is None or not batch:
+                return
+            started = time.perf_counter()
+            rows = len(batch)
+            try:
+                with self.engine.lock:
+                    finished = batch.step(on_step)
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                log.exception("decode step of %d sequences failed", rows)
+                for seq in batch.rows:
+                    request = owners.pop(id(seq), None)
+                    if request is not None:
+                        loop.call_soon_threadsafe(request.finish, exc)
+                batch = None
+                continue
+            self._observe_step(rows, time.perf_counter() - started)
+            if finished:
+                loop.call_soon_threadsafe(self._rows_done, finished, [owners.pop(id(s)) for s in finished])
+            if not batch:
+                batch = None
+
+    def _observe_step(self, rows: int, seconds: float) -> None:
+        self.stats.steps += 1
+        self.stats.tokens += rows
+        self.stats.max_batch = max(self.stats.max_batch, rows)
+        metrics.BATCH_SIZE.observe(rows)
+        metrics.STEP_SECONDS.observe(seconds)
+        metrics.GENERATED_TOKENS.inc(rows)
+        window_start, window_tokens = self._rate_window
+        window_tokens += rows
+        now = time.perf_counter()
+        if now - window_start >= 1.0:
+            metrics.TOKENS_PER_SECOND.set(window_tokens / (now - window_start))
+            self._rate_window = (now, 0)
+        else:
+            self._rate_window = (window_start, window_tokens)
+
+    def _rows_done(self, seqs: list[Sequence_], requests: list[_Request]) -> None:
+        for request in requests:
+            request.pending -= 1
+            if request.pending == 0:
+                request.finish()
 
     async def _run(self) -> None:
         assert self._wakeup is not None and self._loop is not None
@@ -214,47 +310,13 @@ class Batcher:
                 continue
             if self.queued < self.max_batch_size and self.batch_wait_s > 0:
                 await asyncio.sleep(self.batch_wait_s)  # gather concurrent arrivals on an idle engine
-            batch = self._take_batch()
-            if not batch:
-                continue
-            owners = {id(seq): request for request, seq in batch}
-            seqs = [seq for _, seq in batch]
-            policy = self.engine.current  # one version for the whole batch; swaps apply to the next
-
-            def on_step(events: list[tuple[Sequence_, int, float]]) -> None:
-                loop.call_soon_threadsafe(self._deliver, events, owners)
-
-            def run() -> None:
-                with self.engine.lock:
-                    generate_batch(policy, seqs, on_step)
-
-            started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._executor, run)
+                await loop.run_in_executor(self._executor, self._drive)
             except asyncio.CancelledError:
-                for request, _ in batch:
-                    request.give_up()
                 raise
-            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
-                log.exception("generation batch of %d sequences failed", len(batch))
-                for request, _ in batch:
-                    request.finish(exc)
-                continue
-            elapsed = time.perf_counter() - started
-            tokens = sum(len(s.token_ids) for s in seqs)
-            self.stats.batches += 1
-            self.stats.sequences += len(seqs)
-            self.stats.tokens += tokens
-            self.stats.max_batch = max(self.stats.max_batch, len(seqs))
-            metrics.BATCH_SIZE.observe(len(seqs))
-            metrics.BATCH_SECONDS.observe(elapsed)
-            metrics.GENERATED_TOKENS.inc(tokens)
-            if elapsed > 0:
-                metrics.TOKENS_PER_SECOND.set(tokens / elapsed)
-            for request, _ in batch:
-                request.pending -= 1
-                if request.pending == 0:
-                    request.finish()
+            except Exception:  # noqa: BLE001 - _drive handles its own failures; never stop serving
+                log.exception("policy engine loop failed")
+            metrics.TOKENS_PER_SECOND.set(0)
 
     def _deliver(self, events: list[tuple[Sequence_, int, float]], owners: dict[int, _Request]) -> None:
         now = time.monotonic()

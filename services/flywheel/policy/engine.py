@@ -233,72 +233,132 @@ def _find_stop(text: str, stops: Iterable[str]) -> int:
     return cut
 
 
-@torch.inference_mode()
-def generate_batch(policy: LoadedPolicy, seqs: list[Sequence_], on_step: StepCallback | None = None) -> None:
-    """Generate every sequence of `seqs` in one padded batch, filling in their outputs in place."""
-    if not seqs:
-        return
-    model, device = policy.model, policy.device
-    started = time.time()
-    missing = [s for s in seqs if s.prompt_ids is None]
-    if missing:
-        encoded = policy.tokenizer([s.prompt_text for s in missing], add_special_tokens=False)["input_ids"]
-        for s, ids in zip(missing, encoded):
-            s.prompt_ids = list(ids)
-    for s in seqs:
-        s.policy_version = policy.version
-        s.started_at = started
-        s.token_ids, s.logprobs, s.text, s.finish_reason = [], [], "", None
-        s.seed_used = s.seed if s.seed is not None else secrets.randbits(63)
-        if not s.prompt_ids:
-            raise ValueError("empty prompt")
-    budgets = [max(0, min(s.max_new_tokens, policy.max_positions - len(s.prompt_ids or []))) for s in seqs]
-    live = [i for i, s in enumerate(seqs) if budgets[i] > 0 and not s.cancelled]
-    for i, s in enumerate(seqs):
-        if i not in live:
-            s.finish_reason = FINISH_CANCELLED if s.cancelled else FINISH_LENGTH
-            s.completed_at = time.time()
-    if not live:
-        return
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-    lengths = [len(seqs[i].prompt_ids or []) for i in live]
-    width = max(lengths)
-    input_ids = torch.full((len(live), width), policy.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(live), width), dtype=torch.long)
-    for row, i in enumerate(live):
-        ids = seqs[i].prompt_ids or []
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids):] = 1
-    positions = (attention.cumsum(-1) - 1).clamp_(min=0)
-    input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
-    temperature = torch.tensor([seqs[i].temperature for i in live], dtype=torch.float32, device=device)
-    top_k = torch.tensor([seqs[i].top_k for i in live], dtype=torch.long, device=device)
-    top_p = torch.tensor([seqs[i].top_p for i in live], dtype=torch.float32, device=device)
-    gens = []
-    for i in live:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(seqs[i].seed_used or 0) & ((1 << 63) - 1))
-        gens.append(g)
 
-    from transformers import DynamicCache
+class DecodeBatch:
+    """A running batch on one policy version: rows join (after a batched prefill) at step boundaries
+    and leave as soon as they finish, so the engine decodes continuously under load.
 
-    cache = DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :]
-    next_position = positions[:, -1] + 1
-    steps = 0
-    while live:
-        tokens, logprobs = choose_tokens(logits, temperature, top_k, top_p, gens)
-        steps += 1
+    Rows are left-padded; positions are per row (so padding never shifts a row's positions) and the
+    KV caches of joining rows are left-padded to the running width before concatenation.
+    """
+
+    def __init__(self, policy: LoadedPolicy) -> None:
+        self.policy = policy
+        self.rows: list[Sequence_] = []
+        self.budgets: list[int] = []
+        self.cache: Any = None
+        self.attention: torch.Tensor | None = None
+        self.next_position: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.temperature: torch.Tensor | None = None
+        self.top_k: torch.Tensor | None = None
+        self.top_p: torch.Tensor | None = None
+        self.gens: list[torch.Generator] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, seqs: list[Sequence_]) -> list[Sequence_]:
+        """Prefill `seqs` and merge them into the batch. Returns rows that finished immediately."""
+        from transformers import DynamicCache
+
+        policy, device = self.policy, self.policy.device
+        missing = [s for s in seqs if s.prompt_ids is None]
+        if missing:
+            encoded = policy.tokenizer([s.prompt_text for s in missing], add_special_tokens=False)["input_ids"]
+            for s, ids in zip(missing, encoded):
+                s.prompt_ids = list(ids)
+        now = time.time()
+        joining: list[Sequence_] = []
+        budgets: list[int] = []
+        done: list[Sequence_] = []
+        for s in seqs:
+            if not s.prompt_ids:
+                raise ValueError("empty prompt")
+            s.policy_version, s.started_at = policy.version, now
+            s.token_ids, s.logprobs, s.text, s.finish_reason = [], [], "", None
+            s.seed_used = s.seed if s.seed is not None else secrets.randbits(63)
+            budget = max(0, min(s.max_new_tokens, policy.max_positions - len(s.prompt_ids)))
+            if budget == 0 or s.cancelled:
+                s.finish_reason = FINISH_CANCELLED if s.cancelled else FINISH_LENGTH
+                s.completed_at = now
+                done.append(s)
+            else:
+                joining.append(s)
+                budgets.append(budget)
+        if not joining:
+            return done
+        width = max(len(s.prompt_ids or []) for s in joining)
+        input_ids = torch.full((len(joining), width), policy.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(joining), width), dtype=torch.long)
+        for row, s in enumerate(joining):
+            ids = s.prompt_ids or []
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        positions = (attention.cumsum(-1) - 1).clamp_(min=0)
+        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        cache = DynamicCache()
+        out = policy.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        gens = []
+        for s in joining:
+            g = torch.Generator(device=device)
+            g.manual_seed(int(s.seed_used or 0) & ((1 << 63) - 1))
+            gens.append(g)
+        temperature = torch.tensor([s.temperature for s in joining], dtype=torch.float32, device=device)
+        top_k = torch.tensor([s.top_k for s in joining], dtype=torch.long, device=device)
+        top_p = torch.tensor([s.top_p for s in joining], dtype=torch.float32, device=device)
+        logits = out.logits[:, -1, :]
+        next_position = positions[:, -1] + 1
+        if not self.rows:
+            self.cache, self.attention, self.next_position, self.logits = cache, attention, next_position, logits
+            self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        else:
+            assert self.attention is not None and self.cache is not None
+            merged = max(self.attention.shape[1], attention.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, merged, -2), _left_pad(theirs.keys, merged, -2)])
+                mine.values = torch.cat([_left_pad(mine.values, merged, -2), _left_pad(theirs.values, merged, -2)])
+            self.attention = torch.cat([_left_pad(self.attention, merged, 1), _left_pad(attention, merged, 1)])
+            self.next_position = torch.cat([self.next_position, next_position])  # type: ignore[list-item]
+            self.logits = torch.cat([self.logits, logits])  # type: ignore[list-item]
+            self.temperature = torch.cat([self.temperature, temperature])  # type: ignore[list-item]
+            self.top_k = torch.cat([self.top_k, top_k])  # type: ignore[list-item]
+            self.top_p = torch.cat([self.top_p, top_p])  # type: ignore[list-item]
+        self.rows.extend(joining)
+        self.budgets.extend(budgets)
+        self.gens.extend(gens)
+        return done
+
+    @torch.inference_mode()
+    def step(self, on_step: StepCallback | None = None) -> list[Sequence_]:
+        """Sample one token for every row, retire finished rows, run the next forward pass.
+
+        Returns the rows that finished in this step.
+        """
+        if not self.rows:
+            return []
+        policy = self.policy
+        assert self.logits is not None and self.temperature is not None
+        tokens, logprobs = choose_tokens(self.logits, self.temperature, self.top_k, self.top_p, self.gens)
         token_list, lp_list = tokens.tolist(), logprobs.tolist()
         events: list[tuple[Sequence_, int, float]] = []
         keep: list[int] = []
-        for row, i in enumerate(live):
-            s = seqs[i]
+        finished: list[Sequence_] = []
+        for row, s in enumerate(self.rows):
             if s.cancelled:  # the caller gave up: drop the row without another token
                 s.finish_reason, s.completed_at = FINISH_CANCELLED, time.time()
                 s.text = policy.decode(s.token_ids)
+                finished.append(s)
                 continue
             token = int(token_list[row])
             s.token_ids.append(token)
@@ -311,7 +371,7 @@ def generate_batch(policy: LoadedPolicy, seqs: list[Sequence_], on_step: StepCal
                 cut = _find_stop(text, s.stop)
                 if cut >= 0:
                     s.finish_reason, s.text = FINISH_STOP, text[:cut]
-            if s.finish_reason is None and len(s.token_ids) >= budgets[i]:
+            if s.finish_reason is None and len(s.token_ids) >= self.budgets[row]:
                 s.finish_reason = FINISH_LENGTH
             if s.finish_reason is None:
                 keep.append(row)
@@ -319,22 +379,55 @@ def generate_batch(policy: LoadedPolicy, seqs: list[Sequence_], on_step: StepCal
                 s.completed_at = time.time()
                 if s.finish_reason != FINISH_STOP:
                     s.text = policy.decode(s.token_ids)
+                finished.append(s)
         if on_step is not None:
             on_step(events)
+        if len(keep) < len(self.rows):
+            self._select(keep)
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)] if keep else tokens[:0]
+        if not self.rows:
+            self.cache = self.attention = self.logits = None
+            return finished
+        assert self.attention is not None and self.next_position is not None
+        self.attention = torch.cat([self.attention, self.attention.new_ones((len(self.rows), 1))], dim=1)
+        out = policy.model(input_ids=tokens[:, None], attention_mask=self.attention,
+                           position_ids=self.next_position[:, None], past_key_values=self.cache, use_cache=True)
+        self.logits = out.logits[:, -1, :]
+        self.next_position = self.next_position + 1
+        return finished
+
+    def _select(self, keep: list[int]) -> None:
+        self.rows = [self.rows[r] for r in keep]
+        self.budgets = [self.budgets[r] for r in keep]
+        self.gens = [self.gens[r] for r in keep]
         if not keep:
-            break
-        if len(keep) < len(live):
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(index)
-            tokens, attention, next_position = tokens[index], attention[index], next_position[index]
-            temperature, top_k, top_p = temperature[index], top_k[index], top_p[index]
-            gens = [gens[r] for r in keep]
-            live = [live[r] for r in keep]
-        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
-        out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1, :]
-        next_position = next_position + 1
+            return
+        assert self.attention is not None
+        index = torch.tensor(keep, dtype=torch.long, device=self.policy.device)
+        self.cache.batch_select_indices(index)
+        self.attention = self.attention[index]
+        self.next_position = self.next_position[index]  # type: ignore[index]
+        self.logits = self.logits[index]  # type: ignore[index]
+        self.temperature, self.top_k, self.top_p = (
+            self.temperature[index], self.top_k[index], self.top_p[index])  # type: ignore[index]
+        # drop padding columns no remaining row needs
+        used = self.attention.any(dim=0)
+        first = int(torch.nonzero(used)[0, 0]) if bool(used.any()) else 0
+        if first > 0:
+            self.attention = self.attention[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:, :]
+                layer.values = layer.values[:, :, first:, :]
+
+
+def generate_batch(policy: LoadedPolicy, seqs: list[Sequence_], on_step: StepCallback | None = None) -> None:
+    """Generate every sequence of `seqs` in one padded batch, filling in their outputs in place."""
+    if not seqs:
+        return
+    batch = DecodeBatch(policy)
+    batch.add(seqs)
+    while batch:
+        batch.step(on_step)
 
 
 # --------------------------------------------------------------------------------------------------

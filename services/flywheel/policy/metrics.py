@@ -8,10 +8,11 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 
 GENERATED_TOKENS = Counter("flywheel_policy_generated_tokens_total", "Tokens sampled by the policy.")
 TOKENS_PER_SECOND = Gauge(
-    "flywheel_policy_tokens_per_second", "Generated tokens per second of the most recent batch (all rows).")
+    "flywheel_policy_tokens_per_second", "Generated tokens per second over the last second of decoding (0 when idle).")
 BATCH_SIZE = Histogram(
-    "flywheel_policy_batch_size", "Sequences per forward batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-BATCH_SECONDS = Histogram("flywheel_policy_batch_seconds", "Wall time of one batch.", buckets=_LATENCY_BUCKETS)
+    "flywheel_policy_batch_size", "Sequences decoded together in one step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+STEP_SECONDS = Histogram("flywheel_policy_decode_step_seconds", "Wall time of one decode step (sample + forward).",
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 QUEUE_DEPTH = Gauge("flywheel_policy_queue_depth", "Sequences waiting for a batch.")
 TIME_TO_FIRST_TOKEN = Histogram(
     "flywheel_policy_time_to_first_token_seconds", "Submit to first sampled token, per request.",
