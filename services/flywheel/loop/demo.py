@@ -1,61 +1,89 @@
-"""`flywheel demo`: the main job, run locally on a single-node Kafka that the demo starts itself."""
+"""`flywheel demo`: the main job. Runs the whole loop locally on a single-node Kafka it starts itself,
+shows a live status, and writes a report (PNG plots + markdown) into the run directory."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from datetime import datetime
+from contextlib import nullcontext as _nothing
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
-from flywheel.bus import ensure_topics, topics
-from flywheel.bus.consumer import TypedConsumer
-from flywheel.bus.producer import TypedProducer
 from flywheel.loop.local import LocalCluster
-from flywheel.loop.prompts import load_prompts, to_proto
-from flywheel.v1 import common_pb2
+from flywheel.loop.report import LoopReport, write
+from flywheel.loop.runner import LoopConfig, LoopRunner, LoopStatus, default_run_dir
 
 console = Console()
-log = logging.getLogger(__name__)
+if not console.is_terminal:
+    console = Console(width=240, soft_wrap=True)
+
+
+def _render(status: LoopStatus, report: LoopReport, minutes: float, total: float) -> Group:
+    head = Table.grid(padding=(0, 2))
+    head.add_row("[bold]phase[/]", status.phase, "[bold]time[/]", f"{minutes:5.1f} / {total:.0f} min")
+    head.add_row("[bold]policy[/]", status.policy_version, "[bold]reward model[/]", status.reward_version)
+    head.add_row("[bold]prompts sent[/]", str(status.prompts_sent), "[bold]prompts rated / rankings[/]",
+                 f"{status.prompts_rated} / {status.rankings_submitted}")
+    head.add_row("[bold]PPO step[/]", str(status.trainer_step), "[bold]KL[/]", f"{status.kl:.3f}")
+    head.add_row("[bold]mean reward[/]", f"{status.mean_reward:+.3f}", "[bold]held-out truth[/]",
+                 "-" if math.isnan(status.last_ground_truth) else f"{status.last_ground_truth:+.3f}")
+    versions = Table(title="policy versions (held-out ground truth = VADER compound)", expand=False)
+    for col in ("version", "min", "step", "truth", "± se", "reward", "KL"):
+        versions.add_column(col, justify="right")
+    for r in report.records[-12:]:
+        versions.add_row(r.version, f"{r.minutes:.1f}", str(r.step), f"{r.ground_truth_mean:+.3f}",
+                         f"{r.ground_truth_stderr:.3f}", f"{r.reward_mean:+.3f}", f"{r.kl:.3f}")
+    return Group(head, versions)
+
+
+class _PlainStatus:
+    """One line per phase change, and at most every 15 s otherwise."""
+
+    def __init__(self) -> None:
+        self._last = ("", 0.0)
+
+    def update(self, s: LoopStatus, minutes: float) -> None:
+        now = time.monotonic()
+        if s.phase == self._last[0] and now - self._last[1] < 15:
+            return
+        self._last = (s.phase, now)
+        console.print(f"[{minutes:5.1f} min] {s.phase} | policy {s.policy_version} reward {s.reward_version} | "
+                      f"prompts {s.prompts_sent} rated {s.prompts_rated} rankings {s.rankings_submitted} | "
+                      f"step {s.trainer_step} (consumed {s.trainer_consumed}, buffered {s.trainer_buffered}) KL {s.kl:.3f} reward {s.mean_reward:+.3f} | "
+                      f"truth {s.last_ground_truth:+.3f}")
 
 
 def demo(
-    run_dir: Path = typer.Option(None, help="Where logs, state and the report go (default runs/demo-<time>)."),
-    prompts: int = typer.Option(32, help="Training prompts fed into the loop."),
+    minutes: float = typer.Option(30.0, help="How long the loop runs (PPO phase ends at this mark)."),
+    run_dir: Path = typer.Option(None, help="Logs, state and the report (default runs/demo-<time>)."),
     bootstrap_servers: str = typer.Option("", help="Use this running Kafka instead of starting one."),
+    bootstrap_prompts: int = typer.Option(96, help="Prompts rated before the first reward model."),
+    eval_prompts: int = typer.Option(48, help="Held-out prompts evaluated per policy version."),
 ) -> None:
-    """Run the loop locally: Kafka, topics, prompts through the bus, and a report."""
-    logging.basicConfig(level="WARNING")
-    run_dir = run_dir or Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+    """Run the whole loop locally: Kafka, policy, reward, preference, trainer, simulated raters."""
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_dir = run_dir or default_run_dir()
+    config = LoopConfig(minutes=minutes, bootstrap_prompts=bootstrap_prompts, eval_prompts=eval_prompts)
+    console.print(f"[bold]flywheel demo[/]: run directory {run_dir} (service logs in {run_dir}/logs)")
     with LocalCluster(run_dir) as cluster:
-        console.print(f"[bold]flywheel demo[/] run dir: {run_dir}")
-        bootstrap = cluster.start_kafka(bootstrap_servers or None)
-        console.print(f"kafka: {bootstrap}")
-        created = ensure_topics(bootstrap)
-        console.print(f"topics: {len(created)} created")
-        producer = TypedProducer(bootstrap, client_id="flywheel-demo")
-        corpus = [p for p in load_prompts() if p.split == "train"][:prompts]
-        sampling = common_pb2.SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=32, n=4)
-        for p in corpus:
-            producer.send(topics.PROMPTS, to_proto(p, sampling), key=p.prompt_id)
-        producer.flush()
-        consumer = TypedConsumer(topics.PROMPTS, bootstrap_servers=bootstrap, group_id="flywheel-demo",
-                                 dead_letters=producer)
-        seen = []
-        deadline = time.monotonic() + 60
-        while len(seen) < len(corpus) and time.monotonic() < deadline:
-            seen.extend(consumer.poll(timeout_ms=500))
-        consumer.commit()
-        consumer.close()
-        producer.close()
-        table = Table(title="prompts through flywheel.prompts.v1")
-        table.add_column("prompt id")
-        table.add_column("category")
-        table.add_column("text")
-        for d in seen[:10]:
-            table.add_row(d.value.prompt_id, d.value.metadata.get("category", ""), d.value.text)
-        console.print(table)
-        console.print(f"{len(seen)}/{len(corpus)} prompts round-tripped through Kafka")
+        if bootstrap_servers:
+            cluster.start_kafka(bootstrap_servers)
+        # A live table on a terminal; plain status lines when output goes to a file or CI log.
+        live = Live(console=console, refresh_per_second=2) if console.is_terminal else None
+        plain = _PlainStatus()
+        with live or _nothing():
+            runner = LoopRunner(cluster, config, on_status=lambda s, r: (
+                live.update(_render(s, r, runner.minutes(), minutes)) if live else plain.update(s, runner.minutes())))
+            try:
+                report = runner.run()
+            except KeyboardInterrupt:
+                report = runner.report
+                report.notes.append("interrupted by the user")
+    summary = write(report, run_dir / "report")
+    console.print(summary.read_text())
+    console.print(f"report: {summary}")

@@ -69,7 +69,7 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
+    def stop(self, timeout_s: float = 20.0) -> int | None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -125,6 +125,7 @@ class LocalCluster:
             FLYWHEEL_HOME=str(self.run_dir / "home"),
             FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS=self.bootstrap or "",
             FLYWHEEL_SHUTDOWN_DELAY_S="0",
+            FLYWHEEL_SHUTDOWN_GRACE_S="5",
             PYTHONUNBUFFERED="1",
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",

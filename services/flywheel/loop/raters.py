@@ -1,0 +1,76 @@
+"""The loop's simulated raters: a pool of `SimulatedRater`s (some adversarial) that consume policy
+rollouts and submit rankings to the preference service over authenticated gRPC, on a thread."""
+
+from __future__ import annotations
+
+import threading
+
+from flywheel.bus import TypedConsumer, TypedProducer, topics
+from flywheel.loop.local import LocalCluster
+from flywheel.preference.auth import SCOPE_ADMIN, TokenStore
+from flywheel.preference.settings import PreferenceSettings
+from flywheel.preference.simulated_rater import RaterClient, SimulatedRaterRunner, make_pool
+
+
+def preference_tokens(cluster: LocalCluster) -> TokenStore:
+    """The token store the cluster's preference service authenticates against."""
+    env = cluster.services["preference"].env
+    settings = PreferenceSettings(home=env["FLYWHEEL_HOME"])
+    return TokenStore(settings.auth_db_path())
+
+
+def admin_metadata(cluster: LocalCluster, label: str = "flywheel-loop") -> tuple[tuple[str, str], ...]:
+    tokens = preference_tokens(cluster)
+    try:
+        token = tokens.issue(label, scope=SCOPE_ADMIN, label=label)
+    finally:
+        tokens.close()
+    return (("authorization", f"Bearer {token}"),)
+
+
+class RaterPool:
+    def __init__(self, cluster: LocalCluster, bootstrap: str, *, raters: int, adversarial: int, noise: float,
+                 candidates: int, raters_per_prompt: int = 3) -> None:
+        pool = make_pool(raters, adversarial_fraction=adversarial / max(1, raters), noise=noise)
+        tokens = preference_tokens(cluster)
+        try:
+            clients = [(rater, RaterClient(cluster.services["preference"].target, tokens.issue(rater.rater_id)))
+                       for rater in pool]
+        finally:
+            tokens.close()
+        self._producer = TypedProducer(bootstrap, client_id="flywheel-loop-raters")
+        consumer = TypedConsumer(topics.ROLLOUTS, bootstrap_servers=bootstrap, group_id="flywheel-loop-raters",
+                                 dead_letters=self._producer, max_poll_records=256)
+        self.runner = SimulatedRaterRunner(consumer, clients, raters_per_prompt=raters_per_prompt,
+                                           max_wait_s=30.0, accept=lambda r: r.split != "eval")
+        self._clients = [c for _, c in clients]
+        self._thread = threading.Thread(target=self._run, name="simulated-raters", daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.runner.run()
+        except BaseException as exc:  # noqa: BLE001 - surfaced through rated_prompts()
+            self.error = exc
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"simulated raters failed: {self.error!r}") from self.error
+
+    def rated_prompts(self) -> int:
+        self._check()
+        return self.runner.prompts_rated
+
+    def rankings_submitted(self) -> int:
+        return self.runner.submitted
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self._thread.join(timeout=30)
+        self.runner.consumer.close()
+        for client in self._clients:
+            client.close()
+        self._producer.close()
