@@ -96,7 +96,11 @@ spec:
           readOnly: {{ ne $name "trainer" }}
         {{- end }}
   volumes:
-    {{- if not (and (eq $name "trainer") $c.persistence.enabled) }}
+    {{- if and (eq $name "preference") $c.persistence.enabled }}
+    - name: home
+      persistentVolumeClaim:
+        claimName: {{ include "flywheel.componentName" . }}
+    {{- else if not (and (eq $name "trainer") $c.persistence.enabled) }}
     - name: home
       emptyDir: {}
     {{- end }}
