@@ -425,6 +425,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def make_optimizer(model: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW; the fused (single-kernel) implementation where the device supports it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+                  weight_decay=config.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
 class PPOTrainer:
     """PPO over scored rollouts. `step(batch)` runs one full PPO update and returns `StepStats`.
 
@@ -441,9 +452,7 @@ class PPOTrainer:
         disable_dropout(ref_model)
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
-        self.optimizer = optimizer or torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate, betas=config.adam_betas,
-            eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.optimizer = optimizer or make_optimizer(policy, config)
         self.kl_ctl = kl_controller_for(config)
         self.global_step = 0
         self._rng = random.Random(config.seed)

@@ -1,0 +1,238 @@
+"""PPO episodes/s: Flywheel's PPOTrainer vs TRL 1.9.2's experimental PPOTrainer, same model and batch.
+
+    python bench/trainer_bench.py [--updates 6] [--repeats 2]
+
+Setup (identical for both): a 2-layer, 64-dim GPT-2 (random weights, SmolLM2's 49k tokenizer),
+a tiny GPT-2 sequence-classification reward model, batch 8 prompts of 8 tokens, 16-token sampled
+responses (temperature 1, no top-k/top-p), 4 PPO epochs, one minibatch of 8, fixed KL 0.05.
+An "episode" is one prompt -> sampled response -> reward -> PPO update. Each system runs one
+warm-up update, then `--updates` timed updates; the best of `--repeats` runs is reported.
+
+- TRL runs in its own virtualenv (~/.cache/flywheel/bench-trl-venv, `trl==1.9.2` from
+  bench/requirements-trl.txt), created on first use; it shares this venv's torch/transformers
+  through a .pth file so only TRL and its extra dependencies are installed there. TRL uses a
+  separate value model (its design); Flywheel uses a value head on the policy (its design).
+- Flywheel end-to-end: HF generate (behaviour log-probs from the generation scores, as the policy
+  service reports them) + reward-model forward + `PPOTrainer.step`. The "update only" row is what
+  the trainer service itself spends per batch (generation and scoring happen in other services).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRL_VENV = Path.home() / ".cache" / "flywheel" / "bench-trl-venv"
+REQUIREMENTS = Path(__file__).resolve().parent / "requirements-trl.txt"
+
+BATCH = 8
+PROMPT_LEN = 8
+RESPONSE_LEN = 16
+EPOCHS = 4
+KL_COEF = 0.05
+LR = 3e-6
+
+
+def _models(seed: int = 0):
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    sys.path.insert(0, str(REPO / "services"))
+    from flywheel.models import smollm2_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    tokenizer.padding_side = "left"
+    cfg = dict(vocab_size=len(tokenizer), n_layer=2, n_embd=64, n_head=4, n_positions=128,
+               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=tokenizer.bos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    policy = GPT2LMHeadModel(GPT2Config(**cfg))
+    ref = GPT2LMHeadModel(GPT2Config(**cfg))
+    ref.load_state_dict(policy.state_dict())
+    torch.manual_seed(seed + 1)
+    reward = GPT2ForSequenceClassification(GPT2Config(num_labels=1, **cfg))
+    torch.manual_seed(seed + 2)
+    value = GPT2ForSequenceClassification(GPT2Config(num_labels=1, **cfg))
+    return tokenizer, policy, ref, reward, value
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 1, (n, PROMPT_LEN), generator=g).tolist()
+
+
+# -----------------------------------------------------------------------------------------------
+# Flywheel
+# -----------------------------------------------------------------------------------------------
+
+
+def run_flywheel(updates: int, threads: int) -> dict[str, float]:
+    import torch
+
+    sys.path.insert(0, str(REPO / "services"))
+    from flywheel.trainer.batch import collate
+    from flywheel.trainer.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
+    from flywheel.v1 import common_pb2
+
+    torch.set_num_threads(threads)
+    tokenizer, policy_lm, ref, reward_model, _ = _models()
+    policy_lm.eval()
+    reward_model.eval()
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=EPOCHS, mini_batch_size=BATCH, init_kl_coef=KL_COEF, learning_rate=LR,
+                                   max_grad_norm=0.5), PolicyWithValueHead(policy_lm), ref)
+    prompts = _prompts(BATCH * (updates + 1), len(tokenizer))
+    total, update_only = [], []
+    for u in range(updates + 1):
+        start = time.perf_counter()
+        batch_prompts = torch.tensor(prompts[u * BATCH:(u + 1) * BATCH])
+        with torch.inference_mode():
+            out = policy_lm.generate(batch_prompts, attention_mask=torch.ones_like(batch_prompts), do_sample=True,
+                                     max_new_tokens=RESPONSE_LEN, temperature=1.0, top_k=0, top_p=1.0,
+                                     output_logits=True, return_dict_in_generate=True,
+                                     pad_token_id=tokenizer.pad_token_id)
+            responses = out.sequences[:, PROMPT_LEN:]
+            logits = torch.stack(out.logits, 1).float()
+            behaviour = torch.log_softmax(logits, -1).gather(-1, responses[:, :, None]).squeeze(-1)
+            scores = reward_model(out.sequences).logits[:, 0]
+        rollouts = []
+        for i in range(BATCH):
+            resp = responses[i].tolist()
+            ro = common_pb2.Rollout(rollout_id=f"{u}-{i}", prompt_token_ids=batch_prompts[i].tolist(),
+                                    response_token_ids=resp, token_logprobs=behaviour[i].tolist(),
+                                    policy_version="policy-0000", finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                                    sampling=common_pb2.SamplingParams(temperature=1.0))
+            rollouts.append(common_pb2.ScoredRollout(rollout=ro, reward=float(scores[i])))
+        step_start = time.perf_counter()
+        trainer.step(collate(rollouts, pad_token_id=tokenizer.pad_token_id))
+        end = time.perf_counter()
+        if u > 0:  # the first update is warm-up
+            total.append(end - start)
+            update_only.append(end - step_start)
+    return {"episodes_per_s": BATCH * updates / sum(total), "update_only_episodes_per_s": BATCH * updates / sum(update_only)}
+
+
+# -----------------------------------------------------------------------------------------------
+# TRL 1.9.2 (runs inside the TRL venv)
+# -----------------------------------------------------------------------------------------------
+
+
+def run_trl(updates: int, threads: int) -> dict[str, float]:
+    import os as _os
+    import tempfile
+
+    _os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    torch.set_num_threads(threads)
+    tokenizer, policy, ref, reward, value = _models()
+    prompts = _prompts(BATCH * (updates + 1), len(tokenizer))
+    dataset = Dataset.from_dict({"input_ids": prompts})
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = PPOConfig(output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                         num_mini_batches=1, num_ppo_epochs=EPOCHS, response_length=RESPONSE_LEN,
+                         total_episodes=BATCH * (updates + 1), local_rollout_forward_batch_size=BATCH,
+                         kl_coef=KL_COEF, learning_rate=LR, temperature=1.0, num_sample_generations=0,
+                         report_to=[], save_strategy="no", logging_steps=1000, use_cpu=True, bf16=False,
+                         fp16=False, seed=0, dataloader_num_workers=0, max_grad_norm=0.5)
+        trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                             train_dataset=dataset, value_model=value, callbacks=[Stamp()])
+        start = time.perf_counter()
+        trainer.train()
+    stamps.insert(0, start)
+    durations = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the warm-up update
+    return {"episodes_per_s": BATCH * len(durations) / sum(durations), "trl_version": trl.__version__}
+
+
+# -----------------------------------------------------------------------------------------------
+# Driver
+# -----------------------------------------------------------------------------------------------
+
+
+def ensure_trl_venv() -> Path:
+    python = TRL_VENV / "bin" / "python"
+    ok = python.exists() and subprocess.run(
+        [str(python), "-c", "import trl, sys; sys.exit(trl.__version__ != '1.9.2')"], capture_output=True).returncode == 0
+    if ok:
+        return python
+    print(f"creating the TRL baseline venv in {TRL_VENV} (one time) ...", file=sys.stderr)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(TRL_VENV)], check=True)
+    import sysconfig
+
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # Share this venv's torch/transformers; TRL's own pins take precedence (installed into the TRL venv).
+    Path(site, "flywheel-main-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)], check=True)
+    return python
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--updates", type=int, default=6, help="timed PPO updates per run (after 1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per system; the best is reported")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--worker", choices=["trl", "flywheel"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        fn = run_trl if args.worker == "trl" else run_flywheel
+        print("RESULT " + json.dumps(fn(args.updates, args.threads)))
+        return
+
+    trl_python = ensure_trl_venv()
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO / "services"))
+
+    def run(python: str, worker: str) -> dict:
+        proc = subprocess.run([python, __file__, "--worker", worker, "--updates", str(args.updates),
+                               "--threads", str(args.threads)], capture_output=True, text=True, env=env, cwd=REPO)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise SystemExit(f"{worker} run failed:\n{proc.stderr[-4000:]}")
+        return json.loads(lines[-1][len("RESULT "):])
+
+    trl_runs, fw_runs = [], []
+    for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit both
+        trl_runs.append(run(str(trl_python), "trl"))
+        fw_runs.append(run(sys.executable, "flywheel"))
+    trl_best = max(r["episodes_per_s"] for r in trl_runs)
+    fw_best = max(r["episodes_per_s"] for r in fw_runs)
+    fw_update = max(r["update_only_episodes_per_s"] for r in fw_runs)
+    rows = [
+        (f"TRL {trl_runs[0].get('trl_version', '1.9.2')} experimental PPOTrainer (end to end)", trl_best, 1.0),
+        ("Flywheel PPOTrainer (end to end: generate + score + update)", fw_best, fw_best / trl_best),
+        ("Flywheel PPOTrainer (update only: what the trainer service spends)", fw_update, fw_update / trl_best),
+    ]
+    print(f"PPO episodes/s - GPT-2 2x64, batch {BATCH}, {RESPONSE_LEN}-token responses, {EPOCHS} epochs, "
+          f"{args.threads} threads, {args.updates} timed updates, best of {args.repeats}")
+    print()
+    print("| system | episodes/s | vs TRL |")
+    print("| --- | ---: | ---: |")
+    for name, eps, ratio in rows:
+        print(f"| {name} | {eps:.1f} | {ratio:.2f}x |")
+    print()
+    print("all runs (episodes/s): TRL " + ", ".join(f"{r['episodes_per_s']:.1f}" for r in trl_runs)
+          + "; Flywheel " + ", ".join(f"{r['episodes_per_s']:.1f}" for r in fw_runs))
+
+
+if __name__ == "__main__":
+    main()
