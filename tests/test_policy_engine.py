@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flywheel.policy.engine import (
+    DecodeBatch,
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -149,6 +150,34 @@ def test_cancelled_rows_leave_the_batch(engine: PolicyEngine) -> None:
     assert keep.finish_reason == FINISH_LENGTH and len(keep.token_ids) == 6
     assert drop.finish_reason == "cancelled" and len(drop.token_ids) == 1
     assert steps[0] == 2 and steps[1:] == [1] * 5
+
+
+def test_rows_joining_a_running_batch_match_running_alone(engine: PolicyEngine) -> None:
+    """Continuous batching: a row merged into a running batch (KV caches left-padded to a common
+    width, stale padding trimmed when rows leave) decodes exactly as it would alone."""
+    policy = engine.current
+    greedy = dict(temperature=0.0, max_new_tokens=10)
+
+    def seq(text: str, **kw) -> Sequence_:
+        return Sequence_(prompt_text=policy.template(text), **{**greedy, **kw})
+
+    alone = {text: seq(text) for text in PROMPTS}
+    for s in alone.values():
+        generate_batch(policy, [s])
+    batch = DecodeBatch(policy)
+    first = seq(PROMPTS[0], max_new_tokens=3)  # leaves early: its columns get trimmed
+    second = seq(PROMPTS[1])
+    batch.add([first, second])
+    batch.step()
+    batch.step()
+    late = seq(PROMPTS[2])  # a longer prompt joins two steps in
+    batch.add([late])
+    while batch:
+        batch.step()
+    assert first.token_ids == alone[PROMPTS[0]].token_ids[:3]
+    assert second.token_ids == alone[PROMPTS[1]].token_ids
+    assert late.token_ids == alone[PROMPTS[2]].token_ids
+    assert late.logprobs == pytest.approx(alone[PROMPTS[2]].logprobs, abs=LOGPROB_TOLERANCE)
 
 
 # -- fast unit tests (no weights) ---------------------------------------------------------------------
