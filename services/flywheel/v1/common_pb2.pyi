@@ -262,7 +262,13 @@ class Rollout(_message.Message):
     def response_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def token_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """log pi_behaviour(token_t | prefix) for every response token, same length as response_token_ids."""
+        """log pi_behaviour(token_t | prefix) for every response token, same length as response_token_ids.
+        Convention (policy service, docs/policy.md): log_softmax(logits_t / temperature)[token_t] in
+        float32 from the policy's next-token logits BEFORE top-k / top-p filtering; with temperature 0
+        (greedy) the logits are not scaled. Recompute log pi with the same temperature for the PPO ratio.
+        The eos token, when generated, is included; tokens of a matched stop string are kept in the ids
+        and logprobs although the stop string is cut from response_text.
+        """
 
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
