@@ -391,7 +391,7 @@ def test_monitoring_is_gated_on_the_crds(rendered) -> None:
     assert {"ServiceMonitor", "PrometheusRule"} <= kinds["default-with-crds"]
     assert "ConfigMap" in kinds["default"]  # the dashboard needs no CRD
     assert "ScaledObject" not in kinds["default-with-crds"]  # KEDA only when asked for
-    assert sum(d["kind"] == "ScaledObject" for d in rendered["keda"]) == 3
+    assert sum(d["kind"] == "ScaledObject" for d in rendered["keda"]) == 2
     assert not any(d["kind"] == "HorizontalPodAutoscaler" for d in rendered["keda"])
     assert sum(d["kind"] == "HorizontalPodAutoscaler" for d in rendered["scoring-only-hpa"]) == 1
 
