@@ -164,3 +164,52 @@ async def test_swap_applies_to_next_batch_in_flight_finishes_on_old() -> None:
         assert (await batcher.score(["p"], ["x"])).scorer_version == "2"
     finally:
         await batcher.stop()
+
+
+def test_remote_checkpoint_uri_is_copied_once_into_the_cache(tiny_dir, tmp_path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for file in tiny_dir.iterdir():
+        fs.pipe(f"/ckpts/reward-0001/{file.name}", file.read_bytes())
+    local = resolve_checkpoint("memory://ckpts/reward-0001", tmp_path / "cache")
+    assert local.parent == tmp_path / "cache" and (local / "model.safetensors").exists()
+    assert resolve_checkpoint("memory://ckpts/reward-0001", tmp_path / "cache") == local  # cached
+    scorer = TransformerRewardScorer("memory://ckpts/reward-0001", cache_dir=tmp_path / "cache", max_length=32)
+    assert scorer.version == "reward-0001" and scorer.checkpoint_uri == "memory://ckpts/reward-0001"
+
+
+class SlowScorer(GatedScorer):
+    """Each forward pass takes 50 ms (like a model), whatever the batch size."""
+
+    def score(self, prompts, responses):
+        import time
+
+        time.sleep(0.05)
+        self.calls.append(len(prompts))
+        return [float(len(r)) for r in responses]
+
+
+async def test_closed_loop_client_cohorts_merge_into_full_batches() -> None:
+    scorer = SlowScorer()
+    batcher = DynamicBatcher(scorer, max_batch_size=16, max_wait_s=0.002, wait_fraction=0.5)
+    batcher.start()
+    stop = asyncio.Event()
+
+    async def client(k: int) -> int:
+        await asyncio.sleep(0.012 * k)  # staggered starts: several cohorts at first
+        n = 0
+        while not stop.is_set():
+            assert (await batcher.score(["p"], ["x" * k])).values == [float(k)]
+            n += 1
+        return n
+
+    try:
+        clients = [asyncio.ensure_future(client(k)) for k in range(16)]
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*clients)
+    finally:
+        await batcher.stop()
+    assert scorer.calls[0] < 16  # it did start split up...
+    assert scorer.calls[-6:-1] == [16] * 5  # ...and ends with every client in each forward pass

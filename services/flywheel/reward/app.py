@@ -51,11 +51,12 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
     scorer = scorer or build_scorer(settings)
     batcher = DynamicBatcher(scorer, max_batch_size=settings.reward_max_batch_size,
                              max_wait_s=settings.reward_max_wait_ms / 1000.0,
-                             max_queue_items=settings.reward_max_queue_items)
+                             max_queue_items=settings.reward_max_queue_items,
+                             wait_fraction=settings.reward_batch_wait_fraction)
     runtime.add_worker(_BatcherLifecycle(batcher))
     ready = {"serving": False}
 
-    for name, register in registrations(batcher, settings, is_ready=lambda: ready["serving"]):
+    for name, register in registrations(batcher, settings, is_ready=lambda: ready["serving"] and not batcher.closed):
         runtime.add_service(name, register)
 
     scoring: ScoringHandler | None = None

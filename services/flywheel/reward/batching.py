@@ -1,10 +1,17 @@
 """Dynamic batching: concurrent scoring requests share one forward pass.
 
 Requests (each a list of (prompt, response) items) wait in a bounded queue. One collector task
-takes queued requests until the batch holds `max_batch_size` items or the oldest queued item has
-waited `max_wait_s`, then runs the scorer once on a dedicated thread (torch work never blocks the
-event loop) and hands each request its slice of the results. While a forward pass runs, the next
-batch fills up, so under load batches are full and the wait costs nothing.
+takes queued requests until the batch holds `max_batch_size` items or the wait budget is spent,
+then runs the scorer once on a dedicated thread (torch work never blocks the event loop) and hands
+each request its slice of the results. While a forward pass runs, the next batch fills up.
+
+The wait budget is `max_wait_s`, counted from the later of the oldest item's arrival and the end
+of the previous forward pass, and, when the previous batch served several requests, at least
+`wait_fraction` of that pass's duration. Without this, closed-loop clients (each sends its next
+request when the previous one returns) split into cohorts that alternate between forward passes:
+the requests answered by pass k come back while pass k+1 runs on the rest, and batches stay small
+for ever. Waiting a small fraction of a pass for the answered cohort to return merges them again,
+at a latency cost bounded by that fraction; a single sequential client never pays it.
 
 - Bounded: more than `max_queue_items` waiting items -> `Overloaded` (RESOURCE_EXHAUSTED).
 - Deadlines: a request whose deadline passed before its batch ran is dropped (DeadlineExceeded)
@@ -55,13 +62,17 @@ class _Request:
 
 class DynamicBatcher:
     def __init__(self, scorer: Scorer, *, max_batch_size: int = 32, max_wait_s: float = 0.005,
-                 max_queue_items: int = 1024) -> None:
+                 max_queue_items: int = 1024, wait_fraction: float = 0.1) -> None:
         if max_batch_size < 1 or max_queue_items < 1:
             raise ValueError("max_batch_size and max_queue_items must be >= 1")
         self._scorer = scorer
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
+        self.wait_fraction = wait_fraction
+        self._last_forward_s = 0.0
+        self._last_forward_end = 0.0
+        self._last_batch_requests = 0
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
         self._wakeup: asyncio.Event | None = None
@@ -116,6 +127,10 @@ class DynamicBatcher:
         self._executor.shutdown(wait=True)
 
     # -- submitting --------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     @property
     def queued_items(self) -> int:
         return self._queued_items
@@ -199,8 +214,11 @@ class DynamicBatcher:
     async def _wait_to_fill(self) -> None:
         """Wait until a full batch is queued, or the oldest queued item waited max_wait_s."""
         assert self._wakeup is not None
+        budget = self.max_wait_s
+        if self._last_batch_requests > 1:  # concurrent callers: let the answered cohort come back
+            budget = max(budget, self.wait_fraction * self._last_forward_s)
         while not self._closed and self._queued_items < self.max_batch_size and self._queue:
-            remaining = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+            remaining = max(self._queue[0].enqueued, self._last_forward_end) + budget - time.monotonic()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -236,6 +254,9 @@ class DynamicBatcher:
                         request.future.set_exception(exc)
                 continue
             elapsed = time.monotonic() - start
+            self._last_forward_s = elapsed
+            self._last_forward_end = time.monotonic()
+            self._last_batch_requests = len(batch)
             self.batches += 1
             self.forward_items += len(prompts)
             metrics.BATCH_SIZE.observe(len(prompts))

@@ -28,6 +28,9 @@ class RewardSettings(ServiceSettings):
     reward_max_batch_size: int = Field(32, gt=0, description="Dynamic batching: max items in one forward pass.")
     reward_max_wait_ms: float = Field(5.0, ge=0, description="Dynamic batching: max time the first queued item "
                                       "waits for the batch to fill.")
+    reward_batch_wait_fraction: float = Field(
+        0.1, ge=0, le=1, description="Dynamic batching: when the previous batch served several requests, wait "
+        "up to this fraction of its forward-pass time for more (merges closed-loop client cohorts).")
     reward_max_queue_items: int = Field(1024, gt=0, description="Items allowed to wait for a forward pass; beyond "
                                         "this requests get RESOURCE_EXHAUSTED.")
     reward_max_items_per_request: int = Field(512, gt=0, description="Max items in one Score request.")
