@@ -45,6 +45,12 @@ def test_load_pairs_from_jsonl_parquet_and_directory(tmp_path) -> None:
     assert [p.chosen_text for p in from_jsonl] == ["Hello, lovely to meet you!", "Great!"]
     assert from_jsonl[0].margin == 1.5 and from_jsonl[0].prompt_id == "p1"
     assert len(load_pairs(tmp_path / "export")) == 3
+    assert load_pairs((tmp_path / "export" / "a.jsonl").as_uri()) == from_jsonl  # the export's pairs_uri form
+    assert len(load_pairs((tmp_path / "export" / "b.parquet").as_uri())) == 1
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/exports/pairs.jsonl", (tmp_path / "export" / "a.jsonl").read_bytes())
+    assert load_pairs("memory://exports/pairs.jsonl") == from_jsonl
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt_text": "x", "chosen_text": "y"}) + "\n")
     with pytest.raises(ValueError, match="rejected_text"):
         load_pairs(tmp_path / "bad.jsonl")

@@ -127,20 +127,41 @@ def _files(path: Path) -> list[Path]:
 
 
 def load_pairs(source: str | Path) -> list[common_pb2.PreferencePair]:
-    """PreferencePair rows from JSONL or Parquet files (or a directory of them)."""
-    pairs: list[common_pb2.PreferencePair] = []
-    for file in _files(Path(source)):
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
+    """PreferencePair rows from JSONL or Parquet files (or a directory of them): a local path, a
+    `file://` URI (what the preference service's export reports), or any fsspec URI (one file)."""
+    from urllib.parse import unquote, urlparse
 
-            for i, row in enumerate(pq.read_table(file).to_pylist()):
-                pairs.append(_row_to_pair(row, f"{file}[{i}]"))
-        else:
-            with file.open() as fh:
-                for i, line in enumerate(fh, 1):
-                    if line.strip():
-                        pairs.append(_row_to_pair(json.loads(line), f"{file}:{i}"))
+    text = str(source)
+    parsed = urlparse(text)
+    if parsed.scheme == "file":
+        text = unquote(parsed.path)
+    elif parsed.scheme and len(parsed.scheme) > 1:  # remote: read through fsspec (not a drive letter)
+        return _load_remote(text)
+    pairs: list[common_pb2.PreferencePair] = []
+    for file in _files(Path(text)):
+        with file.open("rb") as fh:
+            pairs.extend(_parse(fh, file.suffix, str(file)))
     return pairs
+
+
+def _parse(fh, suffix: str, where: str) -> list[common_pb2.PreferencePair]:
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [_row_to_pair(row, f"{where}[{i}]") for i, row in enumerate(pq.read_table(fh).to_pylist())]
+    pairs = []
+    for i, line in enumerate(fh, 1):
+        if line.strip():
+            pairs.append(_row_to_pair(json.loads(line), f"{where}:{i}"))
+    return pairs
+
+
+def _load_remote(uri: str) -> list[common_pb2.PreferencePair]:
+    import fsspec
+
+    suffix = ".parquet" if uri.endswith(".parquet") else ".jsonl"
+    with fsspec.open(uri, "rb") as fh:
+        return _parse(fh, suffix, uri)
 
 
 def load_pairs_from_topic(bootstrap_servers: str | Sequence[str], topic_name: str | None = None,
