@@ -75,7 +75,8 @@ class CheckpointInfo:
 class CheckpointStore:
     """Checkpoints under one root URI (`file:///...` or any fsspec URL)."""
 
-    def __init__(self, root_uri: str) -> None:
+    def __init__(self, root_uri: str | Path) -> None:
+        root_uri = str(root_uri)
         if "://" not in root_uri:
             root_uri = Path(root_uri).resolve().as_uri()
         self.root_uri = root_uri.rstrip("/")

@@ -32,7 +32,7 @@ from flywheel.bus import TypedConsumer, TypedProducer
 from flywheel.bus.topics import Topic
 from flywheel.trainer import metrics
 from flywheel.trainer.batch import RolloutFilter, collate, version_name, version_number
-from flywheel.trainer.checkpoint import CheckpointStore, next_version
+from flywheel.trainer.checkpoint import CheckpointStore, next_version, uri_to_local_path
 from flywheel.trainer.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, StepStats
 from flywheel.v1 import common_pb2
 
@@ -90,6 +90,7 @@ class LoadedTrainer:
     parent_version: str
     state: dict[str, Any]
     base_model_path: Path
+    reference_uri: str = ""
 
 
 def load_trainer(config: PPOConfig, store: CheckpointStore, base_model_path: str | Path, *,
@@ -100,16 +101,19 @@ def load_trainer(config: PPOConfig, store: CheckpointStore, base_model_path: str
     base_model_path = Path(base_model_path)
     latest = store.latest()
     source = store.local_dir(latest.version) if latest else base_model_path
-    torch.manual_seed(config.seed)
-    lm = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(base_model_path, torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    policy = PolicyWithValueHead(lm, value_head_init_std=config.value_head_init_std)
     state: dict[str, Any] = {}
     opt_state = None
     if latest is not None:
-        store.load_value_head(latest.version, policy.value_head)
         state, opt_state = store.load_trainer_state(latest.version)
+    # The frozen reference: the SFT model when there was an SFT stage, else the base model.
+    reference_uri = state.get("reference_model") or base_model_path.resolve().as_uri()
+    torch.manual_seed(config.seed)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(uri_to_local_path(reference_uri), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    policy = PolicyWithValueHead(lm, value_head_init_std=config.value_head_init_std)
+    if latest is not None:
+        store.load_value_head(latest.version, policy.value_head)
     module = wrap(policy) if wrap else policy
     trainer = PPOTrainer(config, module, ref)
     if latest is not None:
@@ -119,9 +123,9 @@ def load_trainer(config: PPOConfig, store: CheckpointStore, base_model_path: str
             trainer.load_state_dict(state["ppo"])
         log.info("resuming from %s (step %d)", latest.version, trainer.global_step)
         return LoadedTrainer(trainer, tokenizer, latest.version, latest.uri, latest.parent_version, state,
-                             base_model_path)
+                             base_model_path, reference_uri)
     return LoadedTrainer(trainer, tokenizer, BASE_VERSION, base_model_path.resolve().as_uri(), "", state,
-                         base_model_path)
+                         base_model_path, reference_uri)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +299,8 @@ class TrainerLoop:
             "scorer_versions": sorted({s.scorer_version for s in rollouts if s.scorer_version}),
         }
         trainer_state = {"ppo": self.trainer.state_dict(), "trained_rollouts": self.filter.state_dict(),
-                         "counters": counters.as_dict(), "last_stats": step_metrics}
+                         "counters": counters.as_dict(), "last_stats": step_metrics,
+                         "reference_model": self.loaded.reference_uri}
         started = time.perf_counter()
         module = self.trainer.module
         uri = self.store.save(
@@ -303,7 +308,8 @@ class TrainerLoop:
             optimizer_state=self.trainer.optimizer.state_dict(), trainer_state=trainer_state,
             metadata={"parent_version": parent, "step": self.trainer.global_step, "metrics": step_metrics,
                       "model_name": self.model_name, "ppo_config": self.trainer.config.to_dict(),
-                      "base_model": str(self.loaded.base_model_path), **lineage})
+                      "base_model": str(self.loaded.base_model_path),
+                      "reference_model": self.loaded.reference_uri, **lineage})
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         with self._lock:
             self.version, self.version_uri, self.parent_version = new_version, uri, parent
@@ -319,7 +325,8 @@ class TrainerLoop:
         metrics.BUFFERED.set(0)
         metrics.observe_step(step_metrics)
         if self.keep_checkpoints:
-            self.store.prune(self.keep_checkpoints, protect={new_version})
+            reference = uri_to_local_path(self.loaded.reference_uri).name
+            self.store.prune(self.keep_checkpoints, protect={new_version, reference})
         log.info("step %d -> %s: score %.3f kl %.3f (coef %.3f) pg %.4f vf %.4f ent %.3f (%.1f ep/s)",
                  stats.step, new_version, stats.mean_score, stats.kl, stats.kl_coef, stats.policy_loss,
                  stats.value_loss, stats.entropy, stats.episodes_per_second)

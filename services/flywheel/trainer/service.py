@@ -40,6 +40,7 @@ def status_message(loop: TrainerLoop, job: "RewardJob | None" = None) -> trainer
         rollouts_dropped_stale=snap.counters.dropped_stale, buffered_rollouts=snap.buffered,
         metrics={**{k: float(v) for k, v in stats.items()},
                  "rollouts_trained": float(snap.counters.trained),
+                 "batch_size": float(loop.batch_size),
                  "rollouts_skipped_eval": float(snap.counters.skipped_eval),
                  "rollouts_duplicate": float(snap.counters.duplicates),
                  "rollouts_invalid": float(snap.counters.invalid)})
@@ -111,7 +112,7 @@ class RewardJobRunner:
             if self.output_dir is not None:
                 kwargs["output_dir"] = self.output_dir
             if job.dataset_uri:
-                kwargs["data"] = job.dataset_uri
+                kwargs["data"] = _localise(job.dataset_uri)
             else:
                 if not self.bootstrap_servers:
                     raise ValueError("no dataset_uri given and no Kafka to read aggregated preferences from")
@@ -131,6 +132,23 @@ class RewardJobRunner:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _localise(uri: str) -> str:
+    """A local path for `uri`: file:// URIs map directly, other fsspec URLs are downloaded."""
+    if "://" not in uri:
+        return uri
+    import tempfile
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        return path
+    local = tempfile.mkdtemp(prefix="flywheel-preferences-")
+    fs.get(path, local, recursive=True)
+    return local
 
 
 # ---------------------------------------------------------------------------------------------
