@@ -498,3 +498,31 @@ def test_checkov_finds_nothing_in_the_rendered_chart_and_dockerfile(helm, checko
                 if key.startswith("checkov.io/skip"):
                     check_id, _, reason = value.partition("=")
                     assert re.fullmatch(r"CKV2?_\w+", check_id) and len(reason) > 30, f"{key}: {value}"
+
+
+def test_packaged_chart_ships_templates_not_dev_files(helm, tmp_path) -> None:
+    run_helm(helm, "package", str(CHART), "--destination", str(tmp_path))
+    import tarfile
+
+    (archive,) = tmp_path.glob("flywheel-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert "flywheel/templates/tests/test-health.yaml" in names  # the `helm test` hook
+    assert {"flywheel/values.schema.json", "flywheel/files/prometheus-rules.yaml", "flywheel/README.md",
+            "flywheel/templates/NOTES.txt"} <= names
+    assert not any(n.startswith(("flywheel/tests/", "flywheel/ci/")) for n in names), "dev files in the package"
+
+
+def test_values_in_docs_deploy_md_render(helm, tmp_path) -> None:
+    text = (REPO / "docs" / "deploy.md").read_text()
+    block = re.search(r"cat > flywheel-values.yaml <<'YAML'\n(.*?)\nYAML\n", text, re.S).group(1)
+    path = tmp_path / "flywheel-values.yaml"
+    path.write_text(block)
+    docs = [d for d in yaml.safe_load_all(run_helm(helm, "template", "flywheel", str(CHART), "-n", "flywheel",
+                                                   "-f", str(path), *sum((["--api-versions", c] for c in MONITORING),
+                                                                         [])).stdout) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {"ServiceMonitor", "PrometheusRule", "PersistentVolumeClaim"} <= kinds
+    assert by_kind(docs, "StatefulSet")["flywheel-kafka"]  # the trial broker the doc enables
+    images = {c["image"] for _, spec in pod_specs(docs) for c in spec["containers"]}
+    assert "registry.example.com/flywheel/flywheel-reward:0.1.0" in images
