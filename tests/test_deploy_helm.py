@@ -199,6 +199,9 @@ def test_every_container_is_hardened_with_probes_and_limits(rendered, scenario: 
         pod_sc = spec.get("securityContext", {})
         assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
         assert spec.get("automountServiceAccountToken") is False
+        # Service links would inject FLYWHEEL_<SERVICE>_PORT=tcp://... for a release named "flywheel",
+        # right in the settings' environment namespace.
+        assert spec.get("enableServiceLinks") is False
         for container in spec.get("initContainers", []) + spec["containers"]:
             where = f"{scenario}: {doc['kind']}/{doc['metadata']['name']}/{container['name']}"
             sc = container.get("securityContext", {})
