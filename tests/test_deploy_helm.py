@@ -529,3 +529,14 @@ def test_values_in_docs_deploy_md_render(helm, tmp_path) -> None:
     assert by_kind(docs, "StatefulSet")["flywheel-kafka"]  # the trial broker the doc enables
     images = {c["image"] for _, spec in pod_specs(docs) for c in spec["containers"]}
     assert "registry.example.com/flywheel/flywheel-reward:0.1.0" in images
+
+
+def test_versions_agree_with_the_package() -> None:
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == version  # default image tag
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    for service in SERVICES:
+        assert compose["services"][service]["image"] == f"flywheel-{service}:{version}"
