@@ -179,6 +179,7 @@ class TrainerLoop:
         self.filter.load_state_dict(loaded.state.get("trained_rollouts", {}))
         self.counters = LoopCounters(**loaded.state.get("counters", {}))
         self.version = loaded.version
+        self.version_step = self.trainer.global_step  # the step of `version` (moves with it, atomically)
         self.version_uri = loaded.uri
         self.parent_version = loaded.parent_version
         self.last_stats: dict[str, float] = dict(loaded.state.get("last_stats", {}))
@@ -209,7 +210,7 @@ class TrainerLoop:
                 state = LoopState.TRAINING
             else:
                 state = LoopState.WAITING
-            return Snapshot(state=state, step=self.trainer.global_step, version=self.version,
+            return Snapshot(state=state, step=self.version_step, version=self.version,
                             version_uri=self.version_uri, parent_version=self.parent_version,
                             counters=LoopCounters(**self.counters.as_dict()), buffered=len(self._buffer),
                             last_stats=dict(self.last_stats), kl_coef=self.trainer.kl_ctl.value)
@@ -222,7 +223,7 @@ class TrainerLoop:
         return common_pb2.ModelVersion(
             kind=common_pb2.MODEL_KIND_POLICY, version=self.version, checkpoint_uri=self.version_uri,
             metrics={k: float(v) for k, v in self.last_stats.items()}, parent_version=self.parent_version,
-            created_at=created, model_name=self.model_name, step=self.trainer.global_step)
+            created_at=created, model_name=self.model_name, step=self.version_step)
 
     # -- one iteration (loop thread) --------------------------------------------------------
     def run_once(self) -> StepStats | None:
@@ -313,6 +314,7 @@ class TrainerLoop:
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
         with self._lock:
             self.version, self.version_uri, self.parent_version = new_version, uri, parent
+            self.version_step = self.trainer.global_step
             self.counters = counters
             self.last_stats = step_metrics
             self._buffer, self._pending, self._weights, self._lags = [], set(), [], []
