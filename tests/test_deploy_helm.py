@@ -26,6 +26,9 @@ CHART = REPO / "charts" / "flywheel"
 TOOLS = REPO / "deploy" / "tools"
 SERVICES = ("policy", "reward", "preference", "trainer")
 K8S_VERSION = "1.37.0"
+# A cold first run builds the pinned tools (`go install`, ~15 min on 2 cores) inside the first test's
+# fixture; `deploy/tools/install-tools.sh` warms the cache beforehand. Tests themselves take seconds.
+pytestmark = pytest.mark.timeout(2400)
 MONITORING = ["monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule"]
 KEDA = ["keda.sh/v1alpha1/ScaledObject"]
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Pod"}

@@ -34,6 +34,9 @@ DASHBOARD = REPO / "charts" / "flywheel" / "files" / "grafana-dashboard.json"
 HEALTHCHECK = REPO / "docker" / "grpc_health_check.py"
 FLYWHEEL = REPO / ".venv" / "bin" / "flywheel"
 SERVICES = ("policy", "reward", "preference", "trainer")
+# A cold first run builds the pinned tools (`go install`, ~15 min on 2 cores) inside the first test's
+# fixture; `deploy/tools/install-tools.sh` warms the cache beforehand. Tests themselves take seconds.
+pytestmark = pytest.mark.timeout(2400)
 # Series Prometheus itself attaches to every target: not exported by any service.
 PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
