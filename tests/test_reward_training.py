@@ -115,7 +115,7 @@ def test_train_writes_versioned_checkpoint_and_publishes(tmp_path, tiny_dir, kaf
         record = next(iter(consumer))
     finally:
         consumer.close()
-    assert record.key == b"MODEL_KIND_REWARD"
+    assert record.key == b"REWARD"
     assert codec.decode(topic, record.value, record.headers) == mv
 
 

@@ -394,7 +394,8 @@ def publish_model_version(mv: common_pb2.ModelVersion, bootstrap_servers: str | 
     topic = Topic(topic_name, common_pb2.ModelVersion) if topic_name else topics.MODEL_VERSIONS
     producer = TypedProducer(bootstrap_servers, client_id="flywheel-reward-trainer")
     try:
-        producer.send_and_wait(topic, mv, key=common_pb2.ModelKind.Name(mv.kind))
+        # Key: the kind without its enum prefix ("REWARD"), as the trainer keys "POLICY".
+        producer.send_and_wait(topic, mv, key=common_pb2.ModelKind.Name(mv.kind).removeprefix("MODEL_KIND_"))
     finally:
         producer.close()
 
