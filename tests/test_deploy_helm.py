@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -543,3 +544,57 @@ def test_versions_agree_with_the_package() -> None:
     compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
     for service in SERVICES:
         assert compose["services"][service]["image"] == f"flywheel-{service}:{version}"
+
+
+@pytest.mark.kafka
+def test_in_chart_kraft_config_boots_a_real_broker(rendered, tmp_path) -> None:
+    """The broker config the chart renders, formatted and started the way its container does it
+    (StorageTool format --standalone --ignore-formatted, twice as on a restart, then kafka.Kafka),
+    with only paths and ports moved to the test machine. Flywheel then creates its topics on it."""
+    from conftest import KAFKA_SH, free_port
+
+    from flywheel.bus import ensure_topics
+
+    docs = rendered["kafka-internal"]
+    props = by_kind(docs, "ConfigMap")["rel-flywheel-kafka"]["data"]["server.properties"]
+    container = by_kind(docs, "StatefulSet")["rel-flywheel-kafka"]["spec"]["template"]["spec"]["containers"][0]
+    script = container["args"][0]
+    assert "kafka-storage.sh format --standalone --ignore-formatted" in script
+    cluster_id = next(e["value"] for e in container["env"] if e["name"] == "KAFKA_CLUSTER_ID")
+
+    port, cport = free_port(), free_port()
+    local = (props.replace("0.0.0.0:9092", f"127.0.0.1:{port}").replace("127.0.0.1:9093", f"127.0.0.1:{cport}")
+             .replace("rel-flywheel-kafka.ml.svc:9092", f"127.0.0.1:{port}")
+             .replace("/var/lib/kafka/data", str(tmp_path / "data")))
+    assert local.count(str(port)) == 2 and local.count(str(cport)) == 2
+    (tmp_path / "server.properties").write_text(local)
+    libs = Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel")) / "kafka-4.1.1" / "libs"
+    if not (libs / ".complete").exists():  # fetched by the session broker's launcher
+        subprocess.run([str(KAFKA_SH), "fetch"], check=False, capture_output=True, timeout=600)
+    assert (libs / ".complete").exists(), "Kafka jars missing (deploy/kafka/kafka.sh fetches them)"
+    java = ["java", "-cp", f"{libs}/*"]
+    for _ in range(2):
+        fmt = subprocess.run([*java, "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
+                              "-t", cluster_id, "-c", str(tmp_path / "server.properties")],
+                             capture_output=True, text=True, timeout=120)
+        assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    log = open(tmp_path / "kafka.log", "w")
+    broker = subprocess.Popen([*java[:1], "-Xmx512m", f"-Dkafka.logs.dir={tmp_path}", *java[1:], "kafka.Kafka",
+                               str(tmp_path / "server.properties")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        created = None
+        while time.monotonic() < deadline and created is None:
+            assert broker.poll() is None, (tmp_path / "kafka.log").read_text()[-3000:]
+            try:
+                created = ensure_topics(f"127.0.0.1:{port}", partitions=3, replication_factor=1)
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        assert created, "Flywheel could not create its topics on the in-chart broker config"
+        assert "flywheel.prompts.v1" in created and "flywheel.prompts.v1.dlq" in created
+    finally:
+        broker.terminate()
+        try:
+            broker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            broker.kill()
