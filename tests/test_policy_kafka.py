@@ -165,6 +165,17 @@ async def test_hot_reload_under_concurrent_load_drops_nothing(kafka_bootstrap, t
     stub = policy_pb2_grpc.PolicyServiceStub(aio_channel(target, retries=False))
     request = policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(prompt_id="load", text="Say something.")],
                                          sampling=common_pb2.SamplingParams(temperature=1.0, max_new_tokens=4, n=1))
+    # a reward model version on the same topic is not for us; once the reload consumer has handled
+    # it, it is assigned and caught up (no race between the publish below and the group join)
+    good = fake_checkpoint_dir(tmp_path, "policy-0001")
+    producer.send_and_wait(topics["versions"], common_pb2.ModelVersion(
+        kind=common_pb2.MODEL_KIND_REWARD, version="reward-0009", checkpoint_uri=good.as_uri()), key="REWARD")
+    assert parts.reload_worker is not None
+    deadline = time.monotonic() + 120
+    while parts.reload_worker.handled < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert parts.reload_worker.handled == 1, "the reload consumer never received the topic's records"
+    assert parts.backend.version == "policy-0000"
     seen: list[list[str]] = [[] for _ in range(4)]
     errors: list[BaseException] = []
     stop = asyncio.Event()
@@ -180,15 +191,12 @@ async def test_hot_reload_under_concurrent_load_drops_nothing(kafka_bootstrap, t
             seen[i].append(response.policy_version)
 
     clients = [asyncio.ensure_future(client(i)) for i in range(4)]
-    await asyncio.sleep(1.0)
-    good = fake_checkpoint_dir(tmp_path, "policy-0001")
+    while any(not s for s in seen) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)  # every client completed a request on the old version
     producer.send_and_wait(topics["versions"], common_pb2.ModelVersion(
         kind=common_pb2.MODEL_KIND_POLICY, version="policy-0001", checkpoint_uri=good.as_uri(),
         parent_version="policy-0000", step=1), key="POLICY")
-    # a reward model version on the same topic is not for us
-    producer.send_and_wait(topics["versions"], common_pb2.ModelVersion(
-        kind=common_pb2.MODEL_KIND_REWARD, version="reward-0009", checkpoint_uri=good.as_uri()), key="REWARD")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while parts.backend.version != "policy-0001" and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert parts.backend.version == "policy-0001"

@@ -7,7 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from flywheel.bus import Topic, TypedProducer, ensure_topics_for, producer_for, worker_for
+from flywheel.bus import ConsumerWorker, Topic, TypedProducer, ensure_topics_for, producer_for, worker_for
 from flywheel.policy.backends import Backend, LocalBackend, TGIBackend
 from flywheel.policy.engine import PolicyEngine
 from flywheel.policy.http_api import TGIHttpApi
@@ -47,6 +47,7 @@ class PolicyComponents:
     servicer: PolicyServicer
     http: TGIHttpApi | None = None
     reloader: PolicyReloader | None = None
+    reload_worker: ConsumerWorker | None = None
     rollout_worker: RolloutWorker | None = None
     producer: TypedProducer | None = None
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
@@ -106,7 +107,8 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
                                             cache_dir=settings.home / "checkpoints",
                                             device=settings.policy_device, dtype=settings.policy_dtype)
             group = f"{settings.policy_consumer_group}-reload-{parts.instance_id}"
-            runtime.add_worker(worker_for(settings, versions, group, parts.reloader.handle, parts.producer))
+            parts.reload_worker = worker_for(settings, versions, group, parts.reloader.handle, parts.producer)
+            runtime.add_worker(parts.reload_worker)
 
         if settings.policy_worker_enabled:
             holder: dict[str, object] = {}
