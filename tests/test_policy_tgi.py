@@ -117,6 +117,16 @@ def test_info_health_metrics_and_errors(tgi_url: str) -> None:
     assert status == 200 and isinstance(body["generated_text"], str) and "details" not in body
     with pytest.raises(ValidationError):  # the client maps our 422 body back to its ValidationError
         Client(tgi_url).generate("hi", max_new_tokens=10**6)
+    # the explicit SSE route (the client uses POST / with stream=true)
+    req = urllib.request.Request(tgi_url + "/generate_stream", data=json.dumps(
+        {"inputs": template("hi"), "parameters": {"max_new_tokens": 4}}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in resp.read().decode().splitlines() if line.startswith("data:")]
+    assert 1 <= len(events) <= 4
+    assert events[-1]["details"]["generated_tokens"] == len(events)
+    assert all(e["generated_text"] is None for e in events[:-1])
     with urllib.request.urlopen(tgi_url + "/metrics") as resp:
         text = resp.read().decode()
     assert "flywheel_policy_generated_tokens_total" in text and f'version="{REMOTE_VERSION}"' in text
