@@ -257,3 +257,23 @@ async def test_remote_scorer_retries_then_fails_on_unreachable_backend() -> None
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - start_time >= 0.2 + 0.4  # two backoffs: it did retry
     remote.close()
+
+
+async def test_kserve_readiness_follows_the_service(settings_factory, serve) -> None:
+    app = build_app(reward_settings(settings_factory), scorer=VaderScorer())
+    target = await serve(app.runtime, ready=False)
+    tensor = kserve_pb2.ModelInferRequest.InferInputTensor
+    infer = kserve_pb2.ModelInferRequest(model_name="reward", inputs=[tensor(
+        name="response", datatype="BYTES", shape=[1], contents=kserve_pb2.InferTensorContents(bytes_contents=[b"ok"]))])
+    async with aio.insecure_channel(target) as channel:
+        stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert (await stub.ServerLive(kserve_pb2.ServerLiveRequest())).live
+        assert not (await stub.ServerReady(kserve_pb2.ServerReadyRequest())).ready
+        assert not (await stub.ModelReady(kserve_pb2.ModelReadyRequest(name="reward"))).ready
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.ModelInfer(infer)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        await app.runtime.set_serving(True)
+        assert (await stub.ServerReady(kserve_pb2.ServerReadyRequest())).ready
+        reply = await stub.ModelInfer(infer)  # prompt is optional
+        assert list(reply.outputs[0].contents.fp32_contents) == pytest.approx(VaderScorer().score([""], ["ok"]))
