@@ -256,3 +256,38 @@ def test_rollout_filter_staleness_dedup_and_state():
     assert restored.trained_count() == 0
     r.rollout.split = "eval"
     assert f.admit(r, current_version=4).reason == "eval"
+
+
+@pytest.mark.slow
+def test_ppo_learns_a_simple_reward():
+    """Closed loop on a tiny GPT-2: sample, score (fraction of 'good' tokens), PPO step. The reward rises.
+
+    Each iteration's mean is over 96 tokens (std ~0.03 at p = 0.1), a 3-iteration mean ~0.018, so a
+    rise of 0.06 is more than 3 standard errors of the difference."""
+    from flywheel.trainer.ppo import response_forward
+
+    torch.manual_seed(0)
+    lm, ref = _tiny()
+    lm.eval()
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=4, mini_batch_size=8, learning_rate=3e-3, init_kl_coef=0.01),
+                         PolicyWithValueHead(lm), ref)
+    good = torch.zeros(1000, dtype=torch.bool)
+    good[:100] = True  # 10% of the vocabulary
+    means = []
+    g = torch.Generator().manual_seed(0)
+    for it in range(14):
+        prompts = torch.randint(100, 1000, (16, 4), generator=g)
+        with torch.inference_mode():
+            out = lm.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, max_new_tokens=6,
+                              top_k=0, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        resp = out.sequences[:, 4:]
+        logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, resp[..., None]).squeeze(-1)
+        scores = good[resp].float().mean(1)
+        means.append(float(scores.mean()))
+        rollouts = [common_pb2.ScoredRollout(rollout=common_pb2.Rollout(
+            rollout_id=f"{it}-{i}", prompt_token_ids=prompts[i].tolist(), response_token_ids=resp[i].tolist(),
+            token_logprobs=logp[i].tolist(), policy_version="policy-0000"), reward=float(scores[i]))
+            for i in range(16)]
+        trainer.step(collate(rollouts))
+    assert sum(means[:3]) / 3 < 0.2
+    assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.06, means

@@ -351,7 +351,7 @@ class TrainerLoop:
     # -- the thread ---------------------------------------------------------------------------
     def run(self) -> None:
         backoff = 1.0
-        self.announce()
+        announced = False
         while not self._stop.is_set():
             if self.max_steps is not None and self.trainer.global_step >= self.max_steps:
                 log.info("max_steps %d reached; idle", self.max_steps)
@@ -361,6 +361,9 @@ class TrainerLoop:
                 self._resume.wait(0.5)
                 continue
             try:
+                if not announced:
+                    self.announce()
+                    announced = True
                 self.run_once()
                 backoff = 1.0
             except Exception as exc:  # noqa: BLE001 - recover from the last checkpoint

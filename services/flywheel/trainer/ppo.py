@@ -318,13 +318,18 @@ def gather_response_hidden(hidden: torch.Tensor, prompt_lengths: torch.Tensor, r
 
 
 def logprobs_from_hidden(lm_head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor,
-                         with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = lm_head(hidden).float() / temperature[:, None, None]
-    logp_all = F.log_softmax(logits, dim=-1)
-    logprobs = logp_all.gather(-1, tokens[:, :, None]).squeeze(-1)
+                         with_entropy: bool, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Taken-token log-probs of log_softmax(logits / T) (and the entropy), without materialising
+    the full [B, R, V] log-softmax: log p(token) = logit[token] - logsumexp(logits)."""
+    logits = lm_head(hidden).float()
+    if not bool((temperature == 1).all()):
+        logits = logits / temperature[:, None, None]
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, tokens[:, :, None]).squeeze(-1) - lse
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logprobs, entropy
 
 
@@ -350,21 +355,24 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
                 response_ids: torch.Tensor, temperature: torch.Tensor, with_entropy: bool = True,
-                with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                with_values: bool = True, entropy_grad: bool = False) -> tuple[
+                    torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         return response_forward(self.lm, input_ids, attention_mask, prompt_lengths, response_ids, temperature,
-                                with_entropy=with_entropy, value_head=self.value_head if with_values else None)
+                                with_entropy=with_entropy, value_head=self.value_head if with_values else None,
+                                entropy_grad=entropy_grad)
 
 
 def response_forward(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      prompt_lengths: torch.Tensor, response_ids: torch.Tensor, temperature: torch.Tensor,
-                     with_entropy: bool = False, value_head: nn.Module | None = None) -> tuple[
+                     with_entropy: bool = False, value_head: nn.Module | None = None,
+                     entropy_grad: bool = False) -> tuple[
                          torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(taken-token log-probs, entropy, values) over the response positions of a right-padded batch."""
     backbone = lm.base_model
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = gather_response_hidden(out.last_hidden_state, prompt_lengths, response_ids.shape[1])
     logprobs, entropy = logprobs_from_hidden(lm.get_output_embeddings(), hidden, response_ids, temperature,
-                                             with_entropy)
+                                             with_entropy, entropy_grad)
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
     return logprobs, entropy, values
 
@@ -585,7 +593,7 @@ class PPOTrainer:
         mask = mask[:, :width]
         logprobs, entropy, values = self.policy(
             batch.input_ids[idx, :seq_len], batch.attention_mask[idx, :seq_len], batch.prompt_lengths[idx],
-            batch.response_ids[idx, :width], temperature[idx], with_entropy=True)
+            batch.response_ids[idx, :width], temperature[idx], with_entropy=True, entropy_grad=cfg.ent_coef > 0)
         w = weight[idx, :width]
         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx, :width], advantages[idx, :width], mask,
                                         cfg.cliprange, w)
