@@ -186,3 +186,68 @@ async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, s
 def _reload_offsets_behind(app) -> bool:
     # The reload handler remembers the newest version it considered; 9: the broken one was seen.
     return app.reload.newest_considered < version_key("reward-0009")
+
+
+async def test_scoring_worker_retries_a_failed_batch_and_commits_after_producing(
+        kafka_bootstrap, unique, settings_factory, serve) -> None:
+    from flywheel.reward.scorers import VaderScorer
+
+    class FlakyVader(VaderScorer):
+        """Fails its first forward pass, like a transient error in a real model."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.failures = 0
+
+        def score(self, prompts, responses):
+            if self.failures == 0:
+                self.failures += 1
+                raise RuntimeError("transient scorer failure")
+            return super().score(prompts, responses)
+
+    t = topics_for(kafka_bootstrap, unique)
+    overrides = dict(kafka_bootstrap_servers=kafka_bootstrap, reward_hot_reload=False, kafka_poll_timeout_ms=200,
+                     kafka_retry_backoff_s=0.2, reward_consumer_group=f"flywheel-reward-{unique}")
+    flaky = FlakyVader()
+    app = build_app(settings_factory(RewardSettings, **overrides), scorer=flaky,
+                    rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
+    await serve(app.runtime)
+    producer = TypedProducer(kafka_bootstrap, client_id="test")
+    try:
+        first = [rollout(i) for i in range(6)]
+        for r in first:
+            producer.send(t["rollouts"], r, key=r.prompt_id)
+        producer.flush(30)
+        ids = lambda records: {codec.decode(t["scored"], r.value, r.headers).rollout.rollout_id  # noqa: E731
+                               for r in records}
+        records = await asyncio.to_thread(read_records, kafka_bootstrap, t["scored"].name, 0, 60.0,
+                                          lambda got: ids(got) >= {r.rollout_id for r in first})
+        assert ids(records) == {r.rollout_id for r in first} and flaky.failures == 1  # retried, nothing lost
+        for record in records:
+            msg = codec.decode(t["scored"], record.value, record.headers)
+            assert msg.scorer == "vader" and msg.reward == pytest.approx(
+                VaderScorer().score([""], [msg.rollout.response_text])[0])
+        await app.runtime.stop(grace=0)
+
+        # A new instance in the same group resumes after the committed offsets: only new rollouts.
+        second = build_app(settings_factory(RewardSettings, **overrides), scorer=VaderScorer(),
+                           rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
+        await serve(second.runtime)
+        later = [rollout(i) for i in range(100, 103)]
+        for r in later:
+            producer.send(t["rollouts"], r, key=r.prompt_id)
+        producer.flush(30)
+        wanted = {r.rollout_id for r in first + later}
+        records = await asyncio.to_thread(read_records, kafka_bootstrap, t["scored"].name, 0, 60.0,
+                                          lambda got: ids(got) >= wanted)
+        await asyncio.sleep(1.0)
+        records = await asyncio.to_thread(read_records, kafka_bootstrap, t["scored"].name, 0, 5.0,
+                                          lambda got: False)
+        counts: dict[str, int] = {}
+        for record in records:
+            rid = codec.decode(t["scored"], record.value, record.headers).rollout.rollout_id
+            counts[rid] = counts.get(rid, 0) + 1
+        assert set(counts) == wanted
+        assert all(n == 1 for n in counts.values()), counts  # committed work was not redone
+    finally:
+        producer.close()
