@@ -22,6 +22,7 @@ from flywheel.policy.engine import (
     PolicyEngine,
     Sequence_,
     _filter_top_k_top_p,
+    _sample_filtered,
     choose_tokens,
     generate_batch,
 )
@@ -190,6 +191,28 @@ def test_filter_top_k_then_top_p() -> None:
     # top-4 renormalised: probs ~ [0.644, 0.237, 0.087, 0.032] -> 0.644 < 0.7, so two tokens stay
     assert kept[2].tolist() == [True, True, False, False, False]
     assert torch.equal(out[kept], logp[kept])  # kept values are not renormalised
+
+
+@pytest.mark.parametrize("spread", [1.0, 12.0])  # flat: the window fallback; peaked: the fast path
+def test_windowed_sampler_draws_only_from_the_reference_kept_set(spread: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 64, 5000
+    logp = torch.log_softmax(torch.randn(rows, vocab, generator=gen) * spread, dim=-1)
+    top_k = torch.tensor([0, 1, 5, 0, 40, 3000, 0, 2000] * 8)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 1.0, 0.8, 0.3, 0.999] * 8)
+    reference = torch.isfinite(_filter_top_k_top_p(logp, top_k, top_p))
+    for trial in range(20):
+        u = torch.rand(rows, generator=gen)
+        tokens = _sample_filtered(logp, top_k, top_p, u, window=256)
+        assert bool(reference[torch.arange(rows), tokens].all()), trial
+    # top_k=1 rows always take the argmax
+    assert bool((tokens[1::8] == logp[1::8].argmax(-1)).all())
+    # the draw follows the filtered distribution: frequencies of a 2-token nucleus
+    two = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(4000, 1)
+    drawn = _sample_filtered(two, torch.zeros(4000, dtype=torch.long), torch.full((4000,), 0.8),
+                             torch.rand(4000, generator=gen))
+    assert set(drawn.tolist()) == {0, 1}
+    assert abs(float((drawn == 0).float().mean()) - 2 / 3) < 0.03  # 0.6 / (0.6 + 0.3), 4000 draws
 
 
 def test_choose_tokens_greedy_rows_and_logprob_convention() -> None:

@@ -184,13 +184,11 @@ GenSequence = Sequence_
 StepCallback = Callable[[list[tuple[Sequence_, int, float]]], None]
 
 
-def _gumbel(gens: list[torch.Generator], vocab: int, device: torch.device) -> torch.Tensor:
-    u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in gens])
-    return -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
-
-
 def _filter_top_k_top_p(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) what top-k and then top-p (on the renormalised top-k mass) remove, row-wise."""
+    """Mask (to -inf) what top-k and then top-p (on the renormalised top-k mass) remove, row-wise.
+
+    The full-sort reference for `_sample_filtered` (used by tests and diagnostics).
+    """
     vocab = logp.shape[-1]
     sorted_lp, order = logp.sort(dim=-1, descending=True)
     position = torch.arange(vocab, device=logp.device)
@@ -205,22 +203,67 @@ def _filter_top_k_top_p(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return logp.masked_fill(mask, float("-inf"))
 
 
+_WINDOW = 1024  # candidates examined for top-k/top-p before falling back to a full sort
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row's (unnormalised, non-negative) `probs` with uniform `u` in [0, 1)."""
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _sample_filtered(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor,
+                     window: int = _WINDOW) -> torch.Tensor:
+    """Sample from top-k, then top-p (on the renormalised top-k mass), like `_filter_top_k_top_p`.
+
+    Only the `window` most likely tokens are sorted. That is exact whenever the kept set lies in
+    the window: always for top_k <= window; for top-p without top-k when the window holds at least
+    top_p of the mass. Rows where it does not are redone with a full sort.
+    """
+    vocab = logp.shape[-1]
+    window = min(vocab, max(window, int(top_k.max())))
+    values, index = logp.topk(window, dim=-1)  # sorted, most likely first
+    probs = values.exp()
+    position = torch.arange(window, device=logp.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=window), torch.full_like(top_k, window))
+    probs = probs.masked_fill(position[None, :] >= k[:, None], 0.0)
+    window_mass = probs.sum(dim=-1)
+    norm = torch.where(top_k > 0, window_mass, torch.ones_like(window_mass))  # top-k: renormalise
+    normalised = probs / norm[:, None]
+    p = torch.where(top_p < 1.0, top_p, torch.full_like(top_p, float("inf")))
+    remove = (normalised.cumsum(dim=-1) - normalised) > p[:, None]
+    chosen = index.gather(1, _inverse_cdf(probs.masked_fill(remove, 0.0), u)[:, None]).squeeze(1)
+    if window < vocab:
+        short = (top_k <= 0) & (top_p < 1.0) & (window_mass < top_p)
+        if bool(short.any()):
+            rows = short.nonzero().squeeze(1)
+            wider = vocab if window * 8 >= vocab else window * 8
+            chosen[rows] = _sample_filtered(logp[rows], top_k[rows], top_p[rows], u[rows], window=wider)
+    return chosen
+
+
 def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row; returns (tokens, behaviour logprobs) per the module's convention."""
+    """Pick one token per row; returns (tokens, behaviour logprobs) per the module's convention.
+
+    Sampling is inverse-CDF with one uniform per row from the row's own generator, so a seeded row
+    is reproducible whatever else shares its batch.
+    """
     logits = logits.float()
     greedy = temperature == 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits / scale[:, None], dim=-1)
-    best = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        tokens = best
-    else:
-        filtered = logp
-        if bool(((top_k > 0) | (top_p < 1.0)).any()):
-            filtered = _filter_top_k_top_p(logp, top_k, top_p)
-        sampled = (filtered + _gumbel(gens, logits.shape[-1], logits.device)).argmax(dim=-1)
-        tokens = torch.where(greedy, best, sampled)
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        u = torch.stack([torch.rand((), generator=g, device=logits.device) for g in gens])
+        filtered = (top_k > 0) | (top_p < 1.0)
+        plain = (~greedy & ~filtered).nonzero().squeeze(1)
+        if plain.numel():
+            tokens[plain] = _inverse_cdf(logp[plain].exp(), u[plain])
+        warped = (~greedy & filtered).nonzero().squeeze(1)
+        if warped.numel():
+            tokens[warped] = _sample_filtered(logp[warped], top_k[warped], top_p[warped], u[warped])
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
