@@ -11,7 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from flywheel.bus import ensure_topics_for, producer_for
+from flywheel.bus import ensure_topics_for
 from flywheel.bus.producer import TypedProducer
 from flywheel.bus.topics import AGGREGATED_PREFERENCES, PREFERENCES, ROLLOUTS
 from flywheel.preference.aggregation import FitOptions
@@ -106,7 +106,11 @@ def build_service(settings: PreferenceSettings) -> PreferenceService:
     ensure_topics_for(settings, [ROLLOUTS, PREFERENCES, AGGREGATED_PREFERENCES])
     store = PreferenceStore(settings.store_path())
     tokens = TokenStore(settings.auth_db_path()) if settings.preference_auth_enabled else None
-    producer = producer_for(settings)
+    # Events are sent in chunks and flushed explicitly: a long linger and large batches mean one
+    # produce request per partition per chunk instead of one sender wake-up every few records.
+    producer = TypedProducer(settings.bootstrap_servers, client_id=f"{settings.kafka_client_id}-{settings.service_name}",
+                             security_protocol=settings.kafka_security_protocol, linger_ms=1000,
+                             batch_size=512 * 1024)
     engine = ConsensusEngine(store, fit_options(settings))
     servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine)
     runtime = ServiceRuntime(settings)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Callable
 
 from google.protobuf.message import Message
@@ -44,9 +45,10 @@ class TopicFollower:
     def __init__(self, settings: ServiceSettings, topic: Topic, apply: Apply, stored_offsets: Callable[[], dict[int, int]],
                  dead_letters: TypedProducer, *, group_id: str | None = None, max_records: int = 1000,
                  live_interval_s: float = 0.0) -> None:
-        """`live_interval_s`: once caught up, pause this long between polls and first skip (seek past)
-        records the store already has -- for a topic this service also writes, most records were stored
-        by the live path already and need not be fetched and decoded again."""
+        """`live_interval_s`: once caught up, pause this long between polls, skip (seek past) records the
+        store already has, and leave records younger than 2 intervals (at least 1 s) for later -- for a
+        topic this service also writes, the live path stores its own records within milliseconds, so
+        the follower only applies what other instances wrote."""
         self._live_interval_s = live_interval_s
         self.settings = settings
         self.topic = topic
@@ -124,8 +126,15 @@ class TopicFollower:
                 raw = consumer.poll(timeout_ms=self.settings.kafka_poll_timeout_ms, max_records=self._max_records)
                 batch: list[tuple[Message, int, int]] = []
                 next_offsets: dict[int, int] = {}
+                live = self._live_interval_s > 0 and self.caught_up.is_set()
+                newest_ms = int(time.time() * 1000 - 1000 * max(1.0, 2 * self._live_interval_s))
                 for tp, records in raw.items():
                     for record in records:
+                        if live and record.timestamp > newest_ms:
+                            # Too fresh: this instance is probably still storing it itself. Come back
+                            # later (by then the seek above usually skips it without decoding).
+                            consumer.seek(tp, record.offset)
+                            break
                         next_offsets[tp.partition] = record.offset + 1
                         try:
                             value = codec.decode(self.topic, record.value, record.headers)

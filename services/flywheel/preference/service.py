@@ -139,8 +139,12 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
                 self._inflight.pop(event_id, None)
         for f in waits:
             await f  # a concurrent submit of the same id: acknowledge once it is durable
+        counts: dict[tuple[str, str], int] = {}
         for event, dup in zip(prepared, outcome):
-            EVENTS.labels(event.WhichOneof("event"), "duplicate" if dup else "accepted").inc()
+            key = (event.WhichOneof("event"), "duplicate" if dup else "accepted")
+            counts[key] = counts.get(key, 0) + 1
+        for labels, n in counts.items():
+            EVENTS.labels(*labels).inc(n)
         return list(zip(ids, outcome))
 
     async def _publish(self, events: list[common_pb2.PreferenceEvent]) -> None:
@@ -153,6 +157,8 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         timeout = self.settings.preference_ack_timeout_s
 
         def wait_all() -> list:
+            # flush() sends what is buffered now (the producer lingers otherwise) and waits for it
+            self.producer.flush(timeout_s=timeout)
             results: list = []
             for f in futures:
                 try:
@@ -195,6 +201,23 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
     async def SubmitBulk(self, request_iterator: AsyncIterator[common_pb2.PreferenceEvent], context):
         """Events are made durable chunk by chunk; the ack comes once all are. An invalid event fails the
         stream (earlier chunks stay durable: resubmitting the stream is safe, they come back as duplicates)."""
+
+        async def singles():
+            async for event in request_iterator:
+                yield (event,)
+
+        return await self._bulk(singles(), context)
+
+    async def SubmitBulkBatched(self, request_iterator: AsyncIterator[preference_pb2.PreferenceEventBatch], context):
+        """SubmitBulk with many events per stream message."""
+
+        async def batches():
+            async for batch in request_iterator:
+                yield batch.events
+
+        return await self._bulk(batches(), context)
+
+    async def _bulk(self, groups: AsyncIterator[Sequence[common_pb2.PreferenceEvent]], context) -> preference_pb2.BulkAck:
         principal = self._principal(context)
         self._check_ready()
         chunk_size = self.settings.preference_bulk_chunk_size
@@ -220,9 +243,9 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
             in_flight = asyncio.ensure_future(self._ingest(events, prefixes, principal))
 
         try:
-            async for event in request_iterator:
-                chunk.append(event)
-                n += 1
+            async for group in groups:
+                chunk.extend(group)
+                n += len(group)
                 if len(chunk) >= chunk_size:
                     await submit(chunk, n - len(chunk))
                     chunk = []

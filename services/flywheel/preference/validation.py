@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 from flywheel.preference.auth import Authenticator, Principal
@@ -39,29 +38,41 @@ def ranks_are_valid(ranks: Sequence[int]) -> bool:
     return all(r == 1 + sum(1 for q in ranks if q < r) for r in ranks)
 
 
-@dataclass
 class _Ref:
-    field: str
-    ref: common_pb2.ResponseRef
+    """A response reference and (computed only when needed) its field path."""
+
+    __slots__ = ("prefix", "ref", "where")
+
+    def __init__(self, prefix: str, ref: common_pb2.ResponseRef, where: int | str) -> None:
+        self.prefix, self.ref, self.where = prefix, ref, where
+
+    @property
+    def field(self) -> str:
+        if isinstance(self.where, int):
+            return f"{self.prefix}responses[{self.where}]"
+        return self.prefix + self.where
 
 
 class Validator:
     def __init__(self, settings: PreferenceSettings, store: PreferenceStore) -> None:
         self.settings = settings
         self.store = store
+        self._max_id = settings.preference_max_id_chars
+        self._max_text = settings.preference_max_text_chars
 
     # -- static checks -----------------------------------------------------------------------
     def _id(self, value: str, field: str, *, required: bool = True) -> None:
+        if (value or not required) and len(value) <= self._max_id and (not value or (
+                value.isprintable() and value[0] != " " and value[-1] != " ")):
+            return  # fast path: the checks below only run to name what is wrong
         if required:
             require(bool(value), field, "required")
-        require(len(value) <= self.settings.preference_max_id_chars, field,
-                f"longer than {self.settings.preference_max_id_chars} characters")
-        require(value == value.strip() and value.isprintable(), field,
-                "must be printable without leading/trailing whitespace")
+        require(len(value) <= self._max_id, field, f"longer than {self._max_id} characters")
+        raise InvalidArgument(field, "must be printable without leading/trailing whitespace")
 
     def _text(self, value: str, field: str) -> None:
-        require(len(value) <= self.settings.preference_max_text_chars, field,
-                f"longer than {self.settings.preference_max_text_chars} characters")
+        if len(value) > self._max_text:
+            raise InvalidArgument(field, f"longer than {self._max_text} characters")
 
     def _common(self, body, prefix: str, principal: Principal | None, now: float) -> None:
         self._id(body.event_id, prefix + "event_id")
@@ -80,11 +91,15 @@ class Validator:
             require(body.created_at.ToNanoseconds() / 1e9 <= submitted, prefix + "created_at",
                     "is after submitted_at")
 
-    def _ref(self, ref: common_pb2.ResponseRef, field: str) -> None:
-        self._id(ref.response_id, field + ".response_id", required=False)
-        self._text(ref.text, field + ".text")
-        require(len(ref.policy_version) <= self.settings.preference_max_id_chars, field + ".policy_version",
-                "too long")
+    def _ref(self, r: "_Ref") -> None:
+        ref = r.ref
+        rid = ref.response_id
+        if rid and not (len(rid) <= self._max_id and rid.isprintable() and rid[0] != " " and rid[-1] != " "):
+            self._id(rid, r.field + ".response_id", required=False)
+        if len(ref.text) > self._max_text:
+            raise InvalidArgument(r.field + ".text", f"longer than {self._max_text} characters")
+        if len(ref.policy_version) > self._max_id:
+            raise InvalidArgument(r.field + ".policy_version", "too long")
 
     def _static(self, event: common_pb2.PreferenceEvent, prefix: str, principal: Principal | None,
                 now: float) -> list[_Ref]:
@@ -105,7 +120,7 @@ class Validator:
                     prefix + "choice", "must be CHOICE_A, CHOICE_B or CHOICE_TIE")
             require(math.isfinite(body.strength) and 0.0 <= body.strength <= 1.0, prefix + "strength",
                     "must be in [0, 1] (0 means unspecified)")
-            refs = [_Ref(prefix + "response_a", body.response_a), _Ref(prefix + "response_b", body.response_b)]
+            refs = [_Ref(prefix, body.response_a, "response_a"), _Ref(prefix, body.response_b, "response_b")]
         else:
             k = len(body.responses)
             require(k >= 2, prefix + "responses", "a ranking needs at least 2 responses")
@@ -114,9 +129,9 @@ class Validator:
             require(len(body.ranks) == k, prefix + "ranks", f"has {len(body.ranks)} entries for {k} responses")
             require(ranks_are_valid(list(body.ranks)), prefix + "ranks",
                     "not a ranking: use 1..m (ties share a rank, dense or competition style)")
-            refs = [_Ref(f"{prefix}responses[{i}]", r) for i, r in enumerate(body.responses)]
+            refs = [_Ref(prefix, r, i) for i, r in enumerate(body.responses)]
         for r in refs:
-            self._ref(r.ref, r.field)
+            self._ref(r)
         return refs
 
     # -- lineage -----------------------------------------------------------------------------
@@ -135,17 +150,18 @@ class Validator:
                         f"unknown response id {ref.response_id!r} (not a rollout this service has seen)")
                 require(bool(ref.text), r.field + ".text", "required for a response that is not a known rollout")
                 continue
-            require(hit.prompt_id == body.prompt_id, r.field + ".response_id",
-                    f"belongs to prompt {hit.prompt_id!r}, not {body.prompt_id!r}")
-            if ref.text:
-                require(ref.text == hit.text, r.field + ".text", "differs from the recorded response text")
-            else:
+            if hit.prompt_id != body.prompt_id:
+                raise InvalidArgument(r.field + ".response_id",
+                                      f"belongs to prompt {hit.prompt_id!r}, not {body.prompt_id!r}")
+            if not ref.text:
                 ref.text = hit.text
-            if ref.policy_version:
-                require(ref.policy_version == hit.policy_version, r.field + ".policy_version",
-                        f"differs from the recorded policy version {hit.policy_version!r}")
-            else:
+            elif ref.text != hit.text:
+                raise InvalidArgument(r.field + ".text", "differs from the recorded response text")
+            if not ref.policy_version:
                 ref.policy_version = hit.policy_version
+            elif ref.policy_version != hit.policy_version:
+                raise InvalidArgument(r.field + ".policy_version",
+                                      f"differs from the recorded policy version {hit.policy_version!r}")
         ids = [r.ref.response_id for r in refs]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
@@ -154,7 +170,7 @@ class Validator:
 
     def prepare(self, events: Sequence[common_pb2.PreferenceEvent], prefixes: Sequence[str],
                 principal: Principal | None) -> list[common_pb2.PreferenceEvent]:
-        """Validate and normalise `events` (copies); raises InvalidArgument naming the first bad field.
+        """Validate and normalise `events` in place; raises InvalidArgument naming the first bad field.
 
         `prefixes[i]` is the field path of event i ("" for unary RPCs, "events[i]." for bulk).
         """
@@ -162,10 +178,8 @@ class Validator:
         out: list[common_pb2.PreferenceEvent] = []
         all_refs: list[list[_Ref]] = []
         for event, prefix in zip(events, prefixes):
-            copy = common_pb2.PreferenceEvent()
-            copy.CopyFrom(event)
-            all_refs.append(self._static(copy, prefix, principal, now))
-            out.append(copy)
+            all_refs.append(self._static(event, prefix, principal, now))
+            out.append(event)
         wanted = [r.ref.response_id for refs in all_refs for r in refs if r.ref.response_id]
         known = self.store.responses(wanted) if wanted else {}
         missing_prompt = [e for e in out if not getattr(e, e.WhichOneof("event")).prompt_text]

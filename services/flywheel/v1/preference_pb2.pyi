@@ -4,6 +4,7 @@ isort:skip_file
 PreferenceService: authenticated ingestion of human feedback, and its consensus."""
 
 from collections import abc as _abc
+from flywheel.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -60,6 +61,26 @@ class SubmitAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitAck: _TypeAlias = SubmitAck  # noqa: Y015
+
+@_typing.final
+class PreferenceEventBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PreferenceEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_common_pb2.PreferenceEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreferenceEventBatch: _TypeAlias = PreferenceEventBatch  # noqa: Y015
 
 @_typing.final
 class BulkAck(_message.Message):

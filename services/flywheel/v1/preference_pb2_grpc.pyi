@@ -37,6 +37,10 @@ class PreferenceServiceStub:
     SubmitRanking: _grpc.UnaryUnaryMultiCallable[_common_pb2.Ranking, _preference_pb2.SubmitAck]
     SubmitBulk: _grpc.StreamUnaryMultiCallable[_common_pb2.PreferenceEvent, _preference_pb2.BulkAck]
     """Client-streaming bulk submit; acknowledged once every event is durable."""
+    SubmitBulkBatched: _grpc.StreamUnaryMultiCallable[_preference_pb2.PreferenceEventBatch, _preference_pb2.BulkAck]
+    """The same, with many events per stream message (far less per-message overhead for bulk loaders
+    and high-rate clients); field paths in errors are events[i] over the whole stream.
+    """
     GetConsensus: _grpc.UnaryUnaryMultiCallable[_preference_pb2.GetConsensusRequest, _common_pb2.AggregatedPreference]
     """Bradley–Terry consensus of all raters for one prompt."""
     ExportDataset: _grpc.UnaryUnaryMultiCallable[_preference_pb2.ExportDatasetRequest, _preference_pb2.ExportDatasetResponse]
@@ -50,6 +54,10 @@ class PreferenceServiceAsyncStub(PreferenceServiceStub):
     SubmitRanking: _aio.UnaryUnaryMultiCallable[_common_pb2.Ranking, _preference_pb2.SubmitAck]  # type: ignore[assignment]
     SubmitBulk: _aio.StreamUnaryMultiCallable[_common_pb2.PreferenceEvent, _preference_pb2.BulkAck]  # type: ignore[assignment]
     """Client-streaming bulk submit; acknowledged once every event is durable."""
+    SubmitBulkBatched: _aio.StreamUnaryMultiCallable[_preference_pb2.PreferenceEventBatch, _preference_pb2.BulkAck]  # type: ignore[assignment]
+    """The same, with many events per stream message (far less per-message overhead for bulk loaders
+    and high-rate clients); field paths in errors are events[i] over the whole stream.
+    """
     GetConsensus: _aio.UnaryUnaryMultiCallable[_preference_pb2.GetConsensusRequest, _common_pb2.AggregatedPreference]  # type: ignore[assignment]
     """Bradley–Terry consensus of all raters for one prompt."""
     ExportDataset: _aio.UnaryUnaryMultiCallable[_preference_pb2.ExportDatasetRequest, _preference_pb2.ExportDatasetResponse]  # type: ignore[assignment]
@@ -84,6 +92,16 @@ class PreferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_preference_pb2.BulkAck, _abc.Awaitable[_preference_pb2.BulkAck]]:
         """Client-streaming bulk submit; acknowledged once every event is durable."""
+
+    @_abc_1.abstractmethod
+    def SubmitBulkBatched(
+        self,
+        request_iterator: _MaybeAsyncIterator[_preference_pb2.PreferenceEventBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_preference_pb2.BulkAck, _abc.Awaitable[_preference_pb2.BulkAck]]:
+        """The same, with many events per stream message (far less per-message overhead for bulk loaders
+        and high-rate clients); field paths in errors are events[i] over the whole stream.
+        """
 
     @_abc_1.abstractmethod
     def GetConsensus(
