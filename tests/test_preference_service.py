@@ -396,3 +396,48 @@ async def test_tls(kafka_bootstrap, settings_factory, tmp_path, unique):
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await service.runtime.stop(grace=0)
+
+
+async def test_batched_bulk_names_the_event_across_batches(harness, prompt):
+    events = [common_pb2.PreferenceEvent(ranking=ranking(prompt, [1, 2, 3, 4], rater="bob")) for _ in range(5)]
+    events[3].ranking.ranks[:] = [1, 1, 1, 5]
+
+    async def batches(items):
+        yield preference_pb2.PreferenceEventBatch(events=items[:2])
+        yield preference_pb2.PreferenceEventBatch(events=items[2:])
+
+    async with aio.insecure_channel(harness.target) as ch:
+        stub = preference_pb2_grpc.PreferenceServiceStub(ch)
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.SubmitBulkBatched(batches(events), metadata=auth(harness.tokens["bob"]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "events[3].ranking.ranks" in err.value.details()
+        del events[3]
+        ack = await stub.SubmitBulkBatched(batches(events), metadata=auth(harness.tokens["bob"]))
+    assert ack.accepted + ack.duplicates == 4 and list(ack.event_ids) == [e.ranking.event_id for e in events]
+    assert harness.service.store.count_events(prompt_id=prompt[0].prompt_id) == 4
+
+
+async def test_a_second_instance_follows_events_written_by_the_first(harness, prompt, settings_factory,
+                                                                      kafka_bootstrap, tmp_path):
+    other = settings_factory(PreferenceSettings, kafka_bootstrap_servers=kafka_bootstrap,
+                             preference_store_path=tmp_path / "b" / "store.sqlite",
+                             preference_auth_db_path=harness.service.settings.auth_db_path(),
+                             preference_refresh_interval_s=3600.0, preference_follow_interval_s=0.2)
+    b, target_b, _ = await start_service(other, raters=())
+    try:
+        req = ranking(prompt, [4, 3, 2, 1])
+        async with aio.insecure_channel(harness.target) as ch:
+            await preference_pb2_grpc.PreferenceServiceStub(ch).SubmitRanking(req, metadata=auth(harness.tokens["alice"]))
+        deadline = time.monotonic() + 20
+        while not b.store.events([req.event_id]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert b.store.events([req.event_id]), "instance B never saw A's event"
+        async with aio.insecure_channel(target_b) as ch:
+            ack = await preference_pb2_grpc.PreferenceServiceStub(ch).SubmitRanking(
+                req, metadata=auth(harness.tokens["alice"]))
+        assert ack.duplicate
+        found = topic_events(kafka_bootstrap, PREFERENCES.name, lambda v: req.event_id.encode() in v, 1)
+        assert len(found) == 1
+    finally:
+        await b.runtime.stop(grace=0)
