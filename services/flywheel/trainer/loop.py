@@ -372,9 +372,12 @@ class TrainerLoop:
                 self.failed = exc
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 60.0)
-                self.consumer.rewind()
-                if self._reload is not None:
-                    self._adopt(self._reload())
+                try:
+                    self.consumer.rewind()
+                    if self._reload is not None:
+                        self._adopt(self._reload())
+                except Exception:  # noqa: BLE001 - e.g. the broker is down: try again next round
+                    log.exception("recovery failed; retrying")
         self._broadcast_stop()
 
     def _broadcast_stop(self) -> None:
