@@ -60,6 +60,8 @@ class LoadedPolicy:
     max_positions: int
     device: torch.device
     loaded_at: float = field(default_factory=time.time)
+    _prefix: Any = field(default=None, repr=False)
+    _prefix_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -80,6 +82,35 @@ class LoadedPolicy:
     def encode(self, prompt_text: str) -> list[int]:
         """Token ids of an already templated prompt (the template carries the special tokens)."""
         return list(self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+
+    def prefix(self) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The token ids every chat prompt starts with (system prompt + user header) and their KV.
+
+        Computed once per loaded policy; prompts starting with these ids skip them in prefill.
+        """
+        if self._prefix is None:
+            with self._prefix_lock:
+                if self._prefix is None:
+                    self._prefix = self._compute_prefix()
+        return self._prefix or None
+
+    @torch.inference_mode()
+    def _compute_prefix(self) -> Any:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return ()
+        a, b = self.encode(self.template("a")), self.encode(self.template("b"))
+        n = 0
+        while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+            n += 1
+        if n < 4:
+            return ()
+        from transformers import DynamicCache
+
+        ids = a[:n]
+        cache = DynamicCache()
+        self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+        return (ids, [(layer.keys, layer.values) for layer in cache.layers])
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -311,9 +342,11 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, seqs: list[Sequence_]) -> list[Sequence_]:
-        """Prefill `seqs` and merge them into the batch. Returns rows that finished immediately."""
-        from transformers import DynamicCache
+        """Prefill `seqs` and merge them into the batch. Returns rows that finished immediately.
 
+        Prompts that start with the policy's shared chat prefix (system prompt + user header) reuse
+        its cached KV and prefill only their own tokens.
+        """
         policy, device = self.policy, self.policy.device
         missing = [s for s in seqs if s.prompt_ids is None]
         if missing:
@@ -340,47 +373,75 @@ class DecodeBatch:
                 budgets.append(budget)
         if not joining:
             return done
-        width = max(len(s.prompt_ids or []) for s in joining)
-        input_ids = torch.full((len(joining), width), policy.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(joining), width), dtype=torch.long)
-        for row, s in enumerate(joining):
-            ids = s.prompt_ids or []
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp_(min=0)
-        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
-        cache = DynamicCache()
-        out = policy.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefix = policy.prefix()
+        budget_of = {id(s): b for s, b in zip(joining, budgets)}
+        hits = [s for s in joining if prefix is not None and len(s.prompt_ids or []) > len(prefix[0])
+                and (s.prompt_ids or [])[:len(prefix[0])] == prefix[0]]
+        hit_ids = {id(s) for s in hits}
+        misses = [s for s in joining if id(s) not in hit_ids]
+        joining = []
+        for group, group_prefix in ((hits, prefix), (misses, None)):
+            if group:
+                self._merge(*self._prefill(group, group_prefix))
+                joining.extend(group)
+        budgets = [budget_of[id(s)] for s in joining]
         gens = []
         for s in joining:
             g = torch.Generator(device=device)
             g.manual_seed(int(s.seed_used or 0) & ((1 << 63) - 1))
             gens.append(g)
-        temperature = torch.tensor([s.temperature for s in joining], dtype=torch.float32, device=device)
-        top_k = torch.tensor([s.top_k for s in joining], dtype=torch.long, device=device)
-        top_p = torch.tensor([s.top_p for s in joining], dtype=torch.float32, device=device)
-        logits = out.logits[:, -1, :]
-        next_position = positions[:, -1] + 1
-        if not self.rows:
-            self.cache, self.attention, self.next_position, self.logits = cache, attention, next_position, logits
-            self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        else:
-            assert self.attention is not None and self.cache is not None
-            merged = max(self.attention.shape[1], attention.shape[1])
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, merged, -2), _left_pad(theirs.keys, merged, -2)])
-                mine.values = torch.cat([_left_pad(mine.values, merged, -2), _left_pad(theirs.values, merged, -2)])
-            self.attention = torch.cat([_left_pad(self.attention, merged, 1), _left_pad(attention, merged, 1)])
-            self.next_position = torch.cat([self.next_position, next_position])  # type: ignore[list-item]
-            self.logits = torch.cat([self.logits, logits])  # type: ignore[list-item]
-            self.temperature = torch.cat([self.temperature, temperature])  # type: ignore[list-item]
-            self.top_k = torch.cat([self.top_k, top_k])  # type: ignore[list-item]
-            self.top_p = torch.cat([self.top_p, top_p])  # type: ignore[list-item]
         self.rows.extend(joining)
         self.budgets.extend(budgets)
         self.gens.extend(gens)
         return done
+
+    def _prefill(self, seqs: list[Sequence_], prefix: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None
+                 ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, list[Sequence_]]:
+        """One batched forward over the prompts (after the cached shared prefix, when given)."""
+        from transformers import DynamicCache
+
+        policy, device = self.policy, self.policy.device
+        plen = len(prefix[0]) if prefix is not None else 0
+        suffixes = [(s.prompt_ids or [])[plen:] for s in seqs]
+        width = max(len(ids) for ids in suffixes)
+        input_ids = torch.full((len(seqs), width), policy.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, ids in enumerate(suffixes):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        positions = plen + (attention.cumsum(-1) - 1).clamp_(min=0)
+        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        cache = DynamicCache()
+        if prefix is not None:
+            for layer, (keys, values) in enumerate(prefix[1]):
+                cache.update(keys.expand(len(seqs), -1, -1, -1).contiguous(),
+                             values.expand(len(seqs), -1, -1, -1).contiguous(), layer)
+            attention = torch.cat([attention.new_ones((len(seqs), plen)), attention], dim=1)
+        out = policy.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, attention, positions[:, -1] + 1, out.logits[:, -1, :], seqs
+
+    def _merge(self, cache: Any, attention: torch.Tensor, next_position: torch.Tensor, logits: torch.Tensor,
+               seqs: list[Sequence_]) -> None:
+        device = self.policy.device
+        temperature = torch.tensor([s.temperature for s in seqs], dtype=torch.float32, device=device)
+        top_k = torch.tensor([s.top_k for s in seqs], dtype=torch.long, device=device)
+        top_p = torch.tensor([s.top_p for s in seqs], dtype=torch.float32, device=device)
+        if self.cache is None:
+            self.cache, self.attention, self.next_position, self.logits = cache, attention, next_position, logits
+            self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+            return
+        assert self.attention is not None
+        merged = max(self.attention.shape[1], attention.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, merged, -2), _left_pad(theirs.keys, merged, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, merged, -2), _left_pad(theirs.values, merged, -2)])
+        self.attention = torch.cat([_left_pad(self.attention, merged, 1), _left_pad(attention, merged, 1)])
+        self.next_position = torch.cat([self.next_position, next_position])  # type: ignore[list-item]
+        self.logits = torch.cat([self.logits, logits])  # type: ignore[list-item]
+        self.temperature = torch.cat([self.temperature, temperature])  # type: ignore[list-item]
+        self.top_k = torch.cat([self.top_k, top_k])  # type: ignore[list-item]
+        self.top_p = torch.cat([self.top_p, top_p])  # type: ignore[list-item]
 
     @torch.inference_mode()
     def step(self, on_step: StepCallback | None = None) -> list[Sequence_]:
