@@ -51,6 +51,7 @@ def _ddp_wrap():  # noqa: ANN202
         return None
 
     def wrap(policy):  # noqa: ANN001, ANN202
+        # (the reference model follows the policy's device in PPOTrainer)
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             policy.to(device)

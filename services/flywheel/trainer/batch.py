@@ -59,6 +59,13 @@ class RolloutBatch:
             weight=self.weight[idx], rollout_ids=[self.rollout_ids[i] for i in rows],
             policy_versions=[self.policy_versions[i] for i in rows])
 
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The same batch with every tensor on `device` (no copy when already there)."""
+        moved = {name: getattr(self, name).to(device) for name in (
+            "input_ids", "attention_mask", "prompt_lengths", "response_ids", "response_mask", "behaviour_logprobs",
+            "scores", "finished", "temperature", "weight")}
+        return RolloutBatch(**moved, rollout_ids=self.rollout_ids, policy_versions=self.policy_versions)
+
     def shard(self, rank: int, world_size: int) -> "RolloutBatch":
         """Rows rank, rank + world, ...: the DDP shard of this rank."""
         return self.select(range(rank, len(self), world_size))

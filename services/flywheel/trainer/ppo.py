@@ -458,6 +458,7 @@ class PPOTrainer:
         self.ref_model = ref_model.eval()
         disable_dropout(policy)
         disable_dropout(ref_model)
+        self.ref_model.to(next(_unwrap(policy).parameters()).device)
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
         self.optimizer = optimizer or make_optimizer(policy, config)
@@ -491,6 +492,8 @@ class PPOTrainer:
         """One PPO update on `batch` (a `RolloutBatch`, this rank's shard under DDP)."""
         cfg = self.config
         start = time.perf_counter()
+        device = next(self.module.parameters()).device
+        batch = batch.to(device)
         mask = batch.response_mask
         weight = batch.weight[:, None].expand_as(mask)
         temperature = self._temperature(batch)
@@ -532,7 +535,7 @@ class PPOTrainer:
             order = list(range(n))
             self._rng.shuffle(order)
             for begin in range(0, n, mb):
-                idx = torch.tensor(order[begin:begin + mb], dtype=torch.long)
+                idx = torch.tensor(order[begin:begin + mb], dtype=torch.long, device=device)
                 loss, parts = self.minibatch_loss(batch, idx, temperature, behaviour, advantages, returns,
                                                   old_values, weight)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -607,14 +610,15 @@ class PPOTrainer:
 
     # -- DDP-aware reductions -----------------------------------------------------------------
     def _global_mean(self, x: torch.Tensor) -> float:
-        t = torch.stack([x.detach().float().sum(), torch.tensor(float(x.numel()))]).double()
+        t = torch.stack([x.detach().double().sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
+                                                                 device=x.device)])
         if _dist_active():
-            dist.all_reduce(t)
+            dist.all_reduce(t)  # on x's device: works for gloo (CPU) and NCCL (GPU)
         return float(t[0] / t[1].clamp_min(1.0))
 
     def _global_count(self, n: int) -> int:
         if not _dist_active():
             return n
-        t = torch.tensor([n], dtype=torch.long)
+        t = torch.tensor([n], dtype=torch.long, device=next(self.module.parameters()).device)
         dist.all_reduce(t)
         return int(t.item())
