@@ -45,10 +45,8 @@ class TopicFollower:
     def __init__(self, settings: ServiceSettings, topic: Topic, apply: Apply, stored_offsets: Callable[[], dict[int, int]],
                  dead_letters: TypedProducer, *, group_id: str | None = None, max_records: int = 1000,
                  live_interval_s: float = 0.0) -> None:
-        """`live_interval_s`: once caught up, pause this long between polls, skip (seek past) records the
-        store already has, and leave records younger than 2 intervals (at least 1 s) for later -- for a
-        topic this service also writes, the live path stores its own records within milliseconds, so
-        the follower only applies what other instances wrote."""
+        """`live_interval_s` > 0 (for a topic this service also writes): once caught up, check every
+        interval and fetch only records nobody stored here within an interval (see `_due_partitions`)."""
         self._live_interval_s = live_interval_s
         self.settings = settings
         self.topic = topic
@@ -115,25 +113,22 @@ class TopicFollower:
                     consumer.seek_to_beginning(tp)
             targets = consumer.end_offsets(tps)
             labels = (self.topic.name, self._group_id or "store")
+            behind: dict[TopicPartition, tuple[int, float]] = {}  # live mode: (end offset seen, since when)
             while not self._stop.is_set():
+                limit: dict[TopicPartition, int] | None = None
                 if self._live_interval_s > 0 and self.caught_up.is_set():
-                    if self._stop.wait(self._live_interval_s):
+                    limit = self._due_partitions(consumer, tps, behind)
+                    if limit is None:
                         break
-                    stored = self._stored_offsets()
-                    for tp in tps:
-                        if stored.get(tp.partition, 0) > consumer.position(tp):
-                            consumer.seek(tp, stored[tp.partition])
+                    if not limit:
+                        continue
                 raw = consumer.poll(timeout_ms=self.settings.kafka_poll_timeout_ms, max_records=self._max_records)
                 batch: list[tuple[Message, int, int]] = []
                 next_offsets: dict[int, int] = {}
-                live = self._live_interval_s > 0 and self.caught_up.is_set()
-                newest_ms = int(time.time() * 1000 - 1000 * max(1.0, 2 * self._live_interval_s))
                 for tp, records in raw.items():
                     for record in records:
-                        if live and record.timestamp > newest_ms:
-                            # Too fresh: this instance is probably still storing it itself. Come back
-                            # later (by then the seek above usually skips it without decoding).
-                            consumer.seek(tp, record.offset)
+                        if limit is not None and record.offset >= limit.get(tp, 0):
+                            consumer.seek(tp, record.offset)  # newer: the live path may still be storing it
                             break
                         next_offsets[tp.partition] = record.offset + 1
                         try:
@@ -152,6 +147,8 @@ class TopicFollower:
                                              for p, o in next_offsets.items()})
                         except Exception as exc:  # noqa: BLE001 - informational only
                             log.debug("offset commit for %s failed: %s", self.topic.name, exc)
+                if limit is not None:
+                    continue
                 lag = 0
                 for tp in tps:
                     end = consumer.highwater(tp)
@@ -163,6 +160,45 @@ class TopicFollower:
                     self.caught_up.set()
         finally:
             consumer.close(autocommit=False)
+
+    def _due_partitions(self, consumer: KafkaConsumer, tps: list[TopicPartition],
+                        behind: dict[TopicPartition, tuple[int, float]]) -> dict[TopicPartition, int] | None:
+        """Live mode: which partitions to fetch, and up to which offset (None: stopping).
+
+        The live path stores this instance's own records within milliseconds and advances the
+        store's offsets past them, so normally nothing is fetched at all. A partition whose stored
+        offset stays below an end offset seen at least one interval ago holds records nobody stored
+        here (another instance's, or ones whose store write failed): those, up to that end offset,
+        are fetched and applied. Fetching is otherwise paused, so no record is parsed twice.
+        """
+        if self._stop.wait(self._live_interval_s):
+            return None
+        stored = self._stored_offsets()
+        ends = consumer.end_offsets(tps)
+        now = time.monotonic()
+        due: dict[TopicPartition, int] = {}
+        for tp in tps:
+            done = stored.get(tp.partition, 0)
+            if done >= ends[tp]:
+                behind.pop(tp, None)
+                continue
+            seen_end, since = behind.get(tp, (ends[tp], now))
+            if done >= seen_end:  # what lagged before has been stored; watch the new end
+                seen_end, since = ends[tp], now
+            behind[tp] = (seen_end, since)
+            if now - since >= self._live_interval_s:
+                due[tp] = seen_end
+        paused = set(consumer.paused())
+        for tp in tps:
+            if tp in due:
+                if consumer.position(tp) < stored.get(tp.partition, 0):
+                    consumer.seek(tp, stored[tp.partition])
+                if tp in paused:
+                    consumer.resume(tp)
+            elif tp not in paused:
+                consumer.pause(tp)
+        REPLAY_LAG.labels(self.topic.name).set(sum(max(0, ends[tp] - stored.get(tp.partition, 0)) for tp in tps))
+        return due
 
     def _dead_letter(self, record, reason: str) -> None:
         log.warning("dead-lettering %s[%d]@%d: %s", self.topic.name, record.partition, record.offset, reason)
