@@ -149,3 +149,39 @@ async def test_cli_issues_and_revokes_tokens(kafka_bootstrap, settings_factory, 
         assert runner.invoke(cli_app, ["revoke-token", "--rater", "dana", "--db", db]).exit_code == 1
     finally:
         await service.runtime.stop(grace=0)
+
+
+@pytest.mark.kafka
+async def test_runner_retries_rollouts_the_service_has_not_seen_yet(kafka_bootstrap, settings_factory, unique):
+    """The runner may read a rollout before the service did: 'unknown response id' is retried, not fatal."""
+    settings = settings_factory(PreferenceSettings, kafka_bootstrap_servers=kafka_bootstrap,
+                                preference_refresh_interval_s=3600.0)
+    rater = SimulatedRater(f"late-{unique}", noise=0.0)
+    service, target, tokens = await start_service(settings, raters=[rater.rater_id])
+    try:
+        rollouts = candidates(f"late-{unique}")
+        client = RaterClient(target, tokens[rater.rater_id])
+        runner = SimulatedRaterRunner(None, [(rater, client)], raters_per_prompt=1, retry_for_s=30)
+        ranking = rater.rate(rollouts[0].prompt_id, "q", rollouts)
+
+        def publish_later():
+            time.sleep(1.5)
+            p = TypedProducer(kafka_bootstrap, client_id="test-late")
+            for r in rollouts:
+                p.send(ROLLOUTS, r, key=r.prompt_id)
+            p.flush()
+            p.close()
+
+        publisher = asyncio.get_running_loop().run_in_executor(None, publish_later)
+        ack = await asyncio.to_thread(runner._submit, client, ranking)
+        await publisher
+        assert not ack.duplicate
+        assert service.store.count_events(prompt_id=rollouts[0].prompt_id) == 1
+        with pytest.raises(grpc.RpcError) as err:  # a real validation error is not retried
+            bad = rater.rate(rollouts[0].prompt_id, "q", rollouts)
+            bad.ranks[:] = [1, 1, 1, 1, 9]
+            await asyncio.to_thread(runner._submit, client, bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        client.close()
+    finally:
+        await service.runtime.stop(grace=0)

@@ -159,9 +159,10 @@ class SimulatedRaterRunner:
 
     def __init__(self, consumer, raters: Sequence[tuple[SimulatedRater, RaterClient]], *, raters_per_prompt: int = 3,
                  max_wait_s: float = 5.0, seed: int = 0,
-                 accept: Callable[[common_pb2.Rollout], bool] | None = None) -> None:
+                 accept: Callable[[common_pb2.Rollout], bool] | None = None, retry_for_s: float = 60.0) -> None:
         """`accept(rollout)` selects the rollouts to rate (default: all; e.g. only the train split)."""
         self.accept = accept
+        self.retry_for_s = retry_for_s
         self.consumer = consumer  # a flywheel.bus TypedConsumer of ROLLOUTS
         self.raters = list(raters)
         self.raters_per_prompt = min(raters_per_prompt, len(self.raters))
@@ -178,10 +179,29 @@ class SimulatedRaterRunner:
         # the same prompt always goes to the same raters: a redelivered prompt yields the same event ids
         chooser = random.Random(f"{self._seed}:{prompt_id}")
         for rater, client in chooser.sample(self.raters, self.raters_per_prompt):
-            ack = client.submit(rater.rate(prompt_id, group.prompt_text, candidates))
+            ack = self._submit(client, rater.rate(prompt_id, group.prompt_text, candidates))
             self.submitted += 1
             self.duplicates += int(ack.duplicate)
         self.prompts_rated += 1
+
+    def _submit(self, client: RaterClient, ranking: common_pb2.Ranking) -> preference_pb2.SubmitAck:
+        """Submit, retrying what is transient: the service starting or overloaded, and rollouts it has not
+        consumed yet (this runner may read a rollout before the service did). Event ids are deterministic,
+        so a retry of something that did get through is acknowledged as a duplicate."""
+        delay, deadline = 0.2, time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                return client.submit(ranking)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     grpc.StatusCode.DEADLINE_EXCEEDED) or (
+                    code == grpc.StatusCode.INVALID_ARGUMENT and "unknown response id" in (exc.details() or ""))
+                if not transient or time.monotonic() + delay > deadline or self._stop.is_set():
+                    raise
+                log.info("submit of %s failed (%s); retrying in %.1fs", ranking.event_id, code, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def run_once(self, timeout_ms: int = 500) -> None:
         for d in self.consumer.poll(timeout_ms=timeout_ms):
