@@ -302,4 +302,10 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
     async def _publish_aggregates(self, messages: list[common_pb2.AggregatedPreference]) -> None:
         futures = [self.producer.send(AGGREGATED_PREFERENCES, m, key=m.prompt_id) for m in messages]
         timeout = self.settings.preference_ack_timeout_s
-        await asyncio.to_thread(lambda: [f.get(timeout=timeout) for f in futures])
+
+        def wait() -> None:
+            self.producer.flush(timeout_s=timeout)  # the producer lingers until flushed
+            for f in futures:
+                f.get(timeout=timeout)
+
+        await asyncio.to_thread(wait)
