@@ -235,8 +235,11 @@ class Batcher:
             loop.call_soon_threadsafe(self._deliver, events, dict(owners))
 
         while True:
+            if self._closed and batch is not None:  # shutting down: retire every row at the next step
+                for seq in batch.rows:
+                    seq.cancelled = True
             current = self.engine.current
-            if batch is None or (batch.policy is current and len(batch) < self.max_batch_size):
+            if not self._closed and (batch is None or (batch.policy is current and len(batch) < self.max_batch_size)):
                 room = self.max_batch_size - (len(batch) if batch is not None else 0)
                 taken = self._pop(room)
                 if taken:
