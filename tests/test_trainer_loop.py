@@ -124,6 +124,16 @@ async def test_loop_trains_publishes_and_serves_status(kafka_bootstrap, unique, 
         paused = await stub.Pause(trainer_pb2.PauseRequest())
         assert paused.state == trainer_pb2.TRAINER_STATE_PAUSED
 
+    import urllib.request
+
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.runtime.metrics_port}/metrics", timeout=10).read().decode())
+    for name in ("flywheel_trainer_step 2.0", "flywheel_trainer_policy_version 2.0", "flywheel_trainer_kl ",
+                 "flywheel_trainer_policy_loss ", "flywheel_trainer_rollout_version_lag_bucket",
+                 'flywheel_trainer_rollouts_total{outcome="eval"}', 'flywheel_trainer_rollouts_total{outcome="trained"}',
+                 "flywheel_trainer_checkpoint_seconds_count", "flywheel_trainer_paused 1.0"):
+        assert name in body, name
+
     versions = read_versions(kafka_bootstrap, versions_topic, unique, expect=2)
     assert [v.version for v in versions] == ["policy-0001", "policy-0002"]
     assert [v.parent_version for v in versions] == ["policy-0000", "policy-0001"]
