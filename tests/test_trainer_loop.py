@@ -180,10 +180,9 @@ def test_crash_between_checkpoint_and_commit_trains_nothing_twice(kafka_bootstra
     from flywheel.trainer.app import build_app
     from flywheel.trainer.checkpoint import METADATA_FILE
 
-    settings = trainer_settings(settings_factory, kafka_bootstrap, unique, tiny_model, tmp_path,
-                                kafka_topic_partitions=1)
+    settings = trainer_settings(settings_factory, kafka_bootstrap, unique, tiny_model, tmp_path)
     scored_topic = Topic(settings.trainer_scored_rollouts_topic, SCORED_ROLLOUTS.message_type)
-    ensure_topics(kafka_bootstrap, [scored_topic], partitions=1)
+    ensure_topics(kafka_bootstrap, [scored_topic], partitions=2)
     messages = [scored(i) for i in range(8)]
     produce(kafka_bootstrap, scored_topic, messages)
 
