@@ -27,6 +27,15 @@ from flywheel.v1 import common_pb2
 T = torch.tensor
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP synchronisation costs on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_gae_hand_computed_gamma1_lambda_half():
     # deltas = [0 + 0.4 - 0.5, 0 + 0.3 - 0.4, 1 + 0 - 0.3] = [-0.1, -0.1, 0.7]
     # A2 = 0.7; A1 = -0.1 + 0.5 * 0.7 = 0.25; A0 = -0.1 + 0.5 * 0.25 = 0.025
@@ -258,7 +267,6 @@ def test_rollout_filter_staleness_dedup_and_state():
     assert f.admit(r, current_version=4).reason == "eval"
 
 
-@pytest.mark.slow
 def test_ppo_learns_a_simple_reward():
     """Closed loop on a tiny GPT-2: sample, score (fraction of 'good' tokens), PPO step. The reward rises.
 
