@@ -25,7 +25,7 @@ def worker(out_dir: Path) -> None:
 
     from flywheel.trainer.batch import collate
     from flywheel.trainer.loop import _encode, follow
-    from flywheel.trainer.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, response_forward
+    from flywheel.trainer.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
     from flywheel.trainer.testing import tiny_gpt2
     from flywheel.v1 import common_pb2
 
