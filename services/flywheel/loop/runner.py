@@ -55,17 +55,19 @@ class LoopConfig:
     adversarial_raters: int = 1
     rater_noise: float = 0.05
     # reward model
-    bootstrap_prompts: int = 96  # prompts rated before the first reward model is trained
-    reward_epochs: int = 3
-    reward_retrain_minutes: float = 10.0  # retrain on all preferences so far this often (0: never)
+    bootstrap_prompts: int = 64  # prompts rated before the first reward model is trained
+    reward_epochs: int = 2
+    reward_retrain_minutes: float = 12.0  # retrain on all preferences so far this often (0: never)
     # PPO (trainer service settings)
     ppo_batch_size: int = 32
     ppo_mini_batch_size: int = 8
     ppo_epochs: int = 2
-    learning_rate: float = 2e-5
+    learning_rate: float = 5e-5  # measured: +0.2 held-out truth in 5 steps with an oracle reward
     kl_coef: float = 0.05
     # feeding: keep this many prompts queued ahead of the trainer
-    prompts_in_flight: int = 24
+    prompts_in_flight: int = 16
+    # Every process gets one torch thread: on 2 shared cores, more threads per process thrash.
+    torch_threads: int = 1
     # held-out evaluation
     eval_prompts: int = 48
     eval_temperature: float = 0.7
@@ -139,7 +141,8 @@ class LoopRunner:
 
     def service_env(self, name: str) -> dict[str, str]:
         c = self.config
-        env: dict[str, str] = {}
+        env: dict[str, str] = {f"FLYWHEEL_{name.upper()}_TORCH_THREADS": str(c.torch_threads),
+                               "OMP_NUM_THREADS": str(c.torch_threads)}
         if name == "policy":
             env.update(FLYWHEEL_POLICY_HTTP_PORT="0", FLYWHEEL_POLICY_MAX_BATCH_SIZE="32",
                        FLYWHEEL_POLICY_DEFAULT_MAX_NEW_TOKENS=str(c.max_new_tokens))
