@@ -29,3 +29,17 @@ def test_report_writes_plots_and_summary(tmp_path: Path) -> None:
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     assert (tmp_path / "report.json").exists()
+
+
+def test_paired_improvement_z() -> None:
+    from flywheel.loop.evaluation import paired_improvement_z
+
+    before = EvalResult("a", [0.0, 0.5, -0.5, 0.2])
+    after = EvalResult("b", [0.3, 0.7, -0.2, 0.5])  # every prompt improves by ~0.25
+    assert paired_improvement_z(before, after) > 5
+    try:
+        paired_improvement_z(before, EvalResult("c", [0.1]))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("mismatched evaluations must be refused")

@@ -52,6 +52,16 @@ def improvement_z(before: EvalResult, after: EvalResult) -> float:
     return (after.mean - before.mean) / se if se > 0 else float("inf")
 
 
+def paired_improvement_z(before: EvalResult, after: EvalResult) -> float:
+    """z-statistic of the mean per-prompt improvement (same held-out prompts, same seed, in order)."""
+    if len(before.scores) != len(after.scores) or len(before.scores) < 2:
+        raise ValueError("paired comparison needs the same prompts in the same order")
+    diffs = [a - b for a, b in zip(after.scores, before.scores)]
+    sd = statistics.stdev(diffs)
+    mean = statistics.fmean(diffs)
+    return mean / (sd / math.sqrt(len(diffs))) if sd > 0 else (float("inf") if mean > 0 else 0.0)
+
+
 def evaluate_policy(stub: policy_pb2_grpc.PolicyServiceStub, prompts: Sequence[common_pb2.Prompt],
                     sampling: common_pb2.SamplingParams, *, batch_size: int = 16,
                     timeout_s: float = 600.0) -> EvalResult:

@@ -23,7 +23,7 @@ from typing import Callable
 import grpc
 
 from flywheel.bus import TypedConsumer, TypedProducer, ensure_topics, topics
-from flywheel.loop.evaluation import EvalResult, evaluate_policy, improvement_z
+from flywheel.loop.evaluation import EvalResult, evaluate_policy, paired_improvement_z
 from flywheel.loop.local import LocalCluster
 from flywheel.loop.prompts import CorpusPrompt, load_prompts, to_proto
 from flywheel.loop.report import LoopReport, VersionRecord
@@ -228,10 +228,11 @@ class LoopRunner:
                     trainer_steps=self.status.trainer_step,
                 )
                 if len(self.evals) >= 2:
-                    z = improvement_z(self.evals[0], self.evals[-1])
+                    z = paired_improvement_z(self.evals[0], self.evals[-1])
                     self.report.notes.append(
                         f"held-out ground truth {self.evals[0].policy_version} -> {self.evals[-1].policy_version}: "
-                        f"{self.evals[0].mean:+.3f} -> {self.evals[-1].mean:+.3f} (z = {z:.1f})")
+                        f"{self.evals[0].mean:+.3f} -> {self.evals[-1].mean:+.3f} (paired z = {z:.1f} over "
+                        f"{len(self.evals[0].scores)} prompts)")
                 self._emit()
             raters.stop()
         finally:
