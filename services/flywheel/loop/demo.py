@@ -85,5 +85,5 @@ def demo(
                 report = runner.report
                 report.notes.append("interrupted by the user")
     summary = write(report, run_dir / "report")
-    console.print(summary.read_text())
+    console.print(summary.read_text(), markup=False, highlight=False)
     console.print(f"report: {summary}")
