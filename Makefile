@@ -3,7 +3,7 @@
 #   make test   create the environment, run the whole test suite (.ci/run calls exactly this)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help env test test-fast demo bench protos config-docs clean-env
+.PHONY: help env tools test test-fast demo bench protos config-docs clean-env
 
 PYTHON ?= python3
 # Everything heavy (the virtualenv with torch, Kafka jars, converted weights, helm) lives in this
@@ -33,6 +33,11 @@ $(STAMP): pyproject.toml requirements-models.txt
 
 env: $(STAMP)
 	@bash deploy/kafka/kafka.sh fetch
+	# Pinned helm, helm-unittest, promtool (go install) and checkov (own venv): once per machine.
+	@bash deploy/tools/install-tools.sh >/dev/null
+
+tools:
+	bash deploy/tools/install-tools.sh
 
 test: env
 	$(BIN)/pytest -ra --durations=20

@@ -40,8 +40,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     if out.returncode != 0:
         raise RuntimeError(f"could not start Kafka: {out.stderr}")
+    bootstrap = out.stdout.strip().splitlines()[-1]
+    # As a deployment does (`flywheel create-topics`): the broker never auto-creates topics, and
+    # tests that produce before any service started must not depend on test order.
+    from flywheel.bus import ensure_topics
+
+    ensure_topics(bootstrap)
     try:
-        yield out.stdout.strip().splitlines()[-1]
+        yield bootstrap
     finally:
         subprocess.run([str(KAFKA_SH), "stop", "--data-dir", str(data_dir)], timeout=60, check=False)
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -451,7 +452,7 @@ def test_dashboard_configmap_is_the_generated_dashboard(rendered) -> None:
     dash = by_kind(rendered["default"], "ConfigMap")["rel-flywheel-dashboard"]
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dash["data"]["flywheel.json"]) == json.loads((CHART / "files/grafana-dashboard.json").read_text())
-    out = subprocess.run([str(REPO / ".venv/bin/python"), str(TOOLS / "gen_grafana_dashboard.py"), "--check"],
+    out = subprocess.run([sys.executable, str(TOOLS / "gen_grafana_dashboard.py"), "--check"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
@@ -469,7 +470,7 @@ def test_helm_test_hook_checks_every_enabled_service(rendered) -> None:
 
 
 def test_chart_readme_values_table_is_fresh() -> None:
-    out = subprocess.run([str(REPO / ".venv/bin/python"), str(TOOLS / "gen_chart_readme.py"), "--check"],
+    out = subprocess.run([sys.executable, str(TOOLS / "gen_chart_readme.py"), "--check"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     readme = (CHART / "README.md").read_text()

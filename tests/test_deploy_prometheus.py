@@ -32,7 +32,7 @@ RULE_TESTS = REPO / "deploy" / "prometheus" / "tests" / "alerts.test.yaml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = REPO / "charts" / "flywheel" / "files" / "grafana-dashboard.json"
 HEALTHCHECK = REPO / "docker" / "grpc_health_check.py"
-FLYWHEEL = REPO / ".venv" / "bin" / "flywheel"
+FLYWHEEL = Path(sys.executable).parent / "flywheel"  # the console script of the running environment
 SERVICES = ("policy", "reward", "preference", "trainer")
 # A cold first run builds the pinned tools (`go install`, ~15 min on 2 cores) inside the first test's
 # fixture; `deploy/tools/install-tools.sh` warms the cache beforehand. Tests themselves take seconds.
