@@ -55,7 +55,9 @@ class LoopConfig:
     adversarial_raters: int = 1
     rater_noise: float = 0.05
     # reward model
-    bootstrap_prompts: int = 64  # prompts rated before the first reward model is trained
+    # Prompts rated before the first reward model is trained. Measured: 64 prompts (~300 training pairs)
+    # gave a chance-level reward model (0.50 held-out), 240 prompts gave 0.64 and a policy that learns.
+    bootstrap_prompts: int = 240
     reward_epochs: int = 2
     reward_retrain_minutes: float = 12.0  # retrain on all preferences so far this often (0: never)
     # PPO (trainer service settings)
