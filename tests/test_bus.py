@@ -237,3 +237,23 @@ def test_kafka_launcher_start_status_stop(tmp_path) -> None:
         subprocess.run([str(KAFKA_SH), "stop", "--data-dir", str(data)], timeout=60)
     assert subprocess.run([str(KAFKA_SH), "status", "--data-dir", str(data)]).returncode != 0
     assert not (data / "kafka.pid").exists()
+
+
+def test_read_topic_snapshot_skips_poison_and_feeds_the_sft_loader(kafka_bootstrap, producer, unique) -> None:
+    from flywheel.bus.snapshot import read_topic
+    from flywheel.trainer.sft import load_demonstrations_from_topic
+
+    t = Topic(f"test.preferences.{unique}", common_pb2.PreferenceEvent)
+    ensure_topics(kafka_bootstrap, [t], partitions=2)
+    for i in range(2):
+        demo = common_pb2.Demonstration(event_id=f"d{i}", prompt_id="p", prompt_text="q", response_text=f"a{i}")
+        producer.send(t, common_pb2.PreferenceEvent(demonstration=demo), key="p")
+    producer.send(t, common_pb2.PreferenceEvent(ranking=common_pb2.Ranking(event_id="r", prompt_id="p")), key="p")
+    producer._send_raw(t.name, b"\xff\xff not protobuf", b"p", [])
+    producer.flush()
+
+    got = list(read_topic(kafka_bootstrap, t, timeout_s=30))
+    assert len(got) == 3, "the poison record is skipped, every other record read once"
+    assert sorted(m.WhichOneof("event") for _, _, m in got) == ["demonstration", "demonstration", "ranking"]
+    demos = load_demonstrations_from_topic(kafka_bootstrap, t.name)
+    assert sorted(d.event_id for d in demos) == ["d0", "d1"]

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaConsumer
 
 from flywheel.bus import TypedProducer
 from flywheel.bus.topics import PREFERENCES, ROLLOUTS
+from flywheel.loop import local
 from flywheel.preference.app import SERVICE_NAME
 from flywheel.preference.auth import TokenStore
 from flywheel.v1 import common_pb2, preference_pb2_grpc
@@ -39,19 +39,10 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"service exited: {log.read_text()[-3000:]}"
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"service never became SERVING: {log.read_text()[-3000:]}")
+    try:
+        local.wait_serving(target, SERVICE_NAME, timeout_s, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        raise AssertionError(f"{exc}: {log.read_text()[-3000:]}") from exc
 
 
 def records_with(bootstrap: str, needle: bytes) -> int:

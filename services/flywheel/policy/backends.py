@@ -24,6 +24,7 @@ from flywheel.policy.engine import (
     FINISH_STOP,
     LoadedPolicy,
     PolicyEngine,
+    apply_template,
     Sequence_,
 )
 from flywheel.policy.sampling import UINT64_MASK, SamplingConfig
@@ -317,11 +318,7 @@ class TGIBackend(Backend):
                                        model_name=str(self._info.get("model_id", "")))
 
     def template(self, text: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> str:
-        if not messages:
-            messages = [{"role": "user", "content": text or ""}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return "\n".join(m["content"] for m in messages)
+        return apply_template(self.tokenizer, text, messages)
 
     def prepare(self, job: Job, field_name: str = "prompt") -> Job:
         ids = self.tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]

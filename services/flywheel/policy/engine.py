@@ -47,6 +47,15 @@ class CheckpointError(Exception):
     """A checkpoint that cannot serve: missing files, incompatible tokenizer, non-finite outputs."""
 
 
+def apply_template(tokenizer: Any, text: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> str:
+    """A prompt as the model sees it: the tokenizer's chat template where it has one, else the plain text."""
+    if not messages:
+        messages = [{"role": "user", "content": text or ""}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
 @dataclass
 class LoadedPolicy:
     """One loaded policy version: model, tokenizer and what decoding needs to know about them."""
@@ -73,11 +82,7 @@ class LoadedPolicy:
 
     def template(self, text: str | None = None, messages: Sequence[dict[str, str]] | None = None) -> str:
         """The prompt exactly as the model sees it: the chat template where the tokenizer has one."""
-        if not messages:
-            messages = [{"role": "user", "content": text or ""}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return "\n".join(m["content"] for m in messages)
+        return apply_template(self.tokenizer, text, messages)
 
     def encode(self, prompt_text: str) -> list[int]:
         """Token ids of an already templated prompt (the template carries the special tokens)."""

@@ -167,36 +167,15 @@ def _load_remote(uri: str) -> list[common_pb2.PreferencePair]:
 def load_pairs_from_topic(bootstrap_servers: str | Sequence[str], topic_name: str | None = None,
                           timeout_s: float = 10.0) -> list[common_pb2.PreferencePair]:
     """Every pair of the aggregated-preferences topic, newest AggregatedPreference per prompt wins."""
-    from kafka import KafkaConsumer, TopicPartition
+    from flywheel.bus import topics
+    from flywheel.bus.snapshot import read_topic
 
-    from flywheel.bus import codec, topics
-
-    topic = topics.AGGREGATED_PREFERENCES
-    name = topic_name or topic.name
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None)
-    try:
-        partitions = [TopicPartition(name, p) for p in (consumer.partitions_for_topic(name) or [])]
-        if not partitions:
-            return []
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
-        latest: dict[str, common_pb2.AggregatedPreference] = {}
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in partitions):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {name} took longer than {timeout_s}s")
-            for records in consumer.poll(timeout_ms=500).values():
-                for record in records:
-                    try:
-                        agg = codec.decode(topic, record.value, record.headers)
-                    except codec.PoisonMessage as exc:
-                        log.warning("skipping %s@%d: %s", name, record.offset, exc)
-                        continue
-                    latest[agg.prompt_id] = agg  # type: ignore[attr-defined]
-        return [_row_to_pair(p, f"{name}:{a.prompt_id}") for a in latest.values() for p in a.pairs]
-    finally:
-        consumer.close()
+    latest: dict[str, common_pb2.AggregatedPreference] = {}
+    for _, _, agg in read_topic(bootstrap_servers, topics.AGGREGATED_PREFERENCES, topic_name=topic_name,
+                                timeout_s=timeout_s):
+        latest[agg.prompt_id] = agg  # type: ignore[attr-defined]
+    name = topic_name or topics.AGGREGATED_PREFERENCES.name
+    return [_row_to_pair(p, f"{name}:{a.prompt_id}") for a in latest.values() for p in a.pairs]
 
 
 def split_by_prompt(pairs: Sequence[common_pb2.PreferencePair], eval_fraction: float,

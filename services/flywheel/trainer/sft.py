@@ -164,37 +164,15 @@ def load_demonstrations_file(path: str | Path) -> list[common_pb2.Demonstration]
 def load_demonstrations_from_topic(bootstrap_servers: str | Sequence[str], topic_name: str | None = None,
                                    timeout_s: float = 30.0) -> list[common_pb2.Demonstration]:
     """Every Demonstration on the preferences topic (read from the beginning to the current end)."""
-    from kafka import KafkaConsumer, TopicPartition
+    from flywheel.bus import topics
+    from flywheel.bus.snapshot import read_topic
 
-    from flywheel.bus import codec, topics
-
-    topic = topics.PREFERENCES
-    name = topic_name or topic.name
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None)
     demos: dict[str, common_pb2.Demonstration] = {}
-    try:
-        partitions = [TopicPartition(name, p) for p in (consumer.partitions_for_topic(name) or [])]
-        if not partitions:
-            return []
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in partitions):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {name} took longer than {timeout_s}s")
-            for records in consumer.poll(timeout_ms=500).values():
-                for record in records:
-                    try:
-                        event = codec.decode(topic, record.value, record.headers)
-                    except codec.PoisonMessage as exc:
-                        log.warning("skipping %s@%d: %s", name, record.offset, exc)
-                        continue
-                    if event.WhichOneof("event") == "demonstration":  # type: ignore[attr-defined]
-                        demo = event.demonstration  # type: ignore[attr-defined]
-                        demos[demo.event_id or f"{record.partition}:{record.offset}"] = demo
-    finally:
-        consumer.close()
+    for partition, offset, event in read_topic(bootstrap_servers, topics.PREFERENCES, topic_name=topic_name,
+                                               timeout_s=timeout_s):
+        if event.WhichOneof("event") == "demonstration":  # type: ignore[attr-defined]
+            demo = event.demonstration  # type: ignore[attr-defined]
+            demos[demo.event_id or f"{partition}:{offset}"] = demo
     return list(demos.values())
 
 
