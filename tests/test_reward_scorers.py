@@ -13,6 +13,7 @@ from flywheel.reward.scorers import (
     VaderScorer,
     build_scorer,
     parse_ensemble,
+    plan_chunks,
     resolve_checkpoint,
     with_reward_model,
 )
@@ -59,6 +60,32 @@ def test_transformer_batched_equals_one_at_a_time_including_chunking(tiny) -> No
     single = [tiny.score([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
     assert batched == pytest.approx(single, abs=1e-5)
     assert len(set(round(s, 4) for s in batched)) == 4  # the scores actually differ per input
+
+
+def test_length_aware_chunks_match_the_unpadded_scores(tiny_dir) -> None:
+    # One long pair among short ones: split so the short ones are not padded to it; every score
+    # equals the pair scored alone (no padding at all).
+    scorer = TransformerRewardScorer(tiny_dir, max_length=64, max_batch_size=32, forward_overhead_tokens=4)
+    prompts = ["Hi"] * 6 + ["Tell me everything about the weather this week, day by day."]
+    responses = ["ok", "fine", "good", "bad", "yes", "no",
+                 "Monday rain, Tuesday sun, Wednesday storms, Thursday fog, Friday wind and snow."]
+    batched = scorer.score(prompts, responses)
+    single = [scorer.score([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_plan_chunks_minimises_padding_plus_per_pass_overhead() -> None:
+    # Equal lengths: as few passes as the batch size allows, covering every item once, in order.
+    chunks = plan_chunks([10] * 5, max_batch_size=2, overhead_tokens=8)
+    assert len(chunks) == 3 and all(0 < end - start <= 2 for start, end in chunks)
+    assert [i for start, end in chunks for i in range(start, end)] == list(range(5))
+    # One long item: its own pass (8 + 6*10 + 8 + 100 = 176 < 8 + 7*100 = 708).
+    assert plan_chunks([10] * 6 + [100], max_batch_size=32, overhead_tokens=8) == [(0, 6), (6, 7)]
+    # A small length difference is not worth a second pass: 32 + 4*12 = 80 < 32 + 2*10 + 32 + 2*12 = 108.
+    assert plan_chunks([10, 10, 12, 12], max_batch_size=32, overhead_tokens=32) == [(0, 4)]
+    # Without overhead, every distinct length gets its own pass.
+    assert plan_chunks([10, 10, 12, 12], max_batch_size=32, overhead_tokens=0) == [(0, 2), (2, 4)]
+    assert plan_chunks([], max_batch_size=4, overhead_tokens=8) == []
 
 
 def test_transformer_uses_the_prompt_and_truncates(tiny) -> None:

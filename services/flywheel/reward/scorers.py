@@ -137,13 +137,14 @@ class TransformerRewardScorer(Scorer):
 
     The pair is encoded as the tokenizer's text pair (prompt, response), truncated longest-first to
     `max_length`, padded to the longest pair of each forward pass. Forward passes run under
-    `torch.inference_mode`; a call larger than `max_batch_size` is split into length-sorted chunks
-    so short texts are not padded to the longest one.
+    `torch.inference_mode`. A call is tokenized once, sorted by token length and split into
+    length-homogeneous chunks (`plan_chunks`): padding a short pair to a long one costs real
+    compute on a CPU, and so does every extra forward pass; the split minimises the sum.
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, max_length: int = 256,
                  max_batch_size: int = 64, torch_threads: int | None = None, version: str | None = None,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, forward_overhead_tokens: int = 32) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -159,6 +160,7 @@ class TransformerRewardScorer(Scorer):
         self.path = path
         self.max_length = max_length
         self.max_batch_size = max_batch_size
+        self.forward_overhead_tokens = forward_overhead_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # A backbone without a classification head gets a fresh one (num_labels=1: regression head).
         self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
@@ -198,18 +200,55 @@ class TransformerRewardScorer(Scorer):
         n = len(prompts)
         if n == 0:
             return []
+        # Tokenize once without padding; each chunk is padded to its own longest pair below.
+        enc = self.tokenizer(list(prompts), list(responses), truncation="longest_first", max_length=self.max_length)
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        order = sorted(range(n), key=lambda i: lengths[i])
         out = [0.0] * n
-        if n <= self.max_batch_size:
-            chunks = [list(range(n))]
-        else:
-            order = sorted(range(n), key=lambda i: len(prompts[i]) + len(responses[i]))
-            chunks = [order[i:i + self.max_batch_size] for i in range(0, n, self.max_batch_size)]
         with self._torch.inference_mode():
-            for idx in chunks:
-                values = self.forward([prompts[i] for i in idx], [responses[i] for i in idx]).float().tolist()
+            for start, end in plan_chunks([lengths[i] for i in order], self.max_batch_size,
+                                          self.forward_overhead_tokens):
+                idx = order[start:end]
+                values = self.model(**self._pad(enc, idx)).logits[:, 0].float().tolist()
                 for i, v in zip(idx, values):
                     out[i] = float(v)
         return out
+
+    def _pad(self, enc, idx: Sequence[int]) -> dict:
+        """Right-padded tensors of the encoded pairs `idx` (attention mask 0 on padding)."""
+        torch = self._torch
+        width = max(len(enc["input_ids"][i]) for i in idx)
+        features = {}
+        for key in enc.keys():
+            fill = self.tokenizer.pad_token_id if key == "input_ids" else 0
+            features[key] = torch.tensor([enc[key][i] + [fill] * (width - len(enc[key][i])) for i in idx])
+        return features
+
+
+def plan_chunks(sorted_lengths: Sequence[int], max_batch_size: int, overhead_tokens: int) -> list[tuple[int, int]]:
+    """Split items sorted by token length into chunks [start, end) of at most `max_batch_size`.
+
+    Cost model of one forward pass: `overhead_tokens + items * longest` token positions (the fixed
+    per-pass cost - kernel launches, Python, small matmuls - expressed in tokens, plus the padded
+    batch). Exact minimum-cost split by dynamic programming over the sorted order (n <= a few
+    hundred, n * max_batch_size steps). Equal lengths give one chunk per `max_batch_size` items;
+    one very long pair among short ones gets a pass of its own instead of padding everyone.
+    """
+    n = len(sorted_lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan for the first j items
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = sorted_lengths[end - 1]  # sorted ascending: the chunk's last item is its longest
+        for start in range(max(0, end - max_batch_size), end):
+            cost = best[start] + overhead_tokens + (end - start) * longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    chunks = []
+    end = n
+    while end > 0:
+        chunks.append((cut[end], end))
+        end = cut[end]
+    return chunks[::-1]
 
 
 class VaderScorer(Scorer):
@@ -399,6 +438,7 @@ def transformer_from_settings(settings: "RewardSettings", model_uri: str | None 
     cache = Path(settings.reward_model_cache_dir) if settings.reward_model_cache_dir else settings.home / "reward-models"
     return TransformerRewardScorer(uri, max_length=settings.reward_max_length,
                                    max_batch_size=settings.reward_max_batch_size,
+                                   forward_overhead_tokens=settings.reward_forward_overhead_tokens,
                                    torch_threads=settings.reward_torch_threads or default_torch_threads(),
                                    cache_dir=cache)
 

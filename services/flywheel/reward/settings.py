@@ -26,6 +26,9 @@ class RewardSettings(ServiceSettings):
                                    "are truncated longest-first.")
     reward_torch_threads: int = Field(0, ge=0, description="torch intra-op threads for scoring; 0: min(cores, 4).")
     reward_max_batch_size: int = Field(32, gt=0, description="Dynamic batching: max items in one forward pass.")
+    reward_forward_overhead_tokens: int = Field(
+        32, ge=0, description="Fixed cost of one forward pass, in token positions: a batch is split into "
+        "length-homogeneous passes when the padding saved outweighs this (0: split whenever lengths differ).")
     reward_max_wait_ms: float = Field(5.0, ge=0, description="Dynamic batching: max time the first queued item "
                                       "waits for the batch to fill.")
     reward_batch_wait_fraction: float = Field(
