@@ -12,6 +12,10 @@ pairs built from chatterbot-corpus text, and prints one table:
 - grpc-unbatched c=N: the same server with reward_max_batch_size=1 (one forward per request).
 
 Goal: at concurrency 32, batched gRPC >= 0.8x ceiling and >= 5x naive.
+
+A second table, "batching headroom", measures what batching can gain on this machine at all:
+in-process batch 32 vs batch 1 on pairs of *equal* token length (no padding), at several lengths.
+Batched gRPC cannot beat naive by more than this factor, whatever the server does.
 """
 
 from __future__ import annotations
@@ -54,6 +58,32 @@ def measure(fn, duration_s: float) -> float:
     while time.perf_counter() - start < duration_s:
         done += fn()
     return done / (time.perf_counter() - start)
+
+
+def equal_length_pairs(scorer, tokens: int, n: int) -> list[tuple[str, str]]:
+    """n distinct (prompt, response) pairs that encode to exactly `tokens` tokens each."""
+    words = [w for w in scorer.tokenizer.vocab if w.isalpha() and len(w) > 2][:5000]
+    pairs = []
+    for i in range(n):
+        prompt = " ".join(words[(i * 7 + k) % len(words)] for k in range(4))
+        response = " ".join(words[(i * 13 + k) % len(words)] for k in range(tokens))
+        ids = scorer.tokenizer(prompt, response, truncation="longest_first", max_length=tokens)["input_ids"]
+        if len(ids) != tokens:
+            raise AssertionError(f"pair encodes to {len(ids)} tokens, not {tokens}")
+        pairs.append((prompt, response))
+    return pairs
+
+
+def headroom(scorer, lengths: list[int], batch_size: int, duration_s: float) -> list[tuple[int, float, float]]:
+    """(length, batch-`batch_size` seqs/s, batch-1 seqs/s) on equal-length pairs."""
+    rows = []
+    saved = scorer.max_length
+    for tokens in lengths:
+        scorer.max_length = tokens
+        pairs = equal_length_pairs(scorer, tokens, 256)
+        rows.append((tokens, in_process(scorer, pairs, batch_size, duration_s), in_process(scorer, pairs, 1, duration_s)))
+    scorer.max_length = saved
+    return rows
 
 
 def in_process(scorer, pairs, batch_size: int, duration_s: float) -> float:
@@ -158,6 +188,8 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: min(cores, 4))")
     parser.add_argument("--skip-unbatched-server", action="store_true")
+    parser.add_argument("--headroom-lengths", type=int, nargs="*", default=[24, 48, 96],
+                        help="token lengths of the batching-headroom table (none: skip it)")
     args = parser.parse_args()
 
     import statistics
@@ -217,6 +249,15 @@ def main() -> None:
     if best is not None:
         print(f"\nconcurrency {c_max}: {best / ceiling:.2f}x ceiling (goal >= 0.8), "
               f"{best / naive:.1f}x naive (goal >= 5)")
+
+    if args.headroom_lengths:
+        print(f"\nbatching headroom on this machine: in-process, equal-length pairs (no padding), "
+              f"{args.duration:.0f}s per point")
+        print(f"{'tokens':>6} {'batch ' + str(args.max_batch_size):>10} {'batch 1':>9} {'speedup':>8}")
+        print("-" * 36)
+        for tokens, batched_rate, single_rate in headroom(scorer, args.headroom_lengths, args.max_batch_size,
+                                                          args.duration):
+            print(f"{tokens:>6} {batched_rate:10.1f} {single_rate:9.1f} {batched_rate / single_rate:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -59,11 +59,12 @@ class _PlainStatus:
 
 
 def demo(
-    minutes: float = typer.Option(30.0, help="How long the loop runs (PPO phase ends at this mark)."),
+    minutes: float = typer.Option(LoopConfig.minutes, help="How long the loop runs (PPO phase ends at this mark)."),
     run_dir: Path = typer.Option(None, help="Logs, state and the report (default runs/demo-<time>)."),
     bootstrap_servers: str = typer.Option("", help="Use this running Kafka instead of starting one."),
-    bootstrap_prompts: int = typer.Option(240, help="Prompts rated before the first reward model."),
-    eval_prompts: int = typer.Option(48, help="Held-out prompts evaluated per policy version."),
+    bootstrap_prompts: int = typer.Option(LoopConfig.bootstrap_prompts,
+                                          help="Prompts rated before the first reward model."),
+    eval_prompts: int = typer.Option(LoopConfig.eval_prompts, help="Held-out prompts evaluated per policy version."),
 ) -> None:
     """Run the whole loop locally: Kafka, policy, reward, preference, trainer, simulated raters."""
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

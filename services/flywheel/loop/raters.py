@@ -30,8 +30,9 @@ def admin_metadata(cluster: LocalCluster, label: str = "flywheel-loop") -> tuple
 
 class RaterPool:
     def __init__(self, cluster: LocalCluster, bootstrap: str, *, raters: int, adversarial: int, noise: float,
-                 candidates: int, raters_per_prompt: int = 3) -> None:
-        pool = make_pool(raters, adversarial_fraction=adversarial / max(1, raters), noise=noise)
+                 tie_threshold: float = 0.0, raters_per_prompt: int = 3) -> None:
+        pool = make_pool(raters, adversarial_fraction=adversarial / max(1, raters), noise=noise,
+                         tie_threshold=tie_threshold)
         tokens = preference_tokens(cluster)
         try:
             clients = [(rater, RaterClient(cluster.services["preference"].target, tokens.issue(rater.rater_id)))

@@ -18,6 +18,7 @@ class VersionRecord:
     ground_truth_stderr: float = float("nan")
     reward_mean: float = float("nan")  # the learned reward model's score (what PPO optimises)
     kl: float = float("nan")  # KL(policy || reference) per sequence, from the trainer
+    kl_coef: float = float("nan")  # the KL penalty coefficient the step used (adaptive controller)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -78,12 +79,12 @@ def markdown(report: LoopReport, plots: list[Path]) -> str:
             f"{first.ground_truth_mean:+.3f} -> {last.ground_truth_mean:+.3f} (change {delta:+.3f}) "
             f"after {last.minutes:.1f} minutes; KL to reference {last.kl:.3f}.",
             "",
-            "| version | minutes | step | ground truth (held-out) | ± stderr | reward model | KL |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| version | minutes | step | ground truth (held-out) | ± stderr | reward model | KL | KL coef |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in report.records:
             lines.append(f"| {r.version} | {r.minutes:.1f} | {r.step} | {r.ground_truth_mean:+.3f} | "
-                         f"{r.ground_truth_stderr:.3f} | {r.reward_mean:+.3f} | {r.kl:.3f} |")
+                         f"{r.ground_truth_stderr:.3f} | {r.reward_mean:+.3f} | {r.kl:.3f} | {r.kl_coef:.3f} |")
     if report.reward_models:
         lines += ["", "## Reward models", "", "| version | held-out pairwise accuracy | training pairs |",
                   "| --- | --- | --- |"]

@@ -202,12 +202,14 @@ class TrainerLoop:
 
     def snapshot(self) -> Snapshot:
         with self._lock:
+            # A step in flight when Pause arrives still finishes (and publishes): until it has,
+            # the state stays TRAINING, so PAUSED means no further version will appear.
             if self._stop.is_set():
                 state = LoopState.STOPPING
-            elif self.paused:
-                state = LoopState.PAUSED
             elif self._training:
                 state = LoopState.TRAINING
+            elif self.paused:
+                state = LoopState.PAUSED
             else:
                 state = LoopState.WAITING
             return Snapshot(state=state, step=self.version_step, version=self.version,
@@ -263,20 +265,26 @@ class TrainerLoop:
             self._lags.append(verdict.lag)
 
     def train_buffer(self) -> StepStats:
-        """PPO step on the buffer, then durable checkpoint, publish and commit (in that order)."""
-        rollouts = list(self._buffer)
-        batch = collate(rollouts, pad_token_id=self._pad_id(), weights=self._weights)
+        """PPO step on the buffer, then durable checkpoint, publish and commit (in that order).
+
+        The state reads TRAINING until the new version is published, also when Pause arrived
+        meanwhile: PAUSED then means that no further version will appear."""
         with self._lock:
             self._training = True
         try:
-            if self.world_size > 1:
-                dist.broadcast_object_list([_encode(rollouts, self._weights)], src=0)
-                stats = self.trainer.step(batch.shard(dist.get_rank(), self.world_size))
-            else:
-                stats = self.trainer.step(batch)
+            return self._train_buffer()
         finally:
             with self._lock:
                 self._training = False
+
+    def _train_buffer(self) -> StepStats:
+        rollouts = list(self._buffer)
+        batch = collate(rollouts, pad_token_id=self._pad_id(), weights=self._weights)
+        if self.world_size > 1:
+            dist.broadcast_object_list([_encode(rollouts, self._weights)], src=0)
+            stats = self.trainer.step(batch.shard(dist.get_rank(), self.world_size))
+        else:
+            stats = self.trainer.step(batch)
         for lag in self._lags:
             metrics.VERSION_LAG.observe(lag)
         metrics.ROLLOUTS.labels("trained").inc(len(rollouts))
