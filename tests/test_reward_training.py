@@ -119,6 +119,30 @@ def test_train_writes_versioned_checkpoint_and_publishes(tmp_path, tiny_dir, kaf
     assert codec.decode(topic, record.value, record.headers) == mv
 
 
+def test_rewards_are_normalised_on_the_training_responses(tmp_path, tiny_dir) -> None:
+    """Every version speaks one scale (mean 0, std 1 on what it was trained on), order unchanged."""
+    import statistics
+
+    words = ["lovely", "awful", "fine", "great", "bad", "nice", "sad", "happy", "dull", "bright", "grim", "warm"]
+    pairs = [{"prompt_id": f"p{i}", "prompt_text": f"Question {i}?", "chosen_id": f"c{i}",
+              "chosen_text": f"A {words[i]} answer.", "rejected_id": f"r{i}",
+              "rejected_text": f"A {words[-1 - i]} reply, {i}.", "margin": 0.5} for i in range(12)]
+    texts = sorted({(p["prompt_text"], p[k]) for p in pairs for k in ("chosen_text", "rejected_text")})
+    prompts, responses = [t[0] for t in texts], [t[1] for t in texts]
+    common = dict(pairs=pairs, base_model=tiny_dir, max_steps=4, batch_size=8, max_length=32, progress=False,
+                  eval_fraction=0.0)
+    raw = train_reward_model(RewardTrainingConfig(output_dir=tmp_path / "raw", normalize_rewards=False, **common))
+    norm = train_reward_model(RewardTrainingConfig(output_dir=tmp_path / "norm", **common))
+    raw_scores = TransformerRewardScorer(raw.checkpoint_path, max_length=32).score(prompts, responses)
+    scores = TransformerRewardScorer(norm.checkpoint_path, max_length=32).score(prompts, responses)
+
+    assert "reward_norm_std" not in raw.metrics and abs(statistics.stdev(raw_scores) - 1.0) > 0.1
+    assert abs(statistics.fmean(scores)) < 1e-3 and abs(statistics.stdev(scores) - 1.0) < 1e-3
+    mean, std = norm.metrics["reward_norm_mean"], norm.metrics["reward_norm_std"]
+    assert std == pytest.approx(statistics.stdev(raw_scores), rel=1e-3)
+    assert scores == pytest.approx([(r - mean) / std for r in raw_scores], abs=1e-3)
+
+
 def test_pairs_from_aggregated_preferences_topic(kafka_bootstrap, unique) -> None:
     from flywheel.bus import Topic, TypedProducer, ensure_topics
 

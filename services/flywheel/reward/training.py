@@ -64,6 +64,12 @@ class RewardTrainingConfig:
     margin_scale: float = 1.0
     # Coefficient of the reward-centering term (0 disables it; TRL suggests 0.01).
     center_rewards_coefficient: float = 0.0
+    # After training, fold an affine map into the output layer so that rewards of the training
+    # responses have mean 0 and std 1 (Ziegler et al. 2019, Stiennon et al. 2020). Pairwise order and
+    # accuracy are unchanged; what changes is that every reward-model version speaks the same scale,
+    # so the PPO trainer's KL coefficient keeps its meaning when a retrained model is swapped in.
+    normalize_rewards: bool = True
+    normalization_samples: int = 1024  # distinct (prompt, response) texts used for mean and std
     eval_fraction: float = 0.2
     # An explicit held-out set (pairs or a file); when given, no split of the training data is made.
     eval_pairs: Sequence[common_pb2.PreferencePair | dict] | None = None
@@ -237,6 +243,49 @@ def _rewards(scorer, pairs: Sequence[common_pb2.PreferencePair]):
     return rewards[: len(pairs)].float(), rewards[len(pairs):].float()
 
 
+def _output_layer(model):
+    """The final single-output Linear layer of a sequence-classification model (BERT-like
+    `classifier`, decoder-style `score`, RoBERTa-style `classifier.out_proj`), or None."""
+    import torch
+
+    for name in ("classifier", "score"):
+        layer = getattr(model, name, None)
+        layer = getattr(layer, "out_proj", layer)
+        if isinstance(layer, torch.nn.Linear) and layer.out_features == 1:
+            return layer
+    return None
+
+
+def normalize_output(scorer, pairs: Sequence[common_pb2.PreferencePair], max_samples: int,
+                     seed: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """Rescale the output layer so rewards of the pairs' distinct responses have mean 0, std 1.
+
+    Returns the statistics before the change (reward_norm_mean, reward_norm_std), or {} when the
+    model has no recognisable output layer (then it is left as it is)."""
+    import torch
+
+    layer = _output_layer(scorer.model)
+    if layer is None:
+        log.warning("reward model has no single-output classifier layer; rewards left unnormalised")
+        return {}
+    texts = sorted({(p.prompt_text, t) for p in pairs for t in (p.chosen_text, p.rejected_text)})
+    random.Random(seed).shuffle(texts)
+    texts = texts[:max_samples]
+    if len(texts) < 2:
+        return {}
+    with torch.inference_mode():
+        rewards = torch.cat([scorer.forward([p for p, _ in texts[i:i + batch_size]],
+                                            [r for _, r in texts[i:i + batch_size]]).float()
+                             for i in range(0, len(texts), batch_size)])
+    mean, std = float(rewards.mean()), float(rewards.std())
+    std = max(std, 1e-6)
+    with torch.no_grad():  # r' = (r - mean) / std, folded into the weights: no scorer change needed
+        layer.weight.div_(std)
+        if layer.bias is not None:  # without one, only the scale is fixed (the checkpoint keeps its keys)
+            layer.bias.sub_(mean).div_(std)
+    return {"reward_norm_mean": mean, "reward_norm_std": std, "reward_norm_samples": float(len(texts))}
+
+
 def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     """Train, evaluate on the held-out split, write a versioned checkpoint, optionally publish it."""
     import torch
@@ -315,6 +364,8 @@ def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
         bar.close()
     train_seconds = time.monotonic() - start
     model.eval()
+    normalization = normalize_output(scorer, train, config.normalization_samples, config.seed) \
+        if config.normalize_rewards else {}
     final = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale)
 
     metrics: dict[str, float] = {
@@ -322,6 +373,7 @@ def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
         "train_loss": running, "train_seconds": train_seconds,
     }
     metrics.update({f"eval_{k}": v for k, v in final.items()})
+    metrics.update(normalization)
     metrics.update({f"initial_eval_{k}": v for k, v in initial.items()})
 
     output_dir = Path(config.output_dir)
