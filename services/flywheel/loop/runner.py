@@ -80,9 +80,10 @@ class LoopConfig:
     # horizon is in sequences and sized to this loop (a batch moves the coefficient by up to 10%);
     # Ziegler's 10,000 suits runs of many thousand batches and would leave it fixed here. The first
     # steps train on the base policy's rollouts (KL exactly 0) and lower the start value. Measured
-    # in 30-minute runs: start 0.05 let KL run to 15-20 nats; 0.1 kept it at 6-10 until the second
-    # reward model arrived, then 13-17 (held-out truth +0.36 at the end); 0.2 held it at ~6 for 13
-    # steps but learned no faster and ended at +0.28 (docs/results/demo-2026-11-30).
+    # in 30-minute runs before reward normalisation: start 0.05 let KL run to 15-20 nats; 0.1 kept it
+    # at 6-10 until the second reward model arrived, then 13-17 (held-out truth +0.36 at the end); 0.2
+    # held it at ~6 for 13 steps but learned no faster (+0.28). With normalised rewards and 0.1: at most
+    # 12.6, truth +0.33 (docs/results/demo-2026-11-30).
     kl_coef: float = 0.1
     adaptive_kl: bool = True
     target_kl: float = 6.0
