@@ -257,7 +257,7 @@ def _output_layer(model):
 
 
 def normalize_output(scorer, pairs: Sequence[common_pb2.PreferencePair], max_samples: int,
-                     seed: int = 0, batch_size: int = 32) -> dict[str, float]:
+                     seed: int = 0) -> dict[str, float]:
     """Rescale the output layer so rewards of the pairs' distinct responses have mean 0, std 1.
 
     Returns the statistics before the change (reward_norm_mean, reward_norm_std), or {} when the
@@ -273,10 +273,7 @@ def normalize_output(scorer, pairs: Sequence[common_pb2.PreferencePair], max_sam
     texts = texts[:max_samples]
     if len(texts) < 2:
         return {}
-    with torch.inference_mode():
-        rewards = torch.cat([scorer.forward([p for p, _ in texts[i:i + batch_size]],
-                                            [r for _, r in texts[i:i + batch_size]]).float()
-                             for i in range(0, len(texts), batch_size)])
+    rewards = torch.tensor(scorer.score([p for p, _ in texts], [r for _, r in texts]))
     mean, std = float(rewards.mean()), float(rewards.std())
     std = max(std, 1e-6)
     with torch.no_grad():  # r' = (r - mean) / std, folded into the weights: no scorer change needed
