@@ -36,8 +36,9 @@ $(STAMP): requirements.lock requirements-models.txt pyproject.toml | $(UV)
 
 # Re-resolve the lock after changing pyproject.toml's dependencies (needs only PyPI).
 lock: | $(UV)
-	$(UV) pip compile -q pyproject.toml --extra dev -c docker/constraints.txt --python-version 3.11 \
+	$(UV) pip compile -q pyproject.toml --extra dev --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --generate-hashes -o requirements.lock
+	bash deploy/tools/freeze-image-constraints.sh
 
 env: $(STAMP)
 	@bash deploy/kafka/kafka.sh fetch

@@ -436,3 +436,21 @@ def test_trainer_checkpoints_are_shared_read_only_with_policy_and_reward(compose
     assert f"{mount}:ro" in services["policy"]["volumes"] and f"{mount}:ro" in services["reward"]["volumes"]
     assert services["trainer"]["environment"]["FLYWHEEL_TRAINER_CHECKPOINT_URI"].startswith(
         "file:///var/lib/flywheel/shared/")
+
+
+def test_image_constraints_are_generated_from_the_lock() -> None:
+    """Images, `make env` and CI install one set of versions: docker/constraints.txt is derived from
+    requirements.lock by deploy/tools/freeze-image-constraints.sh (run by `make lock`)."""
+    lock = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^ ;\\]+)", line)
+        if m:
+            lock[m.group(1).lower()] = m.group(2)
+    constraints = {}
+    for line in (REPO / "docker" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            constraints[name.lower()] = version
+    expected = {k: v for k, v in lock.items() if not re.match(r"^(nvidia-|triton$|cuda-)", k)}
+    assert constraints == expected, "stale docker/constraints.txt: run deploy/tools/freeze-image-constraints.sh"
+    assert lock["torch"] == constraints["torch"]
