@@ -41,3 +41,19 @@ def test_every_setting_is_documented() -> None:
 def test_configuration_doc_is_up_to_date() -> None:
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == configuration_markdown(), "run `make config-docs` (flywheel config-docs > docs/configuration.md)"
+
+
+def test_relative_paths_resolve_against_the_start_directory_once(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """A relative FLYWHEEL_HOME (or any path setting) means "below the directory the service was
+    started from", fixed at start: the same directory whatever the working directory is later."""
+    from flywheel.preference.settings import PreferenceSettings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLYWHEEL_HOME", "runs/demo/home")
+    monkeypatch.setenv("FLYWHEEL_PREFERENCE_EXPORT_DIR", "exports")
+    settings = PreferenceSettings()
+    assert settings.home == tmp_path / "runs" / "demo" / "home"
+    assert settings.export_dir() == tmp_path / "exports"
+    monkeypatch.chdir(tmp_path / "..")
+    assert settings.auth_db_path() == tmp_path / "runs" / "demo" / "home" / "preference" / "auth.sqlite"
