@@ -94,7 +94,7 @@ def test_demo_runs_from_a_fresh_directory_with_defaults(tmp_path: Path) -> None:
     assert not (run_dir / "runs").exists(), "a service resolved the relative run directory twice"
 
     report = json.loads((run_dir / "report" / "report.json").read_text())
-    assert (run_dir / "report" / "README.md").exists()
+    assert (run_dir / "report" / "summary.md").exists()
     counters = report["counters"]
     assert counters["rankings_submitted"] > 0 and counters["prompts_rated"] >= 16, counters
     assert report["reward_models"] and report["reward_models"][0]["version"].startswith("reward-"), report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from contextlib import nullcontext as _nothing
 from pathlib import Path
@@ -58,6 +59,19 @@ class _PlainStatus:
                       f"truth {s.last_ground_truth:+.3f}")
 
 
+def _interrupt_once() -> None:
+    """Ctrl-C (or SIGTERM) ends the run; further ones are ignored so the clean-up that stops every
+    child process and writes the report always finishes."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def demo(
     minutes: float = typer.Option(LoopConfig.minutes, help="How long the loop runs (PPO phase ends at this mark)."),
     run_dir: Path = typer.Option(None, help="Logs, state and the report (default runs/demo-<time>)."),
@@ -65,11 +79,16 @@ def demo(
     bootstrap_prompts: int = typer.Option(LoopConfig.bootstrap_prompts,
                                           help="Prompts rated before the first reward model."),
     eval_prompts: int = typer.Option(LoopConfig.eval_prompts, help="Held-out prompts evaluated per policy version."),
+    max_policy_versions: int = typer.Option(
+        LoopConfig.max_policy_versions,
+        help="End the PPO phase after this many new policy versions, even before --minutes (0: no limit)."),
 ) -> None:
     """Run the whole loop locally: Kafka, policy, reward, preference, trainer, simulated raters."""
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_dir = run_dir or default_run_dir()
-    config = LoopConfig(minutes=minutes, bootstrap_prompts=bootstrap_prompts, eval_prompts=eval_prompts)
+    run_dir = (run_dir or default_run_dir()).absolute()
+    config = LoopConfig(minutes=minutes, bootstrap_prompts=bootstrap_prompts, eval_prompts=eval_prompts,
+                        max_policy_versions=max_policy_versions)
+    _interrupt_once()
     console.print(f"[bold]flywheel demo[/]: run directory {run_dir} (service logs in {run_dir}/logs)")
     with LocalCluster(run_dir) as cluster:
         if bootstrap_servers:
@@ -85,6 +104,7 @@ def demo(
             except KeyboardInterrupt:
                 report = runner.report
                 report.notes.append("interrupted by the user")
+    # Everything the run started is stopped by now (raters, services, broker), also after Ctrl-C.
     summary = write(report, run_dir / "report")
     console.print(summary.read_text(), markup=False, highlight=False)
     console.print(f"report: {summary}")

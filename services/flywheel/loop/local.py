@@ -89,7 +89,8 @@ class LocalCluster:
     """Kafka + service processes under one run directory; stops everything on exit."""
 
     def __init__(self, run_dir: Path, *, kafka_heap: str = "512m") -> None:
-        self.run_dir = Path(run_dir)
+        # Absolute once, here: services run with cwd=run_dir and get paths below it in their environment.
+        self.run_dir = Path(run_dir).absolute()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         self.kafka_dir = self.run_dir / "kafka"
@@ -107,6 +108,7 @@ class LocalCluster:
             [str(KAFKA_SH), "start", "--data-dir", str(self.kafka_dir), "--port", str(free_port()),
              "--controller-port", str(free_port()), "--heap", self.kafka_heap],
             capture_output=True, text=True, timeout=180,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the demo only; it stops the broker last
         )
         if out.returncode != 0:
             raise RuntimeError(f"Kafka did not start: {out.stderr.strip()}")
@@ -166,8 +168,13 @@ class LocalCluster:
             service.stop()
 
     def stop(self) -> None:
-        for name in list(reversed(self.services)):
-            self.stop_service(name)
+        """Services first (all at once: each only needs the broker to shut down cleanly), then Kafka."""
+        services = [self.services.pop(name) for name in list(reversed(self.services))]
+        for service in services:
+            if service.alive():
+                service.process.send_signal(signal.SIGTERM)
+        for service in services:
+            service.stop()
         self.stop_kafka()
 
     def __enter__(self) -> "LocalCluster":

@@ -45,6 +45,8 @@ class LoopConfig:
     """Knobs of the local loop. Defaults are the demo's (about 30 minutes on 2 CPU cores)."""
 
     minutes: float = 30.0
+    # End the PPO phase after this many new policy versions, even before `minutes` (0: run for `minutes`).
+    max_policy_versions: int = 0
     # sampling of training rollouts. Eight candidates per prompt: the raters rank all eight, so a
     # prompt yields up to 28 pairs; measured against four candidates on twice the prompts (the same
     # sampling cost), the reward model reached 0.85 instead of 0.80 pairwise accuracy on clear pairs.
@@ -196,90 +198,112 @@ class LoopRunner:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> LoopReport:
-        c = self.config
+        """Run the loop. Its own Kafka clients and rater threads are closed before this returns, on
+        success, error or Ctrl-C alike, so the caller can then stop the services and the broker."""
         cluster = self.cluster
         self.status.phase = "starting kafka"
         self._emit()
         bootstrap = cluster.bootstrap or cluster.start_kafka()
         ensure_topics(bootstrap)
         producer = TypedProducer(bootstrap, client_id="flywheel-loop")
+        self._raters = None
         try:
             self.status.phase = "starting services"
             self._emit()
             for name in ("policy", "preference", "trainer"):
                 cluster.start_service(name, self.service_env(name))
-            raters = self._raters = self._start_raters(bootstrap)
-            with grpc.insecure_channel(cluster.services["policy"].target) as policy_channel, \
-                    grpc.insecure_channel(cluster.services["preference"].target) as preference_channel, \
-                    grpc.insecure_channel(cluster.services["trainer"].target) as trainer_channel:
-                policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
-                preference = preference_pb2_grpc.PreferenceServiceStub(preference_channel)
-                trainer = trainer_pb2_grpc.TrainerServiceStub(trainer_channel)
-
-                from flywheel.loop.raters import admin_metadata
-
-                self._admin = admin_metadata(cluster)
-                self.status.phase = "evaluating the base policy"
-                self._emit()
-                self._evaluate(policy, trainer_status=None)
-
-                self.status.phase = "collecting preferences for the first reward model"
-                self.feed(producer, c.bootstrap_prompts)
-                self._wait(lambda: raters.rated_prompts() >= c.bootstrap_prompts, raters, "first ratings")
-                self._train_reward_model(preference, trainer)
-
-                self.status.phase = "starting the reward service"
-                self._emit()
-                cluster.start_service("reward", self.service_env("reward"))
-                trainer.Resume(trainer_pb2.ResumeRequest(), timeout=30)
-
-                self.status.phase = "PPO"
-                last_rm = self.minutes()
-                seen_version = self.status.policy_version
-                new_versions = 0
-                retraining = None
-                while self.minutes() < c.minutes and not self._stop.is_set():
-                    st = trainer.Status(trainer_pb2.StatusRequest(), timeout=30)
-                    self._update_from_trainer(st)
-                    backlog = self.status.prompts_sent - int(st.rollouts_consumed) // max(1, c.candidates)
-                    if backlog < c.prompts_in_flight:
-                        self.feed(producer, c.prompts_in_flight - backlog)
-                    version = st.policy_version.version
-                    if version and version != seen_version:
-                        seen_version = version
-                        new_versions += 1
-                        if c.eval_every and new_versions % c.eval_every == 0:
-                            self._wait_policy_serves(policy, version)
-                            self._evaluate(policy, trainer_status=st)
-                    # Retraining runs on the trainer service beside PPO; the loop keeps evaluating.
-                    if retraining is not None and self._reward_model_done(trainer, retraining):
-                        retraining, last_rm = None, self.minutes()
-                    if retraining is None and c.reward_retrain_minutes and \
-                            self.minutes() - last_rm >= c.reward_retrain_minutes:
-                        retraining = self._start_reward_model(preference, trainer)
-                    self.status.prompts_rated = raters.rated_prompts()
-                    self.status.rankings_submitted = raters.rankings_submitted()
-                    self._emit()
-                    self._stop.wait(2.0)
-                self._evaluate_final(policy, trainer)
-                self.status.phase = "done"
-                self.report.counters.update(
-                    prompts_sent=self.status.prompts_sent,
-                    rankings_submitted=raters.rankings_submitted(),
-                    prompts_rated=raters.rated_prompts(),
-                    trainer_steps=self.status.trainer_step,
-                )
-                if len(self.evals) >= 2:
-                    z = paired_improvement_z(self.evals[0], self.evals[-1])
-                    self.report.notes.append(
-                        f"held-out ground truth {self.evals[0].policy_version} -> {self.evals[-1].policy_version}: "
-                        f"{self.evals[0].mean:+.3f} -> {self.evals[-1].mean:+.3f} (paired z = {z:.1f} over "
-                        f"{len(self.evals[0].scores)} prompts)")
-                self._emit()
-            raters.stop()
+            self._raters = self._start_raters(bootstrap)
+            self._run_phases(producer)
         finally:
+            self._record_counters()
+            if self._raters is not None:
+                self._raters.stop()
             producer.close()
         return self.report
+
+    def _run_phases(self, producer: TypedProducer) -> None:
+        c = self.config
+        cluster = self.cluster
+        raters = self._raters
+        with grpc.insecure_channel(cluster.services["policy"].target) as policy_channel, \
+                grpc.insecure_channel(cluster.services["preference"].target) as preference_channel, \
+                grpc.insecure_channel(cluster.services["trainer"].target) as trainer_channel:
+            policy = policy_pb2_grpc.PolicyServiceStub(policy_channel)
+            preference = preference_pb2_grpc.PreferenceServiceStub(preference_channel)
+            trainer = trainer_pb2_grpc.TrainerServiceStub(trainer_channel)
+
+            from flywheel.loop.raters import admin_metadata
+
+            self._admin = admin_metadata(cluster)
+            self.status.phase = "evaluating the base policy"
+            self._emit()
+            self._evaluate(policy, trainer_status=None)
+
+            self.status.phase = "collecting preferences for the first reward model"
+            self.feed(producer, c.bootstrap_prompts)
+            self._wait(lambda: raters.rated_prompts() >= c.bootstrap_prompts, raters, "first ratings")
+            self._train_reward_model(preference, trainer)
+
+            self.status.phase = "starting the reward service"
+            self._emit()
+            cluster.start_service("reward", self.service_env("reward"))
+            trainer.Resume(trainer_pb2.ResumeRequest(), timeout=30)
+
+            self.status.phase = "PPO"
+            last_rm = self.minutes()
+            seen_version = self.status.policy_version
+            new_versions = 0
+            retraining = None
+            while self.minutes() < c.minutes and not self._stop.is_set() and \
+                    not (c.max_policy_versions and new_versions >= c.max_policy_versions):
+                self._check_services()
+                st = trainer.Status(trainer_pb2.StatusRequest(), timeout=30)
+                self._update_from_trainer(st)
+                backlog = self.status.prompts_sent - int(st.rollouts_consumed) // max(1, c.candidates)
+                if backlog < c.prompts_in_flight:
+                    self.feed(producer, c.prompts_in_flight - backlog)
+                version = st.policy_version.version
+                if version and version != seen_version:
+                    seen_version = version
+                    new_versions += 1
+                    if c.eval_every and new_versions % c.eval_every == 0:
+                        self._wait_policy_serves(policy, version)
+                        self._evaluate(policy, trainer_status=st)
+                # Retraining runs on the trainer service beside PPO; the loop keeps evaluating.
+                if retraining is not None and self._reward_model_done(trainer, retraining):
+                    retraining, last_rm = None, self.minutes()
+                if retraining is None and c.reward_retrain_minutes and \
+                        self.minutes() - last_rm >= c.reward_retrain_minutes:
+                    retraining = self._start_reward_model(preference, trainer)
+                self.status.prompts_rated = raters.rated_prompts()
+                self.status.rankings_submitted = raters.rankings_submitted()
+                self._emit()
+                self._stop.wait(2.0)
+            self._evaluate_final(policy, trainer)
+            self.status.phase = "done"
+            if len(self.evals) >= 2:
+                z = paired_improvement_z(self.evals[0], self.evals[-1])
+                self.report.notes.append(
+                    f"held-out ground truth {self.evals[0].policy_version} -> {self.evals[-1].policy_version}: "
+                    f"{self.evals[0].mean:+.3f} -> {self.evals[-1].mean:+.3f} (paired z = {z:.1f} over "
+                    f"{len(self.evals[0].scores)} prompts)")
+            self._emit()
+
+    def _record_counters(self) -> None:
+        """What ran so far, also when the run ends early (error or Ctrl-C)."""
+        counters = dict(prompts_sent=self.status.prompts_sent, trainer_steps=self.status.trainer_step)
+        if self._raters is not None:
+            try:
+                counters.update(rankings_submitted=self._raters.rankings_submitted(),
+                                prompts_rated=self._raters.runner.prompts_rated)
+            except Exception:  # noqa: BLE001 - counting must never mask the run's own error
+                log.exception("could not read the raters' counters")
+        self.report.counters.update(counters)
+
+    def _check_services(self) -> None:
+        for name, service in self.cluster.services.items():
+            if not service.alive():
+                raise RuntimeError(f"{name} died; see {service.log_path}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -301,9 +325,7 @@ class LoopRunner:
                 raise KeyboardInterrupt
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}")
-            for name, service in self.cluster.services.items():
-                if not service.alive():
-                    raise RuntimeError(f"{name} died; see {service.log_path}")
+            self._check_services()
             self.status.prompts_rated = raters.rated_prompts()
             self.status.rankings_submitted = raters.rankings_submitted()
             self._emit()
@@ -410,4 +432,6 @@ class LoopRunner:
 
 
 def default_run_dir() -> Path:
-    return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    """runs/demo-<time> under the current directory, as an absolute path: every path handed to a
+    child process must mean the same directory whatever that process's working directory is."""
+    return (Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).absolute()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FLYWHEEL_"
@@ -53,6 +53,15 @@ class ServiceSettings(BaseSettings):
     kafka_max_poll_records: int = Field(64, gt=0, description="Max records per consumer poll (handler batch).")
     kafka_retry_backoff_s: float = Field(1.0, gt=0, description="First backoff after a failed handler (doubles, capped at 30 s).")
     kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _absolute_paths(cls, value: object) -> object:
+        # A relative path means "relative to the directory the service was started from", resolved
+        # once here: later code may run with another working directory (or pass the path to a child).
+        if isinstance(value, Path):
+            return value.expanduser().absolute()
+        return value
 
     @property
     def bootstrap_servers(self) -> list[str]:

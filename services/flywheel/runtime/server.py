@@ -129,8 +129,8 @@ class ServiceRuntime:
         if ready:
             await self.set_serving(True)
         log.info(
-            "%s serving %s on port %s (metrics on %s)",
-            settings.service_name, ", ".join(self.service_names), self.grpc_port, self.metrics_port,
+            "%s serving %s on port %s (metrics on %s); home %s",
+            settings.service_name, ", ".join(self.service_names), self.grpc_port, self.metrics_port, settings.home,
         )
         return self.grpc_port
 
