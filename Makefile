@@ -42,13 +42,16 @@ lock: | $(UV)
 
 env: $(STAMP)
 	@bash deploy/kafka/kafka.sh fetch
-	# Pinned helm, helm-unittest, promtool (go install) and checkov (own venv): once per machine.
-	@bash deploy/tools/install-tools.sh >/dev/null
 
+# Pinned helm, helm-unittest, promtool (go install) and checkov (own venv): once per machine.
 tools:
 	bash deploy/tools/install-tools.sh
 
+# The deploy tools build in the background while the first tests run: the tests that use them wait for
+# the same install scripts (which hold a lock), and report their errors if the build failed.
 test: env
+	@echo "deploy tools: installing in the background where missing (log: $(FLYWHEEL_CACHE)/install-tools.log)"
+	@nohup bash deploy/tools/install-tools.sh >$(FLYWHEEL_CACHE)/install-tools.log 2>&1 &
 	$(BIN)/pytest -ra --durations=20
 
 test-fast: env
