@@ -126,10 +126,12 @@ def test_with_reward_model_replaces_only_transformers(tiny, tiny_dir) -> None:
 def test_parse_ensemble_and_build_from_settings(tiny_dir) -> None:
     assert parse_ensemble("transformer=0.8, vader=0.2") == [("transformer", 0.8), ("vader", 0.2)]
     assert parse_ensemble("vader") == [("vader", 1.0)]
-    with pytest.raises(ValueError):
-        parse_ensemble("bogus=1")
+    with pytest.raises(ValueError, match="weight"):
+        parse_ensemble("vader=heavy")
     with pytest.raises(ValueError):
         parse_ensemble(" , ")
+    with pytest.raises(ValueError, match="unknown scorer 'bogus'"):  # members resolve at build time (plugins)
+        build_scorer(RewardSettings(reward_scorer="ensemble", reward_ensemble="bogus=1"))
     assert isinstance(build_scorer(RewardSettings(reward_scorer="vader")), VaderScorer)
     ensemble = build_scorer(RewardSettings(reward_scorer="ensemble", reward_model_uri=str(tiny_dir),
                                            reward_ensemble="transformer=1,vader=0.5"))
