@@ -55,6 +55,11 @@ class RewardSettings(ServiceSettings):
         None, description="JSON or TOML file with the settings of the plugin scorer(s); values here win over "
         "FLYWHEEL_REWARD_PLUGIN_* environment variables.")
 
+    reward_http_enabled: bool = Field(True, description="Serve the HTTP/JSON APIs (Open Inference Protocol REST, "
+                                      "OpenRLHF /get_reward, slime /slime/reward, /v1/score).")
+    reward_http_port: int = Field(8082, ge=0, le=65535, description="HTTP port; 0 picks a free port.")
+    reward_http_max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest accepted HTTP body; "
+                                            "larger ones get 413 before they are read.")
     reward_kserve_model_name: str = Field("reward", description="Model name served on the KServe v2 "
                                           "(inference.GRPCInferenceService) API.")
     reward_worker_enabled: bool = Field(True, description="Run the Kafka scoring worker "
