@@ -394,13 +394,22 @@ class AuthInterceptor(_WrappingInterceptor):
 
 # -- HTTP (aiohttp) -----------------------------------------------------------------------------
 
-PRINCIPAL_KEY = "flywheel_principal"
+def _principal_key() -> Any:
+    from aiohttp import web
+
+    return web.RequestKey("flywheel_principal", object)
 
 
-def http_middleware(guard: Guard, scope_for: Callable[[Any], str | None]) -> Callable[..., Awaitable[Any]]:
+PRINCIPAL_KEY = _principal_key()
+
+
+def http_middleware(guard: Guard, scope_for: Callable[[Any], str | None],
+                    items_for: Callable[[Any], int] | None = None) -> Callable[..., Awaitable[Any]]:
     """aiohttp middleware: `Authorization: Bearer <key>` checked against `scope_for(request)`
-    (None: public route). The principal is stored as request[PRINCIPAL_KEY] for item charges.
-    Refusals are JSON errors: 401, 403, or 429 with a Retry-After header."""
+    (None: public route), and `items_for(request)` items taken from the key's quota when the count
+    is known from the route alone (otherwise the handler calls `charge_http_items` once it parsed
+    the body). The principal is stored as request[PRINCIPAL_KEY]. Refusals are JSON errors: 401,
+    403, or 429 with a Retry-After header."""
     from aiohttp import web
 
     from flywheel.runtime.http import error_response
@@ -411,6 +420,8 @@ def http_middleware(guard: Guard, scope_for: Callable[[Any], str | None]) -> Cal
         if scope is not None and guard.enabled:
             try:
                 request[PRINCIPAL_KEY] = guard.admit(list(request.headers.items()), scope)
+                if items_for is not None:
+                    guard.charge_items(request[PRINCIPAL_KEY], items_for(request))
             except (Unauthenticated, PermissionDenied, QuotaExceeded) as exc:
                 return error_response(exc)
         return await handler(request)
