@@ -136,7 +136,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
+    def wait_ready(self, timeout_s: float = 900.0) -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -173,3 +173,40 @@ async def test_trainer_control_rpcs_need_the_admin_scope(kafka_bootstrap, unique
         status = await stub.Pause(trainer_pb2.PauseRequest(), metadata=(("authorization", f"Bearer {admin}"),))
         assert status.state
     store.close()
+
+
+async def test_policy_grpc_and_tgi_http_need_the_generate_scope(settings_factory, serve, tmp_path) -> None:
+    """The policy forwards to a TGI server that is down: a call that passed auth fails UNAVAILABLE
+    (503), one that did not is refused before it reaches the backend."""
+    from flywheel.policy.app import build_components
+    from flywheel.policy.settings import PolicySettings
+    from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
+    settings = settings_factory(PolicySettings, policy_backend="tgi", policy_tgi_url="http://127.0.0.1:9",
+                                policy_tgi_version="policy-x", policy_http_port=0, policy_worker_enabled=False,
+                                policy_reload_enabled=False, auth_enabled=True, auth_keys_db=tmp_path / "keys.sqlite")
+    parts = build_components(settings)
+    target = await serve(parts.runtime)
+    store = TokenStore(tmp_path / "keys.sqlite")
+    generate, score = store.issue("chat-app", scope="generate"), store.issue("scorer-app", scope="score")
+    request = policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(prompt_id="p", text="Hi")])
+    async with aio.insecure_channel(target) as channel:
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        for key, code in [(None, grpc.StatusCode.UNAUTHENTICATED), (score, grpc.StatusCode.PERMISSION_DENIED),
+                          (generate, grpc.StatusCode.UNAVAILABLE)]:
+            with pytest.raises(aio.AioRpcError) as err:
+                await stub.Generate(request, metadata=(("authorization", f"Bearer {key}"),) if key else None,
+                                    timeout=30)
+            assert err.value.code() == code, err.value.details()
+    url = f"http://127.0.0.1:{parts.http.port}"
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/health") as r:
+            assert r.status == 503  # public probe, honest answer: the TGI server is down
+        async with http.post(f"{url}/generate", json=body) as r:
+            assert r.status == 401
+        async with http.post(f"{url}/generate", json=body, headers={"Authorization": f"Bearer {score}"}) as r:
+            assert r.status == 403
+        async with http.post(f"{url}/generate", json=body, headers={"Authorization": f"Bearer {generate}"}) as r:
+            assert r.status not in (401, 403, 429)
+    store.close()
