@@ -234,6 +234,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def auth_cost_s(keys_db: Path, key: str, calls: int = 2000) -> float:
+    """In-process cost of one admitted request: key lookup, scope check, both quota buckets."""
+    from flywheel.runtime.auth import Guard, TokenStore
+
+    guard = Guard(TokenStore(keys_db), service="bench")
+    metadata = [("authorization", f"Bearer {key}")]
+    for _ in range(100):
+        guard.charge_items(guard.admit(metadata, "score"), 1)
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            guard.charge_items(guard.admit(metadata, "score"), 1)
+        runs.append((time.perf_counter() - start) / calls)
+    return min(runs)
+
+
 def apps_table(args, scorer, pairs, threads: int) -> None:
     """HTTP vs gRPC at c=32, single-caller latency, auth + quota overhead (see the module doc)."""
     import statistics
@@ -290,6 +307,9 @@ def apps_table(args, scorer, pairs, threads: int) -> None:
         vs_grpc = f"{rate / median[grpc_mode]:7.2f}" if mode.startswith("http") else f"{'':7}"
         print(f"{mode:26} {rate:8.1f} {1000 * percentile(lat[mode], 0.5):7.2f} {1000 * percentile(lat[mode], 0.99):7.2f}"
               f" {rate / base:12.2f} {vs_grpc}")
+    guard_ms = 1000 * auth_cost_s(keys_dir / "keys.sqlite", key)
+    print(f"auth + quota in-process: {guard_ms:.3f} ms per request = {guard_ms / (1000 / base):.1%} of an "
+          f"in-process batch-1 forward pass")
     for proto in ("grpc", "http"):
         plain_ms = 1000 * percentile(lat[f"{proto} c=1"], 0.5)
         auth_ms = 1000 * percentile(lat[f"{proto} c=1, key + quota"], 0.5)
