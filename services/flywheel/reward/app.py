@@ -1,4 +1,4 @@
-"""Composition of the reward service: scorer + batcher + gRPC servicers + Kafka workers."""
+"""Composition of the reward service: scorer + batcher + gRPC servicers + HTTP API + API keys + Kafka workers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import uuid
 from flywheel.bus import ensure_topics_for, producer_for, topics, worker_for
 from flywheel.bus.topics import Topic
 from flywheel.reward.batching import DynamicBatcher
-from flywheel.reward.scorers import Scorer, build_scorer, transformer_from_settings
 from flywheel.reward.http_api import RewardHttpApi
+from flywheel.reward.scorers import Scorer, build_scorer, transformer_from_settings
 from flywheel.reward.service import KSERVE_SERVICE, REWARD_SERVICE, KServeServicer, RewardServicer, registrations
 from flywheel.reward.settings import RewardSettings
 from flywheel.reward.worker import ReloadHandler, ScoringHandler
