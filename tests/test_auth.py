@@ -141,6 +141,12 @@ async def test_http_keys_and_quotas(secured) -> None:
         async with http.post(f"{url}/get_reward", json=body, headers=headers) as r:
             error = await r.json()
             assert r.status == 429 and r.headers["Retry-After"] == "1" and 0 < error["retry_after_s"] <= 1
+        # RL frameworks take only a URL: the key may be a path segment.
+        framework = store.issue("openrlhf-run", scope="score")
+        async with http.post(f"{url}/key/{framework}/get_reward", json=body) as r:
+            assert r.status == 200 and len((await r.json())["rewards"]) == 1
+        async with http.post(f"{url}/key/fwk_wrong/slime/reward", json={"prompt": "", "response": "hi"}) as r:
+            assert r.status == 401
         admin = store.issue("ops", scope="admin")  # admin implies every scope
         async with http.get(f"{url}/v2/models/reward", headers={"Authorization": f"Bearer {admin}"}) as r:
             assert r.status == 200

@@ -18,7 +18,8 @@ as the gRPC APIs:
 
 Deadline: the `X-Flywheel-Timeout-S` header (seconds), else `reward_default_timeout_s`. Errors are
 JSON with the offending field (see `runtime.http`); health routes are public, the rest need an API
-key with scope `score` unless auth is disabled.
+key with scope `score` unless auth is disabled. Frameworks that send no headers may put the key in
+the URL: `/key/<key>/get_reward`, `/key/<key>/slime/reward`.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ class RewardHttpApi:
             web.post(model + "/infer", self.infer), web.post(versioned + "/infer", self.infer),
             web.post("/get_reward", self.openrlhf),
             web.post("/slime/reward", self.slime),
+            # OpenRLHF and slime take only a URL: the key may ride in it (the access log is off).
+            web.post("/key/{api_key}/get_reward", self.openrlhf),
+            web.post("/key/{api_key}/slime/reward", self.slime),
             web.post("/v1/score", self.score),
         ])
         self.server = HttpServer(self.app, settings.host, settings.reward_http_port, "reward")

@@ -406,7 +406,8 @@ PRINCIPAL_KEY = _principal_key()
 def http_middleware(guard: Guard, scope_for: Callable[[Any], str | None],
                     items_for: Callable[[Any], int] | None = None) -> Callable[..., Awaitable[Any]]:
     """aiohttp middleware: `Authorization: Bearer <key>` checked against `scope_for(request)`
-    (None: public route), and `items_for(request)` items taken from the key's quota when the count
+    (None: public route; a route with an `{api_key}` path segment takes the key from there when no
+    header is sent), and `items_for(request)` items taken from the key's quota when the count
     is known from the route alone (otherwise the handler calls `charge_http_items` once it parsed
     the body). The principal is stored as request[PRINCIPAL_KEY]. Refusals are JSON errors: 401,
     403, or 429 with a Retry-After header."""
@@ -419,7 +420,11 @@ def http_middleware(guard: Guard, scope_for: Callable[[Any], str | None],
         scope = scope_for(request)
         if scope is not None and guard.enabled:
             try:
-                request[PRINCIPAL_KEY] = guard.admit(list(request.headers.items()), scope)
+                credentials = list(request.headers.items())
+                if "api_key" in request.match_info and "Authorization" not in request.headers:
+                    # For clients that cannot set headers (RL frameworks take only a URL).
+                    credentials.append(("authorization", f"Bearer {request.match_info['api_key']}"))
+                request[PRINCIPAL_KEY] = guard.admit(credentials, scope)
                 if items_for is not None:
                     guard.charge_items(request[PRINCIPAL_KEY], items_for(request))
             except (Unauthenticated, PermissionDenied, QuotaExceeded) as exc:
