@@ -13,6 +13,14 @@ pairs built from chatterbot-corpus text, and prints one table:
 
 Goal: at concurrency 32, batched gRPC >= 0.8x ceiling and >= 5x naive.
 
+A second table, "apps", measures what another app sees (`--apps-only` runs just it):
+- HTTP JSON (/v1/score, one pair per call) vs gRPC Score at concurrency 32 on the same server
+  (goal: HTTP >= 0.8x gRPC);
+- single-caller latency p50/p99 of gRPC and HTTP at concurrency 1, as seqs/s against in-process
+  batch 1 (goal >= 0.8x);
+- auth + quota: gRPC and HTTP at concurrency 1 against a second server that requires an API key
+  with a (never reached) quota, vs the server without auth (goal: <= 5% of a request's time).
+
 A second table, "batching headroom", measures what batching can gain on this machine at all:
 in-process batch 32 vs batch 1 on pairs of *equal* token length (no padding), at several lengths.
 Batched gRPC cannot beat naive by more than this factor, whatever the server does.
@@ -102,9 +110,11 @@ def in_process(scorer, pairs, batch_size: int, duration_s: float) -> float:
 class Server:
     """`flywheel serve reward` in a subprocess (no Kafka workers)."""
 
-    def __init__(self, max_batch_size: int, max_length: int, threads: int, max_wait_ms: float) -> None:
+    def __init__(self, max_batch_size: int, max_length: int, threads: int, max_wait_ms: float,
+                 keys_db: Path | None = None) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         env = dict(os.environ,
                    FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_GRPC_PORT=str(self.port),
                    FLYWHEEL_METRICS_PORT=str(self.metrics_port), FLYWHEEL_REWARD_SCORER="transformer",
@@ -112,6 +122,8 @@ class Server:
                    FLYWHEEL_REWARD_MAX_BATCH_SIZE=str(max_batch_size), FLYWHEEL_REWARD_MAX_LENGTH=str(max_length),
                    FLYWHEEL_REWARD_TORCH_THREADS=str(threads), FLYWHEEL_REWARD_MAX_WAIT_MS=str(max_wait_ms),
                    FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_LOG_LEVEL="WARNING",
+                   FLYWHEEL_REWARD_HTTP_PORT=str(self.http_port),
+                   FLYWHEEL_AUTH_ENABLED="true" if keys_db else "false", FLYWHEEL_AUTH_KEYS_DB=str(keys_db or ""),
                    PYTHONPATH=str(REPO / "services"))
         self.proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve", "reward"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -120,7 +132,11 @@ class Server:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def wait_ready(self, timeout_s: float = 900.0) -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -153,29 +169,155 @@ class Server:
             self.proc.kill()
 
 
-async def grpc_rate(target: str, pairs, concurrency: int, duration_s: float) -> float:
+async def closed_loop(send, n_requests: int, concurrency: int, duration_s: float) -> tuple[float, list[float]]:
+    """`concurrency` clients each sending its next request when the last returned, for `duration_s`:
+    (requests/s, latencies in seconds). `send(i)` sends request i."""
+    await asyncio.gather(*(send(i) for i in range(concurrency)))  # warm-up: connections, first batches
+    done = 0
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + duration_s
+
+    async def client(k: int) -> None:
+        nonlocal done
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await send(i % n_requests)
+            latencies.append(time.perf_counter() - t0)
+            done += 1
+            i += concurrency
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    return done / (time.perf_counter() - start), latencies
+
+
+async def grpc_run(target: str, pairs, concurrency: int, duration_s: float,
+                   key: str = "") -> tuple[float, list[float]]:
     from grpc import aio
 
     from flywheel.v1 import reward_pb2, reward_pb2_grpc
 
     requests = [reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=p, response=r)]) for p, r in pairs]
+    metadata = (("authorization", f"Bearer {key}"),) if key else None
     async with aio.insecure_channel(target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
-        await asyncio.gather(*(stub.Score(requests[i % len(requests)], timeout=60) for i in range(concurrency)))
-        done = 0
-        stop_at = time.perf_counter() + duration_s
 
-        async def client(k: int) -> None:
-            nonlocal done
-            i = k
-            while time.perf_counter() < stop_at:
-                await stub.Score(requests[i % len(requests)], timeout=60)
-                done += 1
-                i += concurrency
+        async def send(i: int) -> None:
+            await stub.Score(requests[i], timeout=60, metadata=metadata)
 
+        return await closed_loop(send, len(requests), concurrency, duration_s)
+
+
+async def grpc_rate(target: str, pairs, concurrency: int, duration_s: float) -> float:
+    return (await grpc_run(target, pairs, concurrency, duration_s))[0]
+
+
+async def http_run(url: str, pairs, concurrency: int, duration_s: float, key: str = "") -> tuple[float, list[float]]:
+    import json
+
+    import aiohttp
+
+    bodies = [json.dumps({"items": [{"prompt": p, "response": r}]}).encode() for p, r in pairs]
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4)) as http:
+        async def send(i: int) -> None:
+            async with http.post(f"{url}/v1/score", data=bodies[i], headers=headers) as reply:
+                reply.raise_for_status()
+                await reply.read()
+
+        return await closed_loop(send, len(bodies), concurrency, duration_s)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def auth_cost_s(keys_db: Path, key: str, calls: int = 2000) -> float:
+    """In-process cost of one admitted request: key lookup, scope check, both quota buckets."""
+    from flywheel.runtime.auth import Guard, TokenStore
+
+    guard = Guard(TokenStore(keys_db), service="bench")
+    metadata = [("authorization", f"Bearer {key}")]
+    for _ in range(100):
+        guard.charge_items(guard.admit(metadata, "score"), 1)
+    runs = []
+    for _ in range(5):
         start = time.perf_counter()
-        await asyncio.gather(*(client(k) for k in range(concurrency)))
-        return done / (time.perf_counter() - start)
+        for _ in range(calls):
+            guard.charge_items(guard.admit(metadata, "score"), 1)
+        runs.append((time.perf_counter() - start) / calls)
+    return min(runs)
+
+
+def apps_table(args, scorer, pairs, threads: int) -> None:
+    """HTTP vs gRPC at c=32, single-caller latency, auth + quota overhead (see the module doc)."""
+    import statistics
+    import tempfile
+
+    from flywheel.runtime.auth import TokenStore
+
+    keys_dir = Path(tempfile.mkdtemp(prefix="reward-bench-keys-"))
+    store = TokenStore(keys_dir / "keys.sqlite")
+    key = store.issue("bench", scope="score", requests_per_s=1e6, items_per_s=1e6)  # quota path runs, never refuses
+    store.close()
+    c_max = max(args.concurrency)
+    rates: dict[str, list[float]] = {}
+    lat: dict[str, list[float]] = {}
+
+    def record(mode: str, result: tuple[float, list[float]]) -> None:
+        rates.setdefault(mode, []).append(result[0])
+        lat.setdefault(mode, []).extend(result[1])
+        print(f"  {mode:34} {result[0]:8.1f} req/s  p50 {1000 * percentile(result[1], 0.5):6.1f} ms", flush=True)
+
+    plain = Server(args.max_batch_size, args.max_length, threads, args.max_wait_ms)
+    secured = Server(args.max_batch_size, args.max_length, threads, args.max_wait_ms, keys_db=keys_dir / "keys.sqlite")
+    try:
+        plain.wait_ready()
+        secured.wait_ready()
+        for _ in range(args.rounds):
+            single: list[float] = []
+
+            def one() -> int:
+                t0 = time.perf_counter()
+                p, r = pairs[len(single) % len(pairs)]
+                scorer.score([p], [r])
+                single.append(time.perf_counter() - t0)
+                return 1
+
+            record("in-process batch 1", (measure(one, args.duration), single[1:]))
+            record("grpc c=1", asyncio.run(grpc_run(plain.target, pairs, 1, args.duration)))
+            record("http c=1", asyncio.run(http_run(plain.url, pairs, 1, args.duration)))
+            record("grpc c=1, key + quota", asyncio.run(grpc_run(secured.target, pairs, 1, args.duration, key)))
+            record("http c=1, key + quota", asyncio.run(http_run(secured.url, pairs, 1, args.duration, key)))
+            record(f"grpc c={c_max}", asyncio.run(grpc_run(plain.target, pairs, c_max, args.duration)))
+            record(f"http c={c_max}", asyncio.run(http_run(plain.url, pairs, c_max, args.duration)))
+    finally:
+        plain.stop()
+        secured.stop()
+
+    median = {mode: statistics.median(v) for mode, v in rates.items()}
+    base = median["in-process batch 1"]
+    print(f"\napps: medians of {args.rounds} rounds x {args.duration:.0f}s; latencies pooled over rounds")
+    print(f"{'mode':26} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'x in-proc b1':>12} {'x grpc':>7}")
+    print("-" * 72)
+    for mode, rate in median.items():
+        grpc_mode = mode.replace("http", "grpc")
+        vs_grpc = f"{rate / median[grpc_mode]:7.2f}" if mode.startswith("http") else f"{'':7}"
+        print(f"{mode:26} {rate:8.1f} {1000 * percentile(lat[mode], 0.5):7.2f} {1000 * percentile(lat[mode], 0.99):7.2f}"
+              f" {rate / base:12.2f} {vs_grpc}")
+    guard_ms = 1000 * auth_cost_s(keys_dir / "keys.sqlite", key)
+    print(f"auth + quota in-process: {guard_ms:.3f} ms per request = {guard_ms / (1000 / base):.1%} of an "
+          f"in-process batch-1 forward pass")
+    for proto in ("grpc", "http"):
+        plain_ms = 1000 * percentile(lat[f"{proto} c=1"], 0.5)
+        auth_ms = 1000 * percentile(lat[f"{proto} c=1, key + quota"], 0.5)
+        print(f"{proto}: auth + quota adds {auth_ms - plain_ms:+.2f} ms to a {plain_ms:.2f} ms request "
+              f"({(auth_ms - plain_ms) / plain_ms:+.1%}; goal <= 5%)")
+    print(f"c={c_max}: http {median[f'http c={c_max}'] / median[f'grpc c={c_max}']:.2f}x grpc (goal >= 0.8); "
+          f"c=1: grpc {median['grpc c=1'] / base:.2f}x, http {median['http c=1'] / base:.2f}x in-process batch 1 "
+          f"(goal >= 0.8)")
 
 
 def main() -> None:
@@ -188,6 +330,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: min(cores, 4))")
     parser.add_argument("--skip-unbatched-server", action="store_true")
+    parser.add_argument("--apps-only", action="store_true", help="only the apps table (HTTP, latency, auth)")
     parser.add_argument("--headroom-lengths", type=int, nargs="*", default=[24, 48, 96],
                         help="token lengths of the batching-headroom table (none: skip it)")
     args = parser.parse_args()
@@ -206,6 +349,9 @@ def main() -> None:
     print(f"model MiniLM-L6 ({scorer.version}), torch {torch.__version__}, {threads} threads, "
           f"{os.cpu_count()} cores, max_length {args.max_length}, {args.rounds} rounds x {args.duration:.0f}s "
           f"per point, load average at start {load:.1f}", flush=True)
+    if args.apps_only:
+        apps_table(args, scorer, pairs, threads)
+        return
     c_max = max(args.concurrency)
     samples: dict[tuple[str, int], list[float]] = {}
     notes: dict[tuple[str, int], str] = {}
@@ -258,6 +404,9 @@ def main() -> None:
         for tokens, batched_rate, single_rate in headroom(scorer, args.headroom_lengths, args.max_batch_size,
                                                           args.duration):
             print(f"{tokens:>6} {batched_rate:10.1f} {single_rate:9.1f} {batched_rate / single_rate:7.2f}x")
+
+    print()
+    apps_table(args, scorer, pairs, threads)
 
 
 if __name__ == "__main__":

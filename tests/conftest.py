@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+# Services under test run without API keys and with their HTTP APIs on free ports, unless a test
+# asks otherwise (tests/test_auth.py turns auth on); subprocesses inherit both.
+os.environ.setdefault("FLYWHEEL_AUTH_ENABLED", "false")
+os.environ.setdefault("FLYWHEEL_REWARD_HTTP_PORT", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
 

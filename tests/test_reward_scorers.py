@@ -126,10 +126,12 @@ def test_with_reward_model_replaces_only_transformers(tiny, tiny_dir) -> None:
 def test_parse_ensemble_and_build_from_settings(tiny_dir) -> None:
     assert parse_ensemble("transformer=0.8, vader=0.2") == [("transformer", 0.8), ("vader", 0.2)]
     assert parse_ensemble("vader") == [("vader", 1.0)]
-    with pytest.raises(ValueError):
-        parse_ensemble("bogus=1")
+    with pytest.raises(ValueError, match="weight"):
+        parse_ensemble("vader=heavy")
     with pytest.raises(ValueError):
         parse_ensemble(" , ")
+    with pytest.raises(ValueError, match="unknown scorer 'bogus'"):  # members resolve at build time (plugins)
+        build_scorer(RewardSettings(reward_scorer="ensemble", reward_ensemble="bogus=1"))
     assert isinstance(build_scorer(RewardSettings(reward_scorer="vader")), VaderScorer)
     ensemble = build_scorer(RewardSettings(reward_scorer="ensemble", reward_model_uri=str(tiny_dir),
                                            reward_ensemble="transformer=1,vader=0.5"))
@@ -240,3 +242,21 @@ async def test_closed_loop_client_cohorts_merge_into_full_batches() -> None:
         await batcher.stop()
     assert scorer.calls[0] < 16  # it did start split up...
     assert scorer.calls[-6:-1] == [16] * 5  # ...and ends with every client in each forward pass
+
+
+async def test_a_lone_sequential_caller_never_waits_for_a_batch_to_fill() -> None:
+    """With a huge max_wait, a caller scoring one request at a time still gets answers at once (the
+    wait only pays when other callers can join); concurrent callers still share a pass."""
+    scorer = GatedScorer()
+    scorer.gate.set()
+    batcher = DynamicBatcher(scorer, max_batch_size=4, max_wait_s=60.0)
+    batcher.start()
+    try:
+        for text in ("a", "bb", "ccc"):
+            result = await asyncio.wait_for(batcher.score([""], [text]), timeout=20)
+            assert result.values == [float(len(text))]
+        assert scorer.calls == [1, 1, 1]
+        results = await asyncio.wait_for(asyncio.gather(*(batcher.score([""], ["x" * k]) for k in range(1, 5))), 20)
+        assert [r.values for r in results] == [[1.0], [2.0], [3.0], [4.0]] and scorer.calls[3:] == [4]
+    finally:
+        await batcher.stop()

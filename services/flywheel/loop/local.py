@@ -128,6 +128,10 @@ class LocalCluster:
             FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS=self.bootstrap or "",
             FLYWHEEL_SHUTDOWN_DELAY_S="0",
             FLYWHEEL_SHUTDOWN_GRACE_S="5",
+            # A local loop on loopback: no API keys for reward/policy/trainer (the preference service
+            # keeps its rater tokens); the reward HTTP API on a free port.
+            FLYWHEEL_AUTH_ENABLED="false",
+            FLYWHEEL_REWARD_HTTP_PORT="0",
             PYTHONUNBUFFERED="1",
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",

@@ -17,7 +17,8 @@ from flywheel.policy.service import PolicyServicer
 from flywheel.policy.settings import PolicySettings
 from flywheel.policy.worker import RolloutWorker
 from flywheel.runtime import ServiceRuntime
-from flywheel.v1 import common_pb2, policy_pb2_grpc
+from flywheel.runtime.auth import SCOPE_GENERATE, AuthInterceptor, Guard, http_middleware
+from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,22 @@ class PolicyComponents:
         return self.backend.engine  # type: ignore[attr-defined,no-any-return]
 
 
+def _sequences(request: policy_pb2.GenerateRequest) -> int:
+    """Sequences a Generate call asks for (what the items/s quota counts)."""
+    fallback = request.sampling.n if request.HasField("sampling") else 0
+    return sum(max(1, p.sampling.n if p.HasField("sampling") and p.sampling.n else fallback) for p in request.prompts)
+
+
+def auth_interceptor(guard: Guard) -> AuthInterceptor:
+    return AuthInterceptor(guard, {SERVICE_NAME: SCOPE_GENERATE},
+                           items={f"/{SERVICE_NAME}/Generate": _sequences, f"/{SERVICE_NAME}/GenerateStream": lambda r: 1})
+
+
+def _tgi_scope(request) -> str | None:  # type: ignore[no-untyped-def]
+    """The TGI API's health probe is public; everything else needs scope `generate`."""
+    return None if request.path in ("/health", "/metrics") else SCOPE_GENERATE
+
+
 def make_backend(settings: PolicySettings) -> Backend:
     if settings.policy_backend == "tgi":
         return TGIBackend(settings.policy_tgi_url, tokenizer_dir=settings.policy_tgi_tokenizer_dir,
@@ -78,6 +95,8 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
     runtime.add_service(SERVICE_NAME, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(
         servicer, server))
     parts = PolicyComponents(runtime=runtime, backend=backend, servicer=servicer)
+    guard = Guard.from_settings(settings)
+    runtime.add_interceptor(auth_interceptor(guard))
 
     async def nothing() -> None:
         pass
@@ -91,6 +110,9 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
         parts.http = TGIHttpApi(backend, defaults, host=settings.host, port=settings.policy_http_port,
                                 max_concurrent_requests=settings.policy_max_queue,
                                 max_input_tokens=settings.policy_max_input_tokens)
+        # TGI routes generate one sequence per request (best_of = 1).
+        parts.http.app.middlewares.append(http_middleware(
+            guard, _tgi_scope, items_for=lambda r: 0 if _tgi_scope(r) is None or r.method != "POST" else 1))
         runtime.add_worker(parts.http)
 
     reload = settings.policy_reload_enabled and isinstance(backend, LocalBackend)

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from flywheel.runtime.keys_cli import add_key_commands
+
 app = typer.Typer(help="Policy service tools.", no_args_is_help=True)
 
 
@@ -42,3 +44,12 @@ def generate(
         else:
             total = sum(seq.logprobs)
             typer.echo(f"[{i}] ({seq.finish_reason}, {len(seq.token_ids)} tokens, sum logprob {total:.2f}) {seq.text}")
+
+
+def _settings():  # noqa: ANN202
+    from flywheel.policy.settings import PolicySettings
+
+    return PolicySettings()
+
+
+add_key_commands(app, "generate", _settings)

@@ -1,4 +1,4 @@
-"""Composition of the reward service: scorer + batcher + gRPC servicers + Kafka workers."""
+"""Composition of the reward service: scorer + batcher + gRPC servicers + HTTP API + API keys + Kafka workers."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import uuid
 from flywheel.bus import ensure_topics_for, producer_for, topics, worker_for
 from flywheel.bus.topics import Topic
 from flywheel.reward.batching import DynamicBatcher
+from flywheel.reward.http_api import RewardHttpApi
 from flywheel.reward.scorers import Scorer, build_scorer, transformer_from_settings
-from flywheel.reward.service import registrations
+from flywheel.reward.service import KSERVE_SERVICE, REWARD_SERVICE, KServeServicer, RewardServicer, registrations
 from flywheel.reward.settings import RewardSettings
 from flywheel.reward.worker import ReloadHandler, ScoringHandler
 from flywheel.runtime import ServiceRuntime
+from flywheel.runtime.auth import SCOPE_SCORE, AuthInterceptor, Guard
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,31 @@ class RewardApp:
     """Handles to the parts of a built service (tests and the benchmark use them)."""
 
     def __init__(self, runtime: ServiceRuntime, batcher: DynamicBatcher,
-                 scoring: ScoringHandler | None, reload: ReloadHandler | None) -> None:
+                 scoring: ScoringHandler | None, reload: ReloadHandler | None,
+                 http: RewardHttpApi | None = None, guard: Guard | None = None) -> None:
         self.runtime = runtime
         self.batcher = batcher
         self.scoring = scoring
         self.reload = reload
+        self.http = http
+        self.guard = guard
+
+
+def _kserve_items(request) -> int:  # type: ignore[no-untyped-def]
+    return max((len(t.contents.bytes_contents) or (t.shape[0] if t.shape else 0) for t in request.inputs), default=0)
+
+
+def auth_interceptor(guard: Guard) -> AuthInterceptor:
+    """Scoring needs scope `score`; KServe liveness/readiness stay public (probes), as health does."""
+    return AuthInterceptor(guard, {
+        REWARD_SERVICE: SCOPE_SCORE, KSERVE_SERVICE: SCOPE_SCORE,
+        f"/{KSERVE_SERVICE}/ServerLive": None, f"/{KSERVE_SERVICE}/ServerReady": None,
+    }, items={
+        f"/{REWARD_SERVICE}/Score": lambda r: len(r.items),
+        f"/{REWARD_SERVICE}/ScoreStream": lambda r: len(r.items),
+        f"/{REWARD_SERVICE}/Compare": lambda r: 2,
+        f"/{KSERVE_SERVICE}/ModelInfer": _kserve_items,
+    })
 
 
 def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
@@ -56,8 +78,18 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
     runtime.add_worker(_BatcherLifecycle(batcher))
     ready = {"serving": False}
 
-    for name, register in registrations(batcher, settings, is_ready=lambda: ready["serving"] and not batcher.closed):
+    def is_ready() -> bool:
+        return ready["serving"] and not batcher.closed
+
+    reward = RewardServicer(batcher, settings)
+    kserve = KServeServicer(batcher, settings, is_ready)
+    for name, register in registrations(reward, kserve):
         runtime.add_service(name, register)
+    guard = Guard.from_settings(settings)
+    runtime.add_interceptor(auth_interceptor(guard))
+    http = RewardHttpApi(reward, kserve, settings, guard, is_ready) if settings.reward_http_enabled else None
+    if http is not None:
+        runtime.add_worker(http)
 
     scoring: ScoringHandler | None = None
     reload: ReloadHandler | None = None
@@ -92,7 +124,7 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
         batcher.scorer.close()
 
     runtime.on_stop(shutdown)
-    return RewardApp(runtime, batcher, scoring, reload)
+    return RewardApp(runtime, batcher, scoring, reload, http, guard)
 
 
 def build(settings: RewardSettings) -> ServiceRuntime:

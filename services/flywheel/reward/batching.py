@@ -11,7 +11,10 @@ of the previous forward pass, and, when the previous batch served several reques
 request when the previous one returns) split into cohorts that alternate between forward passes:
 the requests answered by pass k come back while pass k+1 runs on the rest, and batches stay small
 for ever. Waiting a small fraction of a pass for the answered cohort to return merges them again,
-at a latency cost bounded by that fraction; a single sequential client never pays it.
+at a latency cost bounded by that fraction; a single sequential client never pays it. Nor does it
+pay `max_wait_s`: a request that finds the batcher idle (empty queue, no pass since it arrived)
+after a pass that served a single request runs at once - an app scoring one request at a time
+would otherwise wait for company that never comes.
 
 - Bounded: more than `max_queue_items` waiting items -> `Overloaded` (RESOURCE_EXHAUSTED).
 - Deadlines: a request whose deadline passed before its batch ran is dropped (DeadlineExceeded)
@@ -214,6 +217,9 @@ class DynamicBatcher:
     async def _wait_to_fill(self) -> None:
         """Wait until a full batch is queued, or the oldest queued item waited max_wait_s."""
         assert self._wakeup is not None
+        if (self._last_batch_requests <= 1 and len(self._queue) == 1
+                and self._queue[0].enqueued >= self._last_forward_end):
+            return  # a lone caller found the batcher idle: nobody is about to join, so don't wait
         budget = self.max_wait_s
         if self._last_batch_requests > 1:  # concurrent callers: let the answered cohort come back
             budget = max(budget, self.wait_fraction * self._last_forward_s)

@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="Reward service: train reward models, score text.", no_args_is_help=True)
+from flywheel.runtime.keys_cli import add_key_commands
+
+app = typer.Typer(help="Reward service: train reward models, score text, API keys.", no_args_is_help=True)
 
 
 @app.command()
@@ -65,13 +67,22 @@ def score(
     timeout_s: float = typer.Option(10.0),
 ) -> None:
     """Score responses with a running reward service."""
-    from flywheel.runtime.client import insecure_channel
+    from flywheel.runtime.client import insecure_channel, with_api_key
     from flywheel.v1 import reward_pb2, reward_pb2_grpc
 
     with insecure_channel(target) as channel:
-        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        stub = reward_pb2_grpc.RewardServiceStub(with_api_key(channel))  # $FLYWHEEL_API_KEY
         reply = stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=prompt, response=r)
                                                           for i, r in enumerate(response)]), timeout=timeout_s)
     typer.echo(f"scorer {reply.scorer} {reply.scorer_version}")
     for item, text in zip(reply.scores, response):
         typer.echo(f"{item.score:+.4f}\t{text}")
+
+
+def _settings():  # noqa: ANN202
+    from flywheel.reward.settings import RewardSettings
+
+    return RewardSettings()
+
+
+add_key_commands(app, "score", _settings)

@@ -45,30 +45,45 @@ def model_version_of(batcher: DynamicBatcher) -> common_pb2.ModelVersion:
                                    checkpoint_uri=scorer.checkpoint_uri, model_name=scorer.model_name)
 
 
+def check_text(settings: RewardSettings, value: str, field: str) -> None:
+    require(len(value) <= settings.reward_max_text_chars, field,
+            f"longer than {settings.reward_max_text_chars} characters")
+
+
+def check_pairs(settings: RewardSettings, prompts: list[str], responses: list[str],
+                field: Callable[[int, str], str], items: str) -> None:
+    """The limits every scoring route applies; `field(i, "prompt")` names an item's part in errors."""
+    n = len(responses)
+    require(n > 0, items, "must not be empty")
+    require(n <= settings.reward_max_items_per_request, items,
+            f"at most {settings.reward_max_items_per_request} per request, got {n}")
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        check_text(settings, prompt, field(i, "prompt"))
+        check_text(settings, response, field(i, "response"))
+        require(bool(prompt or response), field(i, "response"), "prompt and response are both empty")
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, batcher: DynamicBatcher, settings: RewardSettings) -> None:
         self.batcher = batcher
         self.settings = settings
 
     def _check_text(self, value: str, field: str) -> None:
-        require(len(value) <= self.settings.reward_max_text_chars, field,
-                f"longer than {self.settings.reward_max_text_chars} characters")
+        check_text(self.settings, value, field)
 
     def _validate(self, request: reward_pb2.ScoreRequest) -> None:
-        n = len(request.items)
-        require(n > 0, "items", "must not be empty")
-        require(n <= self.settings.reward_max_items_per_request, "items",
-                f"at most {self.settings.reward_max_items_per_request} per request, got {n}")
-        for i, item in enumerate(request.items):
-            self._check_text(item.prompt, f"items[{i}].prompt")
-            self._check_text(item.response, f"items[{i}].response")
-            require(bool(item.prompt or item.response), f"items[{i}]", "prompt and response are both empty")
+        check_pairs(self.settings, [it.prompt for it in request.items], [it.response for it in request.items],
+                    lambda i, part: f"items[{i}].{part}", "items")
 
-    async def _score(self, request: reward_pb2.ScoreRequest, context: aio.ServicerContext) -> reward_pb2.ScoreResponse:
+    async def score_request(self, request: reward_pb2.ScoreRequest, timeout_s: float) -> reward_pb2.ScoreResponse:
+        """Validate and score one request (gRPC Score and the HTTP /v1/score route)."""
         self._validate(request)
         result = await self.batcher.score([it.prompt for it in request.items], [it.response for it in request.items],
-                                          timeout_s=_timeout(context, self.settings.reward_default_timeout_s))
+                                          timeout_s=timeout_s)
         return _score_response(request, result)
+
+    async def _score(self, request: reward_pb2.ScoreRequest, context: aio.ServicerContext) -> reward_pb2.ScoreResponse:
+        return await self.score_request(request, _timeout(context, self.settings.reward_default_timeout_s))
 
     async def Score(self, request, context):  # noqa: N802 - gRPC method name
         return await self._score(request, context)
@@ -211,14 +226,17 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
         return found, bool(raw)
 
     async def ModelInfer(self, request, context):  # noqa: N802
+        return await self.infer(request, _timeout(context, self.settings.reward_default_timeout_s))
+
+    async def infer(self, request: kserve_pb2.ModelInferRequest, timeout_s: float) -> kserve_pb2.ModelInferResponse:
+        """Validate and score one inference request (gRPC ModelInfer and the REST infer route)."""
         self._check_model(request.model_name, request.model_version)
         for i, out in enumerate(request.outputs):
             require(out.name == self.OUTPUT, f"outputs[{i}].name", f"unknown output {out.name!r} (only 'score')")
         if not self._is_ready():
             raise NotReady("reward model not ready")
         inputs, raw = self._inputs(request)
-        result = await self.batcher.score(inputs["prompt"], inputs["response"],
-                                          timeout_s=_timeout(context, self.settings.reward_default_timeout_s))
+        result = await self.batcher.score(inputs["prompt"], inputs["response"], timeout_s=timeout_s)
         n = len(result.values)
         output = kserve_pb2.ModelInferResponse.InferOutputTensor(name=self.OUTPUT, datatype="FP32", shape=[n])
         response = kserve_pb2.ModelInferResponse(model_name=self.model_name, model_version=result.scorer_version,
@@ -231,13 +249,9 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def registrations(batcher: DynamicBatcher, settings: RewardSettings,
-                  is_ready: Callable[[], bool] | None = None) -> list[tuple[str, Callable[[aio.Server], None]]]:
+def registrations(reward: RewardServicer, kserve: KServeServicer) -> list[tuple[str, Callable[[aio.Server], None]]]:
     """(service name, register) pairs for ServiceRuntime.add_service."""
-    reward = RewardServicer(batcher, settings)
-    kserve = KServeServicer(batcher, settings, is_ready)
     return [
         (REWARD_SERVICE, lambda server: reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, server)),
         (KSERVE_SERVICE, lambda server: kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)),
     ]
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from flywheel.runtime.config import ServiceSettings
@@ -15,8 +17,8 @@ class RewardSettings(ServiceSettings):
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port.")
 
     reward_scorer: str = Field(
-        "transformer", description="Scorer to serve: transformer, vader, remote, or ensemble "
-        "(members and weights from reward_ensemble).")
+        "transformer", description="Scorer to serve: transformer, vader, remote, ensemble (members and weights "
+        "from reward_ensemble), a plugin's entry-point name (group flywheel.scorers) or module:Class.")
     reward_model_uri: str | None = Field(
         None, description="Reward-model checkpoint: a local directory or fsspec URI (file://, s3://, ...). "
         "Unset: the MiniLM backbone with a fresh, untrained head (version reward-0000).")
@@ -44,10 +46,20 @@ class RewardSettings(ServiceSettings):
     reward_remote_timeout_s: float = Field(10.0, gt=0, description="remote scorer: deadline of one attempt.")
     reward_remote_retries: int = Field(3, ge=0, description="remote scorer: retries after UNAVAILABLE, "
                                        "RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED (exponential backoff).")
+    reward_remote_api_key: str = Field("", description="remote scorer: API key (scope score) sent as "
+                                       "`authorization: Bearer <key>`; empty: none.")
     reward_ensemble: str = Field(
-        "transformer=1.0", description="ensemble scorer: comma-separated member=weight "
-        "(members: transformer, vader, remote), e.g. 'transformer=0.8,vader=0.2'.")
+        "transformer=1.0", description="ensemble scorer: comma-separated member=weight; members are built-ins "
+        "(transformer, vader, remote) or plugins, e.g. 'transformer=0.8,vader=0.2,format=0.5'.")
+    reward_plugin_config_file: Path | None = Field(
+        None, description="JSON or TOML file with the settings of the plugin scorer(s); values here win over "
+        "FLYWHEEL_REWARD_PLUGIN_* environment variables.")
 
+    reward_http_enabled: bool = Field(True, description="Serve the HTTP/JSON APIs (Open Inference Protocol REST, "
+                                      "OpenRLHF /get_reward, slime /slime/reward, /v1/score).")
+    reward_http_port: int = Field(8082, ge=0, le=65535, description="HTTP port; 0 picks a free port.")
+    reward_http_max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest accepted HTTP body; "
+                                            "larger ones get 413 before they are read.")
     reward_kserve_model_name: str = Field("reward", description="Model name served on the KServe v2 "
                                           "(inference.GRPCInferenceService) API.")
     reward_worker_enabled: bool = Field(True, description="Run the Kafka scoring worker "

@@ -48,3 +48,44 @@ def aio_channel(target: str, *, retries: bool = True, root_certificates: bytes |
         return aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates),
                                   options=channel_options(retries=retries))
     return aio.insecure_channel(target, options=channel_options(retries=retries))
+
+
+API_KEY_ENV = "FLYWHEEL_API_KEY"
+
+
+class _BearerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                         grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call of a blocking channel."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = ("authorization", f"Bearer {key}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        class Details(grpc.ClientCallDetails):
+            pass
+
+        new = Details()
+        new.method, new.timeout, new.credentials = details.method, details.timeout, details.credentials
+        new.wait_for_ready, new.compression = details.wait_for_ready, details.compression
+        new.metadata = [*(details.metadata or ()), self._metadata]
+        return new
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+
+def with_api_key(channel: grpc.Channel, key: str | None = None) -> grpc.Channel:
+    """`channel` sending an API key (`key`, else $FLYWHEEL_API_KEY; none: unchanged) on every call."""
+    import os
+
+    key = key if key is not None else os.environ.get(API_KEY_ENV, "")
+    return grpc.intercept_channel(channel, _BearerInterceptor(key)) if key else channel

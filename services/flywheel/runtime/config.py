@@ -42,6 +42,17 @@ class ServiceSettings(BaseSettings):
     tls_cert_file: Path | None = Field(None, description="PEM certificate; with tls_key_file enables TLS.")
     tls_key_file: Path | None = Field(None, description="PEM private key for TLS.")
     log_level: str = Field("INFO", description="Python logging level.")
+    auth_enabled: bool = Field(
+        True, description="Require an API key (`authorization: Bearer <key>`, issued with `flywheel keys issue`) on "
+        "the reward, policy and trainer APIs. Disable only where the network is trusted (the local loop does).")
+    auth_keys_db: Path | None = Field(None, description="SQLite file with the hashed API keys "
+                                      "(default <home>/auth/keys.sqlite).")
+    auth_default_requests_per_s: float = Field(0.0, ge=0, description="Requests/s quota of keys that set none "
+                                               "(0: unlimited).")
+    auth_default_items_per_s: float = Field(0.0, ge=0, description="Items/s (texts scored, sequences generated) "
+                                            "quota of keys that set none (0: unlimited).")
+    auth_burst_s: float = Field(1.0, gt=0, description="Quota burst: a key may spend this many seconds' worth of "
+                                "its rate at once.")
     home: Path = Field(default_factory=default_home, description="Directory for caches, checkpoints and state.")
 
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated Kafka bootstrap servers.")
@@ -62,6 +73,9 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, Path):
             return value.expanduser().absolute()
         return value
+
+    def api_keys_path(self) -> Path:
+        return self.auth_keys_db or self.home / "auth" / "keys.sqlite"
 
     @property
     def bootstrap_servers(self) -> list[str]:

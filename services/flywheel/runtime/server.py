@@ -60,6 +60,7 @@ class ServiceRuntime:
         self.health = health.aio.HealthServicer()
         self._registrations: list[_Registration] = []
         self._workers: list[BackgroundWorker] = []
+        self._interceptors: list[aio.ServerInterceptor] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._server: aio.Server | None = None
         self._metrics_server: metrics.MetricsServer | None = None
@@ -71,6 +72,10 @@ class ServiceRuntime:
     def add_service(self, full_name: str, register: Callable[[aio.Server], None]) -> None:
         """`register(server)` adds the servicer; `full_name` is e.g. "flywheel.v1.RewardService"."""
         self._registrations.append(_Registration(full_name, register))
+
+    def add_interceptor(self, interceptor: aio.ServerInterceptor) -> None:
+        """Runs inside the metrics and exception-mapping interceptors (its exceptions become statuses)."""
+        self._interceptors.append(interceptor)
 
     def add_worker(self, worker: BackgroundWorker) -> None:
         self._workers.append(worker)
@@ -100,7 +105,7 @@ class ServiceRuntime:
         settings = self.settings
         metrics.BUILD_INFO.info({"version": __version__})
         self._server = aio.server(
-            interceptors=[MetricsInterceptor(), ExceptionMappingInterceptor()],
+            interceptors=[MetricsInterceptor(), ExceptionMappingInterceptor(), *self._interceptors],
             options=grpc_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )

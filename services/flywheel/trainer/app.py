@@ -15,9 +15,10 @@ from pathlib import Path
 from flywheel.bus import TypedConsumer, ensure_topics_for, producer_for, topics
 from flywheel.bus.topics import Topic
 from flywheel.runtime import ServiceRuntime
+from flywheel.runtime.auth import Guard
 from flywheel.trainer.checkpoint import CheckpointStore
 from flywheel.trainer.loop import LoadedTrainer, TrainerLoop, follow, load_trainer
-from flywheel.trainer.service import RewardJobRunner, TrainerServicer, registrations
+from flywheel.trainer.service import RewardJobRunner, TrainerServicer, auth_interceptor, registrations
 from flywheel.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
     runtime = ServiceRuntime(settings)
     for name, register in registrations(TrainerServicer(loop, jobs)):
         runtime.add_service(name, register)
+    runtime.add_interceptor(auth_interceptor(Guard.from_settings(settings)))
     runtime.add_worker(loop)
 
     async def close() -> None:

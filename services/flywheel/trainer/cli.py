@@ -8,17 +8,19 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="PPO trainer: status, pause/resume, live progress, reward-model jobs, SFT.",
+from flywheel.runtime.keys_cli import add_key_commands
+
+app = typer.Typer(help="PPO trainer: status, pause/resume, live progress, reward-model jobs, SFT, API keys.",
                   no_args_is_help=True)
 
 TARGET = typer.Option("127.0.0.1:50054", "--target", envvar="FLYWHEEL_TRAINER_TARGET", help="TrainerService host:port.")
 
 
 def _stub(target: str):  # noqa: ANN202
-    from flywheel.runtime.client import insecure_channel
+    from flywheel.runtime.client import insecure_channel, with_api_key
     from flywheel.v1 import trainer_pb2_grpc
 
-    return trainer_pb2_grpc.TrainerServiceStub(insecure_channel(target))
+    return trainer_pb2_grpc.TrainerServiceStub(with_api_key(insecure_channel(target)))  # $FLYWHEEL_API_KEY
 
 
 def _state_name(state: int) -> str:
@@ -158,3 +160,13 @@ def sft(data: Optional[Path] = typer.Option(None, help="JSONL of {prompt_text, r
             producer.send_and_wait(topic, mv, key="POLICY")
         finally:
             producer.close()
+
+
+def _settings():  # noqa: ANN202
+    from flywheel.trainer.settings import TrainerSettings
+
+    return TrainerSettings()
+
+
+add_key_commands(app, "admin", _settings)
+

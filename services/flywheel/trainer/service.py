@@ -14,6 +14,7 @@ from typing import Callable
 from grpc import aio
 
 from flywheel.runtime import InvalidArgument, NotFound, require
+from flywheel.runtime.auth import ANY_SCOPE, SCOPE_ADMIN, AuthInterceptor, Guard
 from flywheel.trainer import metrics
 from flywheel.trainer.loop import LoopState, TrainerLoop
 from flywheel.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
@@ -194,6 +195,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return job.to_proto()
 
 
+TRAINER_SERVICE = "flywheel.v1.TrainerService"
+
+
+def auth_interceptor(guard: Guard) -> AuthInterceptor:
+    """Control RPCs (pause, resume, reward-model training) need an admin key; reading status any key."""
+    return AuthInterceptor(guard, {TRAINER_SERVICE: ANY_SCOPE,
+                                   **{f"/{TRAINER_SERVICE}/{m}": SCOPE_ADMIN
+                                      for m in ("Pause", "Resume", "TriggerRewardModelTraining")}})
+
+
 def registrations(servicer: TrainerServicer) -> list[tuple[str, Callable[[aio.Server], None]]]:
-    return [("flywheel.v1.TrainerService",
+    return [(TRAINER_SERVICE,
              lambda server: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server))]

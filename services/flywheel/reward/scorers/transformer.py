@@ -1,0 +1,153 @@
+"""The sequence-classification reward model and its checkpoints.
+
+`TransformerRewardScorer`: `AutoModelForSequenceClassification` with one label, loaded from a
+local directory or checkpoint URI (default: the packaged MiniLM with a fresh head, "reward-0000").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlparse
+
+from flywheel.reward.scorers.base import Scorer, check_lengths
+from flywheel.reward.scorers.chunking import plan_chunks
+
+BASE_VERSION = "reward-0000"
+METADATA_FILE = "flywheel.json"
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def resolve_checkpoint(uri: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+    """A local directory for a checkpoint path or URI. Remote fsspec URIs are copied once into
+    `cache_dir` (keyed by the URI) and reused."""
+    text = str(uri)
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else text).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        return path
+    import hashlib
+
+    import fsspec
+
+    from flywheel.runtime.config import default_home
+
+    cache_dir = Path(cache_dir or default_home() / "reward-models")
+    target = cache_dir / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if (target / METADATA_FILE).exists() or (target / "config.json").exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    fs, _, paths = fsspec.get_fs_token_paths(text)
+    fs.get(paths[0].rstrip("/") + "/", str(tmp), recursive=True)
+    tmp.rename(target)
+    return target
+
+
+def read_checkpoint_metadata(path: Path) -> dict:
+    meta_file = path / METADATA_FILE
+    if meta_file.exists():
+        return json.loads(meta_file.read_text())
+    return {}
+
+
+def default_torch_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+# -- implementations ----------------------------------------------------------------------------
+
+class TransformerRewardScorer(Scorer):
+    """A sequence-classification reward model with one output (the reward).
+
+    The pair is encoded as the tokenizer's text pair (prompt, response), truncated longest-first to
+    `max_length`, padded to the longest pair of each forward pass. Forward passes run under
+    `torch.inference_mode`. A call is tokenized once, sorted by token length and split into
+    length-homogeneous chunks (`plan_chunks`): padding a short pair to a long one costs real
+    compute on a CPU, and so does every extra forward pass; the split minimises the sum.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, *, max_length: int = 256,
+                 max_batch_size: int = 64, torch_threads: int | None = None, version: str | None = None,
+                 cache_dir: Path | None = None, forward_overhead_tokens: int = 32) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from flywheel.models import minilm_dir
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self._uri = str(model_path) if model_path is not None else ""
+        path = resolve_checkpoint(model_path, cache_dir) if model_path is not None else minilm_dir()
+        meta = read_checkpoint_metadata(path)
+        self._version = version or meta.get("version") or BASE_VERSION
+        self._model_name = meta.get("model_name") or path.name
+        self.path = path
+        self.max_length = max_length
+        self.max_batch_size = max_batch_size
+        self.forward_overhead_tokens = forward_overhead_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # A backbone without a classification head gets a fresh one (num_labels=1: regression head).
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        self.model.eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self._torch = torch
+
+    @property
+    def name(self) -> str:
+        return "transformer"
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self._uri or self.path.as_uri()
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]):
+        return self.tokenizer(list(prompts), list(responses), padding="longest", truncation="longest_first",
+                              max_length=self.max_length, return_tensors="pt")
+
+    def forward(self, prompts: Sequence[str], responses: Sequence[str]):
+        """Rewards as a float tensor with gradients as the caller's grad mode says (used by training)."""
+        enc = self.encode(prompts, responses)
+        return self.model(**enc).logits[:, 0]
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        check_lengths(prompts, responses)
+        n = len(prompts)
+        if n == 0:
+            return []
+        # Tokenize once without padding; each chunk is padded to its own longest pair below.
+        enc = self.tokenizer(list(prompts), list(responses), truncation="longest_first", max_length=self.max_length)
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        order = sorted(range(n), key=lambda i: lengths[i])
+        out = [0.0] * n
+        with self._torch.inference_mode():
+            for start, end in plan_chunks([lengths[i] for i in order], self.max_batch_size,
+                                          self.forward_overhead_tokens):
+                idx = order[start:end]
+                values = self.model(**self._pad(enc, idx)).logits[:, 0].float().tolist()
+                for i, v in zip(idx, values):
+                    out[i] = float(v)
+        return out
+
+    def _pad(self, enc, idx: Sequence[int]) -> dict:
+        """Right-padded tensors of the encoded pairs `idx` (attention mask 0 on padding)."""
+        torch = self._torch
+        width = max(len(enc["input_ids"][i]) for i in idx)
+        features = {}
+        for key in enc.keys():
+            fill = self.tokenizer.pad_token_id if key == "input_ids" else 0
+            features[key] = torch.tensor([enc[key][i] + [fill] * (width - len(enc[key][i])) for i in idx])
+        return features
