@@ -277,3 +277,42 @@ async def test_kserve_readiness_follows_the_service(settings_factory, serve) -> 
         assert (await stub.ServerReady(kserve_pb2.ServerReadyRequest())).ready
         reply = await stub.ModelInfer(infer)  # prompt is optional
         assert list(reply.outputs[0].contents.fp32_contents) == pytest.approx(VaderScorer().score([""], ["ok"]))
+
+
+async def test_documented_limits_and_costly_items(settings_factory, serve) -> None:
+    """KServe shapes only [N] / [N, 1]; empty items refused by both APIs alike; 20,000 emoji
+    no longer stall the scorer past a caller's deadline; long ids are clipped (findings 3, 5, 6)."""
+    _, target = await start(settings_factory, serve, VaderScorer())
+    tensor = kserve_pb2.ModelInferRequest.InferInputTensor
+
+    def infer(shape, texts, name="reward"):
+        return kserve_pb2.ModelInferRequest(model_name=name, inputs=[tensor(
+            name="response", datatype="BYTES", shape=shape,
+            contents=kserve_pb2.InferTensorContents(bytes_contents=texts))])
+
+    async with aio.insecure_channel(target) as channel:
+        kserve = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        reward = reward_pb2_grpc.RewardServiceStub(channel)
+        for shape in ([2, 1, 1], [2] + [1] * 1000, [1, 2], [], [-1]):
+            with pytest.raises(aio.AioRpcError) as err:
+                await kserve.ModelInfer(infer(shape, [b"good", b"bad"]))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, shape
+            assert "inputs[0].shape" in err.value.details()
+        assert len((await kserve.ModelInfer(infer([2, 1], [b"good", b"bad"]))).outputs[0].contents.fp32_contents) == 2
+
+        with pytest.raises(aio.AioRpcError) as err:
+            await kserve.ModelInfer(infer([2], [b"", b""]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs[0].contents[0]" in err.value.details()
+        with pytest.raises(aio.AioRpcError) as err:
+            await reward.Score(request_of([("", ""), ("", "")]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "items[0]" in err.value.details()
+
+        for call in (kserve.ModelReady(kserve_pb2.ModelReadyRequest(name="m" * 2_000_000)),
+                     kserve.ModelMetadata(kserve_pb2.ModelMetadataRequest(name="reward", version="v" * 2_000_000)),
+                     kserve.ModelInfer(infer([1], [b"x"], name="m" * 2_000_000))):
+            with pytest.raises(aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) < 1100
+
+        emoji = await reward.Score(request_of([("p", "🙂" * 20_000)]), timeout=20)
+        assert emoji.scores[0].score > 0
