@@ -74,7 +74,7 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
     runtime = ServiceRuntime(settings)
     backend = backend or make_backend(settings)
     defaults = SamplingDefaults.from_settings(settings)
-    servicer = PolicyServicer(backend, defaults)
+    servicer = PolicyServicer(backend, defaults, max_sequences=settings.policy_max_queue)
     runtime.add_service(SERVICE_NAME, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(
         servicer, server))
     parts = PolicyComponents(runtime=runtime, backend=backend, servicer=servicer)
@@ -90,7 +90,8 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
     if settings.policy_http_enabled:
         parts.http = TGIHttpApi(backend, defaults, host=settings.host, port=settings.policy_http_port,
                                 max_concurrent_requests=settings.policy_max_queue,
-                                max_input_tokens=settings.policy_max_input_tokens)
+                                max_input_tokens=settings.policy_max_input_tokens,
+                                max_body_bytes=settings.policy_http_max_body_bytes)
         runtime.add_worker(parts.http)
 
     reload = settings.policy_reload_enabled and isinstance(backend, LocalBackend)
