@@ -316,3 +316,48 @@ async def test_documented_limits_and_costly_items(settings_factory, serve) -> No
 
         emoji = await reward.Score(request_of([("p", "🙂" * 20_000)]), timeout=20)
         assert emoji.scores[0].score > 0
+
+
+def test_sigterm_stops_a_busy_service_within_its_grace(tmp_path) -> None:
+    """A long request being scored does not hold the process past its shutdown grace (finding 3):
+    the RPC is cancelled when the grace ends and the batcher stops between slices."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import REPO, free_port
+    from waiting import wait_until
+
+    grpc_port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_GRPC_PORT=str(grpc_port),
+               FLYWHEEL_METRICS_PORT=str(metrics_port), FLYWHEEL_REWARD_SCORER="vader",
+               FLYWHEEL_REWARD_WORKER_ENABLED="false", FLYWHEEL_REWARD_HOT_RELOAD="false",
+               FLYWHEEL_SHUTDOWN_GRACE_S="2", FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve", "reward"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                   == health_pb2.HealthCheckResponse.SERVING, timeout_s=120, what="reward serving")
+        # ~256 x 0.1 s of VADER work even with the per-item cap.
+        busy = reward_pb2_grpc.RewardServiceStub(channel).Score.future(
+            request_of([("p", "not very good but " * 150)] * 256), timeout=300)
+
+        def started() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+                return 'grpc_method="Score"' in resp.read().decode()
+
+        wait_until(started, timeout_s=30, what="the Score call reached the server")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)  # grace 2 s + one slice of scoring; once it took minutes
+        assert busy.exception(timeout=10) is not None
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
