@@ -90,7 +90,8 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         from flywheel.runtime import PermissionDenied
 
         try:
-            prepared = self.validator.prepare(events, prefixes, principal)
+            # Lineage lookups read the SQLite store, which a writer thread may hold: off the loop.
+            prepared = await asyncio.to_thread(self.validator.prepare, events, prefixes, principal)
         except PermissionDenied:
             AUTH_FAILURES.labels("permission_denied").inc()
             raise

@@ -224,7 +224,7 @@ class ExceptionMappingInterceptor(_WrappingInterceptor):
 
     async def _abort(self, method: str, exc: BaseException, context: aio.ServicerContext) -> None:
         code, message = status_for(exc)
-        if isinstance(exc, FlywheelError):
+        if isinstance(exc, (FlywheelError, NotImplementedError)):
             log.info("%s -> %s: %s", method, code.name, message)
         else:
             log.exception("%s failed", method, exc_info=exc)
