@@ -205,6 +205,10 @@ async def test_http_api_status_codes_for_malformed_input(start_policy) -> None:
     for path in ("/generate", "/", "/generate_stream"):
         status, body = await asyncio.to_thread(post, b'{"inputs": "hi", "parameters": [1, 2]}', path)
         assert status == 422 and body["error_type"] == "validation", path
+    for raw in (b'{"inputs": "hi", "parameters": {"seed": ' + b"9" * 5000 + b"}}", b"[" * 100_000 + b"]" * 100_000,
+                b'{"inputs": "\xff"}'):
+        status, body = await asyncio.to_thread(post, raw)
+        assert (status, body["error_type"]) == (422, "validation"), raw[:40]
     status, body = await asyncio.to_thread(post_json, {"max_new_tokens": 1}, "x" * 100_000)
     assert status == 422 and "bytes" in body["error"]
     status, body = await asyncio.to_thread(post_json, {"max_new_tokens": 1, "no_such_parameter": True})

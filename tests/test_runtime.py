@@ -253,3 +253,25 @@ async def test_metrics_record_client_deadline_and_cancel_not_unknown(settings_fa
             await call
         await wait_until_async(lambda: handled("CANCELLED") == 1, timeout_s=10, what="CANCELLED counted")
         assert handled("UNKNOWN") == 0
+
+
+def test_uri_policy_confines_locations(tmp_path) -> None:
+    """Local paths only under configured roots (symlinks resolved), remote only listed scheme://host."""
+    from flywheel.runtime.errors import PermissionDenied
+    from flywheel.runtime.uris import UriPolicy, check_uri
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape").symlink_to("/etc")
+    policy = UriPolicy("dataset_uri", [root], remote=["s3://datasets"])
+    assert check_uri(str(root / "a.jsonl"), policy).local_path == root.resolve() / "a.jsonl"
+    assert check_uri((root / "b").as_uri(), policy).local_path == root.resolve() / "b"
+    assert check_uri("s3://datasets/x.jsonl", policy).local_path is None
+    for uri in ("/etc/passwd", "file:///etc/passwd", str(root / "escape" / "passwd"), str(root / ".." / "x"),
+                "http://127.0.0.1:9/x", "s3://other/x", "bogusproto://x", "relative.jsonl"):
+        with pytest.raises(PermissionDenied, match="dataset_uri"):
+            check_uri(uri, policy)
+    for uri in ("x" * 1025, str(root / ("a" * 256)), "a\nb", "http://[::1/x", "mailto:someone", ""):
+        with pytest.raises(InvalidArgument) as err:
+            check_uri(uri, policy)
+        assert err.value.field == "dataset_uri"

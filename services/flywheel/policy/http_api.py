@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from flywheel import __version__
 from flywheel.policy.backends import Backend, Completion, Job, StreamEnd
 from flywheel.policy.sampling import SamplingConfig, SamplingDefaults
-from flywheel.runtime.errors import DeadlineExceeded, FlywheelError, InvalidArgument, NotReady, Overloaded
+from flywheel.runtime.errors import DeadlineExceeded, FlywheelError, InvalidArgument, NotReady, Overloaded, clip
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,8 @@ class TGIHttpApi:
     async def _body(self, request: web.Request) -> Any:
         try:
             return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument("body", f"not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
+            raise InvalidArgument("body", f"not JSON: {clip(exc)}") from exc
 
     async def _job(self, request: web.Request) -> tuple[Job, dict[str, Any], dict[str, Any]]:
         body = await self._body(request)

@@ -58,14 +58,17 @@ def check_uri(uri: str, policy: UriPolicy) -> CheckedUri:
         raise InvalidArgument(field, f"longer than {policy.max_chars} characters")
     if not uri.isprintable():
         raise InvalidArgument(field, "contains control characters")
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+    except ValueError as exc:  # e.g. an unbalanced "[" in the host
+        raise InvalidArgument(field, f"not a URI: {exc}") from exc
     scheme = parts.scheme.lower()
     if scheme in ("", "file"):
         return _check_local(uri, parts.path if scheme == "file" else uri, policy)
     if not parts.netloc:
         raise InvalidArgument(field, f"{clip(uri)!r} is neither a local path nor scheme://host/path")
     allowed = {entry.lower().rstrip("/") for entry in policy.remote}
-    host = parts.hostname or ""
     if f"{scheme}://{host}" not in allowed and f"{scheme}://*" not in allowed:
         raise PermissionDenied(f"{field}: {scheme}://{clip(host)} is not an allowed location "
                                "(an operator must list it)")
