@@ -254,6 +254,19 @@ async def test_metrics_record_client_deadline_and_cancel_not_unknown(settings_fa
         await wait_until_async(lambda: handled("CANCELLED") == 1, timeout_s=10, what="CANCELLED counted")
         assert handled("UNKNOWN") == 0
 
+        # A Health.Watch stream the client closes (what every load balancer does) is CANCELLED too.
+        watch_labels = dict(grpc_service="grpc.health.v1.Health", grpc_method="Watch", grpc_type="server_stream")
+
+        def watches(code: str) -> float:
+            return (sample(scrape(runtime.metrics_port), "grpc_server_handled_total", grpc_code=code, **watch_labels)
+                    - sample(before, "grpc_server_handled_total", grpc_code=code, **watch_labels))
+
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        await stream.read()
+        stream.cancel()
+        await wait_until_async(lambda: watches("CANCELLED") == 1, timeout_s=10, what="Watch counted CANCELLED")
+        assert watches("UNKNOWN") == 0
+
 
 def test_uri_policy_confines_locations(tmp_path) -> None:
     """Local paths only under configured roots (symlinks resolved), remote only listed scheme://host."""
