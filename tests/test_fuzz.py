@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -157,8 +158,6 @@ class HealthWatch:
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
-        import os
-
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -274,9 +273,9 @@ def test_fuzz_reward(tmp_path: Path) -> None:
     from flywheel.reward.app import build_app
     from flywheel.reward.scorers import VaderScorer
     from flywheel.reward.settings import RewardSettings
-    from flywheel.v1 import reward_pb2
-
     from grpc_reflection.v1alpha import reflection_pb2
+
+    from flywheel.v1 import reward_pb2
 
     settings = RewardSettings(host="127.0.0.1", grpc_port=0, metrics_port=0, home=tmp_path, shutdown_grace_s=1.0,
                               shutdown_delay_s=0.0, reward_worker_enabled=False, reward_hot_reload=False)
