@@ -226,23 +226,24 @@ def test_choose_tokens_greedy_rows_and_logprob_convention() -> None:
 
 def test_sampling_resolution_and_validation() -> None:
     d = SamplingDefaults(temperature=0.9, max_new_tokens=32)
-    assert resolve(None, d, strict_n=True) == SamplingConfig(temperature=0.9, max_new_tokens=32)
-    explicit = resolve(common_pb2.SamplingParams(top_p=0, max_new_tokens=0, n=2, seed=7), d, strict_n=True)
+    assert resolve(None, d) == SamplingConfig(temperature=0.9, max_new_tokens=32)
+    explicit = resolve(common_pb2.SamplingParams(top_p=0, max_new_tokens=0, n=2, seed=7), d)
     assert (explicit.temperature, explicit.top_p, explicit.max_new_tokens, explicit.seed) == (0.0, 1.0, 32, 7)
     assert explicit.candidate_seed(1) == 8
-    assert resolve(common_pb2.SamplingParams(temperature=1.0), d, strict_n=False).n == 1
+    assert resolve(common_pb2.SamplingParams(temperature=1.0), d).n == 1
+    assert resolve(common_pb2.SamplingParams(n=0), d).n == 1  # common.proto: "0 means 1"
     bad = [
         (common_pb2.SamplingParams(temperature=-0.1, n=1), "temperature"),
         (common_pb2.SamplingParams(temperature=float("nan"), n=1), "temperature"),
         (common_pb2.SamplingParams(top_p=1.5, n=1), "top_p"),
         (common_pb2.SamplingParams(top_k=-1, n=1), "top_k"),
-        (common_pb2.SamplingParams(n=0), "n"),
+        (common_pb2.SamplingParams(n=-1), "n"),
         (common_pb2.SamplingParams(n=1000), "n"),
         (common_pb2.SamplingParams(n=1, max_new_tokens=10**6), "max_new_tokens"),
         (common_pb2.SamplingParams(n=1, stop=[""]), "stop"),
     ]
     for params, field in bad:
         with pytest.raises(InvalidArgument) as info:
-            resolve(params, d, strict_n=True)
+            resolve(params, d)
         assert info.value.field == f"sampling.{field}"
-    assert math.isfinite(resolve(common_pb2.SamplingParams(n=1), d, strict_n=True).temperature)
+    assert math.isfinite(resolve(common_pb2.SamplingParams(n=1), d).temperature)

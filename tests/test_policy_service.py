@@ -90,8 +90,8 @@ async def test_generate_fills_every_rollout_field(start_policy) -> None:
     (policy_pb2.GenerateRequest(prompts=[prompt("a", temperature=-0.5, n=1)]), "temperature"),
     (policy_pb2.GenerateRequest(prompts=[prompt("a", top_p=1.5, n=1)]), "top_p"),
     (policy_pb2.GenerateRequest(prompts=[prompt("a", text="   ")]), "text"),
-    (policy_pb2.GenerateRequest(prompts=[prompt("a", temperature=1.0, n=0)]), "n"),
-    (policy_pb2.GenerateRequest(prompts=[prompt("a")], sampling=common_pb2.SamplingParams(n=0)), "n"),
+    (policy_pb2.GenerateRequest(prompts=[prompt("a", temperature=1.0, n=-1)]), "n"),
+    (policy_pb2.GenerateRequest(prompts=[prompt("a")], sampling=common_pb2.SamplingParams(n=-3)), "n"),
     (policy_pb2.GenerateRequest(), "prompts"),
     (policy_pb2.GenerateRequest(prompts=[common_pb2.Prompt(messages=[
         common_pb2.ChatMessage(role="wizard", content="hi")])]), "role"),
@@ -150,3 +150,78 @@ async def test_full_queue_is_resource_exhausted_and_deadlines_are_honoured(start
                                                                        max_new_tokens=256)]), timeout=0.5)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     first.cancel()
+
+
+async def test_documented_limits_n_zero_and_prompt_bytes(start_policy) -> None:
+    """9 prompts x n=64 exceed the 512-sequence queue; n = 0 means 1; an 8 MB prompt is refused by
+    its byte size, before tokenizing (findings 3, 6)."""
+    _, stub = await start_policy()
+    too_many = policy_pb2.GenerateRequest(prompts=[prompt(f"m{i}") for i in range(9)],
+                                          sampling=common_pb2.SamplingParams(n=64, max_new_tokens=1))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Generate(too_many, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompts" in info.value.details() and "576 sequences" in info.value.details()
+
+    one = await stub.Generate(policy_pb2.GenerateRequest(prompts=[prompt("z", temperature=0.0, n=0,
+                                                                         max_new_tokens=1)]), timeout=60)
+    assert len(one.rollouts) == 1 and one.rollouts[0].sampling.n == 1
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Generate(policy_pb2.GenerateRequest(prompts=[prompt("big", text="a" * 8_000_000)]), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompts[0].text" in info.value.details() and "bytes" in info.value.details()
+
+
+async def test_http_api_status_codes_for_malformed_input(start_policy) -> None:
+    """422 `validation` for every malformed parameter, 413 before reading an oversized body,
+    unknown parameters ignored as TGI does (finding 4)."""
+    import json
+    import socket
+    import urllib.error
+    import urllib.request
+
+    parts, _ = await start_policy(policy_http_enabled=True, policy_http_port=0)
+    url = f"http://127.0.0.1:{parts.http.port}"
+
+    def post(body: bytes, path: str = "/generate") -> tuple[int, dict]:
+        req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def post_json(parameters, inputs: str = "hi") -> tuple[int, dict]:
+        return post(json.dumps({"inputs": inputs, "parameters": parameters}).encode())
+
+    for parameters, field in (([1, 2], "parameters"), ("x", "parameters"), ({"max_new_tokens": 1.5}, "max_new_tokens"),
+                              ({"top_k": 10**12}, "top_k"), ({"seed": -1}, "seed"), ({"do_sample": "yes"}, "do_sample"),
+                              ({"temperature": "hot"}, "temperature"), ({"stop": "x"}, "stop"),
+                              ({"details": 1}, "details"), ({"max_new_tokens": 2**40}, "max_new_tokens")):
+        status, body = await asyncio.to_thread(post_json, parameters)
+        assert (status, body["error_type"]) == (422, "validation"), (parameters, body)
+        assert field in body["error"], (parameters, body)
+    for path in ("/generate", "/", "/generate_stream"):
+        status, body = await asyncio.to_thread(post, b'{"inputs": "hi", "parameters": [1, 2]}', path)
+        assert status == 422 and body["error_type"] == "validation", path
+    for raw in (b'{"inputs": "hi", "parameters": {"seed": ' + b"9" * 5000 + b"}}", b"[" * 100_000 + b"]" * 100_000,
+                b'{"inputs": "\xff"}'):
+        status, body = await asyncio.to_thread(post, raw)
+        assert (status, body["error_type"]) == (422, "validation"), raw[:40]
+    status, body = await asyncio.to_thread(post_json, {"max_new_tokens": 1}, "x" * 100_000)
+    assert status == 422 and "bytes" in body["error"]
+    status, body = await asyncio.to_thread(post_json, {"max_new_tokens": 1, "no_such_parameter": True})
+    assert status == 200 and isinstance(body["generated_text"], str)
+
+    status, body = await asyncio.to_thread(post, b'{"inputs": "' + b"a" * 9_000_000 + b'"}')
+    assert (status, body["error_type"]) == (413, "validation")
+
+    def declared_only() -> bytes:
+        """Declare 9 MB, send 10 bytes: the answer must not wait for the rest."""
+        with socket.create_connection(("127.0.0.1", parts.http.port), timeout=10) as sock:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 9000000\r\n\r\n{\"inputs\":")
+            return sock.recv(4096)
+
+    assert (await asyncio.to_thread(declared_only)).startswith(b"HTTP/1.1 413")

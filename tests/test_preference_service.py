@@ -102,7 +102,8 @@ def topic_events(bootstrap: str, topic: str, predicate, expect: int, timeout_s: 
 @pytest.fixture
 async def harness(kafka_bootstrap, settings_factory, tmp_path):
     settings = settings_factory(PreferenceSettings, kafka_bootstrap_servers=kafka_bootstrap,
-                                preference_refresh_interval_s=3600.0)
+                                preference_refresh_interval_s=3600.0,
+                                preference_export_roots=[tmp_path / "datasets", tmp_path / "home"])
     service, target, tokens = await start_service(settings)
     yield Harness(service, target, tokens)
     await service.runtime.stop(grace=0)
@@ -209,6 +210,47 @@ async def test_validation_names_the_field(harness, prompt, kafka_bootstrap) -> N
             await stub.SubmitDemonstration(common_pb2.Demonstration(event_id="d1", prompt_id="p"), metadata=token)
         assert "invalid response_text:" in err.value.details()
     assert harness.service.store.count_events(prompt_id=prompt[0].prompt_id) == 0, "nothing invalid is stored"
+
+
+async def test_hostile_timestamps_uris_and_ids_are_refused_cleanly(harness, prompt, tmp_path) -> None:
+    """Out-of-range timestamps, unsafe export URIs and megabyte ids: never INTERNAL (findings 1, 5)."""
+    token = auth(harness.tokens["alice"])
+    async with aio.insecure_channel(harness.target) as ch:
+        stub = preference_pb2_grpc.PreferenceServiceStub(ch)
+        for field, seconds, nanos in (("submitted_at", 2**62, 0), ("submitted_at", -2**62, 0),
+                                      ("submitted_at", 253402300800, 0), ("submitted_at", 0, -5),
+                                      ("submitted_at", 0, 2_000_000_000), ("created_at", -2**62, 0),
+                                      ("created_at", 1, 2_000_000_000)):
+            req = ranking(prompt, [1, 2, 3, 4])
+            getattr(req, field).seconds, getattr(req, field).nanos = seconds, nanos
+            if field == "created_at":
+                req.submitted_at.GetCurrentTime()
+            with pytest.raises(aio.AioRpcError) as err:
+                await stub.SubmitRanking(req, metadata=token)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, seconds, nanos, err.value.details())
+            assert f"invalid {field}." in err.value.details()
+
+        admin = auth(harness.tokens["admin"])
+        (tmp_path / "datasets").mkdir()
+        (tmp_path / "datasets" / "a-file").write_text("x")
+        cases = [("bogusproto://x", grpc.StatusCode.PERMISSION_DENIED),
+                 ("http://127.0.0.1:9/x", grpc.StatusCode.PERMISSION_DENIED),
+                 ("/proc/self/unwritable", grpc.StatusCode.PERMISSION_DENIED),
+                 (str(tmp_path / "datasets" / "x" / "../../../escape"), grpc.StatusCode.PERMISSION_DENIED),
+                 (str(tmp_path / "datasets") + "/" + "a" * 5000, grpc.StatusCode.INVALID_ARGUMENT),
+                 (str(tmp_path / "datasets" / ("b" * 300)), grpc.StatusCode.INVALID_ARGUMENT),
+                 (str(tmp_path / "datasets" / "a-file" / "below"), grpc.StatusCode.FAILED_PRECONDITION)]
+        for uri, code in cases:
+            with pytest.raises(aio.AioRpcError) as err:
+                await stub.ExportDataset(preference_pb2.ExportDatasetRequest(output_uri=uri), metadata=admin)
+            assert err.value.code() == code, (uri[:80], err.value.details())
+            assert "output_uri" in err.value.details()
+        assert not (tmp_path / "escape").exists()
+
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.GetConsensus(preference_pb2.GetConsensusRequest(prompt_id="i" * 2_000_000), metadata=token)
+        assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert len(err.value.details()) < 1100
 
 
 async def test_events_are_published_with_lineage_and_duplicates_counted_once(harness, prompt, kafka_bootstrap):

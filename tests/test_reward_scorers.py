@@ -179,6 +179,34 @@ async def test_queue_bound_raises_overloaded_and_deadline_is_honoured() -> None:
         await batcher.stop()
 
 
+async def test_work_for_a_caller_past_its_deadline_stops_between_slices() -> None:
+    """A large request whose deadline passes mid-way is not scored to the end (finding 3)."""
+    gated = GatedScorer()
+    batcher = DynamicBatcher(gated, max_batch_size=2, max_wait_s=0.0)
+    batcher.start()
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await batcher.score(["p"] * 10, ["r"] * 10, timeout_s=0.1)
+        gated.gate.set()  # the first slice finishes after the caller is gone; the other 8 items never run
+        assert (await batcher.score(["p"], ["next"])).values == [4.0]
+        assert gated.calls == [2, 1]
+        big = await batcher.score(["p"] * 5, ["abc"] * 5)  # a live caller still gets every slice, in order
+        assert big.values == [3.0] * 5 and gated.calls[2:] == [2, 2, 1]
+    finally:
+        gated.gate.set()
+        await batcher.stop()
+
+
+def test_vader_cost_is_bounded_per_item_in_words_emoji_expanded() -> None:
+    """20,000 emoji once kept VADER busy 136 s: only the first max_words analysed words count."""
+    vader = VaderScorer(max_words=30)
+    assert vader.bounded("fine " * 10) == "fine " * 10
+    assert vader.bounded("good " * 100).split() == ["good"] * 30
+    assert vader.bounded("🙂" * 20_000) == "🙂" * 10  # "slightly smiling face": 3 words each
+    assert vader.score(["p"], ["🙂" * 20_000]) == vader.score(["p"], ["🙂" * 10])
+    assert VaderScorer().max_words == 512
+
+
 async def test_swap_applies_to_next_batch_in_flight_finishes_on_old() -> None:
     old, new = GatedScorer("1"), GatedScorer("2")
     new.gate.set()

@@ -277,3 +277,87 @@ async def test_kserve_readiness_follows_the_service(settings_factory, serve) -> 
         assert (await stub.ServerReady(kserve_pb2.ServerReadyRequest())).ready
         reply = await stub.ModelInfer(infer)  # prompt is optional
         assert list(reply.outputs[0].contents.fp32_contents) == pytest.approx(VaderScorer().score([""], ["ok"]))
+
+
+async def test_documented_limits_and_costly_items(settings_factory, serve) -> None:
+    """KServe shapes only [N] / [N, 1]; empty items refused by both APIs alike; 20,000 emoji
+    no longer stall the scorer past a caller's deadline; long ids are clipped (findings 3, 5, 6)."""
+    _, target = await start(settings_factory, serve, VaderScorer())
+    tensor = kserve_pb2.ModelInferRequest.InferInputTensor
+
+    def infer(shape, texts, name="reward"):
+        return kserve_pb2.ModelInferRequest(model_name=name, inputs=[tensor(
+            name="response", datatype="BYTES", shape=shape,
+            contents=kserve_pb2.InferTensorContents(bytes_contents=texts))])
+
+    async with aio.insecure_channel(target) as channel:
+        kserve = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        reward = reward_pb2_grpc.RewardServiceStub(channel)
+        for shape in ([2, 1, 1], [2] + [1] * 1000, [1, 2], [], [-1]):
+            with pytest.raises(aio.AioRpcError) as err:
+                await kserve.ModelInfer(infer(shape, [b"good", b"bad"]))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, shape
+            assert "inputs[0].shape" in err.value.details()
+        assert len((await kserve.ModelInfer(infer([2, 1], [b"good", b"bad"]))).outputs[0].contents.fp32_contents) == 2
+
+        with pytest.raises(aio.AioRpcError) as err:
+            await kserve.ModelInfer(infer([2], [b"", b""]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs[0].contents[0]" in err.value.details()
+        with pytest.raises(aio.AioRpcError) as err:
+            await reward.Score(request_of([("", ""), ("", "")]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "items[0]" in err.value.details()
+
+        for call in (kserve.ModelReady(kserve_pb2.ModelReadyRequest(name="m" * 2_000_000)),
+                     kserve.ModelMetadata(kserve_pb2.ModelMetadataRequest(name="reward", version="v" * 2_000_000)),
+                     kserve.ModelInfer(infer([1], [b"x"], name="m" * 2_000_000))):
+            with pytest.raises(aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) < 1100
+
+        emoji = await reward.Score(request_of([("p", "🙂" * 20_000)]), timeout=20)
+        assert emoji.scores[0].score > 0
+
+
+def test_sigterm_stops_a_busy_service_within_its_grace(tmp_path) -> None:
+    """A long request being scored does not hold the process past its shutdown grace (finding 3):
+    the RPC is cancelled when the grace ends and the batcher stops between slices."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from conftest import REPO, free_port
+    from waiting import wait_until
+
+    grpc_port, metrics_port = free_port(), free_port()
+    env = dict(os.environ, FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_GRPC_PORT=str(grpc_port),
+               FLYWHEEL_METRICS_PORT=str(metrics_port), FLYWHEEL_REWARD_SCORER="vader",
+               FLYWHEEL_REWARD_WORKER_ENABLED="false", FLYWHEEL_REWARD_HOT_RELOAD="false",
+               FLYWHEEL_SHUTDOWN_GRACE_S="2", FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve", "reward"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                   == health_pb2.HealthCheckResponse.SERVING, timeout_s=120, what="reward serving")
+        # ~256 x 0.1 s of VADER work even with the per-item cap.
+        busy = reward_pb2_grpc.RewardServiceStub(channel).Score.future(
+            request_of([("p", "not very good but " * 150)] * 256), timeout=300)
+
+        def started() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+                return 'grpc_method="Score"' in resp.read().decode()
+
+        wait_until(started, timeout_s=30, what="the Score call reached the server")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)  # grace 2 s + one slice of scoring; once it took minutes
+        assert busy.exception(timeout=10) is not None
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

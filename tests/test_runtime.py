@@ -11,7 +11,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from flywheel.runtime import InvalidArgument, Overloaded, ServiceRuntime, require
+from flywheel.runtime import InvalidArgument, NotFound, Overloaded, ServiceRuntime, require
+from waiting import wait_until_async
 from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
 SERVICE = "flywheel.v1.RewardService"
@@ -30,6 +31,8 @@ class LengthScorer(reward_pb2_grpc.RewardServiceServicer):
             require(bool(item.response), f"items[{i}].response", "must not be empty")
         if len(request.items) > 100:
             raise Overloaded("queue full")
+        if request.items[0].id.startswith("missing"):
+            raise NotFound(f"no item {request.items[0].id!r}")  # echoes input, as NOT_FOUND for an id does
         await self.release.wait()
         return reward_pb2.ScoreResponse(
             scores=[reward_pb2.ItemScore(id=it.id, score=len(it.response)) for it in request.items],
@@ -203,3 +206,85 @@ async def test_graceful_shutdown_finishes_in_flight_rpcs_and_goes_not_serving(se
         resp = await in_flight
         assert resp.scores[0].score == 4.0, "the in-flight RPC completes during the grace period"
         await stopping
+
+
+async def test_error_messages_clip_echoed_input(settings_factory, serve) -> None:
+    """A megabyte id echoed in NOT_FOUND must not overflow the trailing metadata (finding 5)."""
+    runtime, _ = build(settings_factory())
+    target = await serve(runtime)
+    async with aio.insecure_channel(target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.Score(reward_pb2.ScoreRequest(items=[item("x", id="missing" + "x" * 2_000_000)]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.details().startswith("no item 'missingxxx")
+        assert len(err.value.details()) <= 1100
+        assert "more characters" in err.value.details()
+
+
+async def test_metrics_record_client_deadline_and_cancel_not_unknown(settings_factory, serve) -> None:
+    """Calls the client saw as DEADLINE_EXCEEDED / CANCELLED are counted so, never UNKNOWN (finding 7)."""
+    runtime, servicer = build(settings_factory())
+    target = await serve(runtime)
+    servicer.release.clear()
+    labels = dict(grpc_service=SERVICE, grpc_method="Score", grpc_type="unary")
+
+    before = scrape(runtime.metrics_port)  # the registry is process-wide: count deltas
+
+    def delta(name: str, **extra: str) -> float:
+        return sample(scrape(runtime.metrics_port), name, **extra, **labels) - sample(before, name, **extra, **labels)
+
+    def handled(code: str) -> float:
+        return delta("grpc_server_handled_total", grpc_code=code)
+
+    async with aio.insecure_channel(target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.Score(reward_pb2.ScoreRequest(items=[item("slow")]), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until_async(lambda: handled("DEADLINE_EXCEEDED") == 1, timeout_s=10,
+                               what="DEADLINE_EXCEEDED counted")
+
+        call = stub.Score(reward_pb2.ScoreRequest(items=[item("slow")]))
+        await wait_until_async(lambda: delta("grpc_server_started_total") == 2, timeout_s=10,
+                               what="second call started")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_until_async(lambda: handled("CANCELLED") == 1, timeout_s=10, what="CANCELLED counted")
+        assert handled("UNKNOWN") == 0
+
+        # A Health.Watch stream the client closes (what every load balancer does) is CANCELLED too.
+        watch_labels = dict(grpc_service="grpc.health.v1.Health", grpc_method="Watch", grpc_type="server_stream")
+
+        def watches(code: str) -> float:
+            return (sample(scrape(runtime.metrics_port), "grpc_server_handled_total", grpc_code=code, **watch_labels)
+                    - sample(before, "grpc_server_handled_total", grpc_code=code, **watch_labels))
+
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        await stream.read()
+        stream.cancel()
+        await wait_until_async(lambda: watches("CANCELLED") == 1, timeout_s=10, what="Watch counted CANCELLED")
+        assert watches("UNKNOWN") == 0
+
+
+def test_uri_policy_confines_locations(tmp_path) -> None:
+    """Local paths only under configured roots (symlinks resolved), remote only listed scheme://host."""
+    from flywheel.runtime.errors import PermissionDenied
+    from flywheel.runtime.uris import UriPolicy, check_uri
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape").symlink_to("/etc")
+    policy = UriPolicy("dataset_uri", [root], remote=["s3://datasets"])
+    assert check_uri(str(root / "a.jsonl"), policy).local_path == root.resolve() / "a.jsonl"
+    assert check_uri((root / "b").as_uri(), policy).local_path == root.resolve() / "b"
+    assert check_uri("s3://datasets/x.jsonl", policy).local_path is None
+    for uri in ("/etc/passwd", "file:///etc/passwd", str(root / "escape" / "passwd"), str(root / ".." / "x"),
+                "http://127.0.0.1:9/x", "s3://other/x", "bogusproto://x", "relative.jsonl"):
+        with pytest.raises(PermissionDenied, match="dataset_uri"):
+            check_uri(uri, policy)
+    for uri in ("x" * 1025, str(root / ("a" * 256)), "a\nb", "http://[::1/x", "mailto:someone", ""):
+        with pytest.raises(InvalidArgument) as err:
+            check_uri(uri, policy)
+        assert err.value.field == "dataset_uri"

@@ -40,7 +40,8 @@ async def test_reward_model_job_and_cli(kafka_bootstrap, unique, settings_factor
     from flywheel.trainer.cli import app as cli_app
 
     settings = trainer_settings(settings_factory, kafka_bootstrap, unique, tiny_model, tmp_path,
-                                trainer_reward_output_dir=str(tmp_path / "reward"), trainer_start_paused=True)
+                                trainer_reward_output_dir=str(tmp_path / "reward"), trainer_start_paused=True,
+                                trainer_reward_dataset_roots=[tmp_path])
     app = build_app(settings)
     target = await serve(app.runtime)
     async with grpc.aio.insecure_channel(target) as channel:
@@ -122,3 +123,65 @@ def test_sft_learns_demonstrations_and_becomes_the_reference(tiny_model, tmp_pat
     assert loaded.reference_uri == mv.checkpoint_uri
     for a, b in zip(loaded.trainer.module.lm.parameters(), loaded.trainer.ref_model.parameters()):
         assert torch.equal(a, b)
+
+
+async def test_dataset_uri_is_confined_and_jobs_are_bounded(settings_factory, tmp_path, serve):
+    """No caller-chosen file read or connection, no INTERNAL, bounded queue (findings 1, 2, 5).
+
+    The servicer and job runner are the real ones on a real server; only the training step is
+    replaced by a recorder that blocks (the PPO loop is not needed for these RPCs).
+    """
+    import threading
+
+    from flywheel.runtime import ServiceRuntime
+    from flywheel.runtime.uris import UriPolicy
+    from flywheel.trainer.service import RewardJobRunner, TrainerServicer, registrations
+
+    roots = tmp_path / "exports"
+    roots.mkdir()
+    pairs = _pairs_file(roots / "pairs.jsonl")
+    trained: list[object] = []
+    release = threading.Event()
+
+    def train(config):
+        trained.append(config.data)
+        release.wait(30)
+        raise RuntimeError("not training in this test")
+
+    jobs = RewardJobRunner(default_dataset_uri=None, output_dir=None, default_epochs=1, bootstrap_servers=None,
+                           model_versions_topic=None, train=train,
+                           dataset_policy=UriPolicy("dataset_uri", [roots]), max_queued=2)
+    runtime = ServiceRuntime(settings_factory())
+    for name, register in registrations(TrainerServicer(None, jobs)):
+        runtime.add_service(name, register)
+    target = await serve(runtime)
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+            cases = [("/etc/passwd", grpc.StatusCode.PERMISSION_DENIED),
+                     ("file:///etc/passwd", grpc.StatusCode.PERMISSION_DENIED),
+                     ("http://127.0.0.1:9/x", grpc.StatusCode.PERMISSION_DENIED),
+                     (f"{roots}/../../outside.jsonl", grpc.StatusCode.PERMISSION_DENIED),
+                     ("bogusproto://x", grpc.StatusCode.PERMISSION_DENIED),
+                     (f"{roots}/{'a' * 300}.jsonl", grpc.StatusCode.INVALID_ARGUMENT),
+                     ("x" * 5000, grpc.StatusCode.INVALID_ARGUMENT),
+                     ("\x00\x01garbage", grpc.StatusCode.INVALID_ARGUMENT),
+                     (f"{roots}/missing.jsonl", grpc.StatusCode.INVALID_ARGUMENT)]
+            for uri, code in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.TriggerRewardModelTraining(trainer_pb2.TriggerRewardModelTrainingRequest(dataset_uri=uri))
+                assert err.value.code() == code, (uri[:60], err.value.details())
+                assert "dataset_uri" in err.value.details()
+            assert trained == [], "nothing was read on a refused request's behalf"
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetRewardModelTrainingJob(trainer_pb2.GetRewardModelTrainingJobRequest(job_id="j" * 2_000_000))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) < 1100
+
+            for uri in (str(pairs), pairs.as_uri()):
+                await stub.TriggerRewardModelTraining(trainer_pb2.TriggerRewardModelTrainingRequest(dataset_uri=uri))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.TriggerRewardModelTraining(trainer_pb2.TriggerRewardModelTrainingRequest(dataset_uri=str(pairs)))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        release.set()

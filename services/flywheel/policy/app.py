@@ -91,7 +91,7 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
     runtime = ServiceRuntime(settings)
     backend = backend or make_backend(settings)
     defaults = SamplingDefaults.from_settings(settings)
-    servicer = PolicyServicer(backend, defaults)
+    servicer = PolicyServicer(backend, defaults, max_sequences=settings.policy_max_queue)
     runtime.add_service(SERVICE_NAME, lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(
         servicer, server))
     parts = PolicyComponents(runtime=runtime, backend=backend, servicer=servicer)
@@ -109,7 +109,8 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
     if settings.policy_http_enabled:
         parts.http = TGIHttpApi(backend, defaults, host=settings.host, port=settings.policy_http_port,
                                 max_concurrent_requests=settings.policy_max_queue,
-                                max_input_tokens=settings.policy_max_input_tokens)
+                                max_input_tokens=settings.policy_max_input_tokens,
+                                max_body_bytes=settings.policy_http_max_body_bytes)
         # TGI routes generate one sequence per request (best_of = 1).
         parts.http.app.middlewares.append(http_middleware(
             guard, _tgi_scope, items_for=lambda r: 0 if _tgi_scope(r) is None or r.method != "POST" else 1))

@@ -3,15 +3,23 @@
 Routes: POST `/` (TGI's compat route: `stream` selects SSE), POST `/generate`, POST
 `/generate_stream` (server-sent events), GET `/info`, GET `/health`, GET `/metrics`.
 Inputs are used verbatim, as TGI does (no chat template). Error bodies are TGI's
-`{"error", "error_type"}`: 422 validation, 429 overloaded, 424 generation, 503 not ready.
+`{"error", "error_type"}`: 413 body too large (from Content-Length, before reading it), 422
+validation, 429 overloaded, 424 generation, 503 not ready.
+
+Parameters are typed as strictly as TGI's router (serde): integers must be JSON integers within
+their Rust type (`max_new_tokens` u32, `top_k` i32, `seed` u64), flags booleans, `stop` a list of
+strings, `parameters` an object; anything else is 422 `validation`. Unknown parameters are ignored,
+as TGI does (its GenerateParameters struct does not deny unknown fields), so newer clients work.
 `/info`'s `model_sha` is the policy version now serving. Token logprobs follow the engine's
 convention (log-softmax of logits / temperature, before top-k/top-p); prefill logprobs are null.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from flywheel import __version__
 from flywheel.policy.backends import Backend, Completion, Job, StreamEnd
 from flywheel.policy.sampling import SamplingConfig, SamplingDefaults
-from flywheel.runtime.errors import DeadlineExceeded, FlywheelError, InvalidArgument, NotReady, Overloaded
+from flywheel.runtime.errors import DeadlineExceeded, FlywheelError, InvalidArgument, NotReady, Overloaded, clip
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,8 @@ def _error(status: int, message: str, error_type: str) -> web.Response:
 
 
 def _error_for(exc: BaseException) -> tuple[int, str, str]:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):  # a chunked body grew past the limit
+        return 413, "request body too large", "validation"
     if isinstance(exc, InvalidArgument):
         return 422, str(exc), "validation"
     if isinstance(exc, Overloaded):
@@ -47,8 +57,15 @@ def _error_for(exc: BaseException) -> tuple[int, str, str]:
     return 424, f"generation failed ({type(exc).__name__})", "generation"
 
 
-def tgi_sampling(parameters: dict[str, Any], defaults: SamplingDefaults) -> tuple[SamplingConfig, dict[str, Any]]:
+_INT_RANGES = {"top_k": (-(2**31), 2**31 - 1), "max_new_tokens": (0, 2**32 - 1), "seed": (0, 2**64 - 1),
+               "best_of": (0, 2**64 - 1), "top_n_tokens": (0, 2**32 - 1), "truncate": (0, 2**64 - 1)}
+_FLAGS = ("do_sample", "details", "decoder_input_details", "return_full_text", "watermark")
+
+
+def tgi_sampling(parameters: Any, defaults: SamplingDefaults) -> tuple[SamplingConfig, dict[str, Any]]:
     """TGI parameters -> SamplingConfig, with TGI's rules (sampling iff do_sample or any warper set)."""
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidArgument("parameters", "must be a JSON object")
     p = dict(parameters or {})
 
     def number(name: str, kind: type) -> Any:
@@ -57,14 +74,28 @@ def tgi_sampling(parameters: dict[str, Any], defaults: SamplingDefaults) -> tupl
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgument(f"parameters.{name}", "must be a number")
-        return kind(value)
+        if kind is int:
+            low, high = _INT_RANGES[name]
+            if not isinstance(value, int):
+                raise InvalidArgument(f"parameters.{name}", f"must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise InvalidArgument(f"parameters.{name}", f"must be in [{low}, {high}]")
+            return value
+        if not math.isfinite(value) or abs(value) > 3.4e38:  # an f32 in TGI
+            raise InvalidArgument(f"parameters.{name}", "must be a finite 32-bit float")
+        return float(value)
 
+    for flag in _FLAGS:
+        if p.get(flag) is not None and not isinstance(p[flag], bool):
+            raise InvalidArgument(f"parameters.{flag}", "must be a boolean")
     temperature = number("temperature", float)
     top_k = number("top_k", int)
     top_p = number("top_p", float)
     max_new_tokens = number("max_new_tokens", int)
     seed = number("seed", int)
     best_of = number("best_of", int)
+    for name in ("top_n_tokens", "truncate"):
+        number(name, int)
     if temperature is not None and temperature <= 0:
         raise InvalidArgument("parameters.temperature", "must be strictly positive")
     if top_k is not None and top_k <= 0:
@@ -85,7 +116,8 @@ def tgi_sampling(parameters: dict[str, Any], defaults: SamplingDefaults) -> tupl
     for name in _UNSUPPORTED_TRUTHY:
         if p.get(name):
             raise InvalidArgument(f"parameters.{name}", "is not supported by Flywheel")
-    stop = p.get("stop") or []
+    stop = p.get("stop")
+    stop = [] if stop is None else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise InvalidArgument("parameters.stop", "must be a list of strings")
     sampling = bool(p.get("do_sample")) or (temperature not in (None, 1.0)) or bool(top_k) or (
@@ -107,7 +139,8 @@ def tgi_sampling(parameters: dict[str, Any], defaults: SamplingDefaults) -> tupl
 
 class TGIHttpApi:
     def __init__(self, backend: Backend, defaults: SamplingDefaults, *, host: str = "0.0.0.0", port: int = 8080,
-                 max_concurrent_requests: int = 512, max_input_tokens: int = 2048) -> None:
+                 max_concurrent_requests: int = 512, max_input_tokens: int = 2048,
+                 max_body_bytes: int = 2_000_000) -> None:
         self.backend = backend
         self.defaults = defaults
         self.host = host
@@ -116,7 +149,9 @@ class TGIHttpApi:
         self.max_input_tokens = max_input_tokens
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=8 * 1024 * 1024)
+        self.max_body_bytes = max_body_bytes
+        # client_max_size also bounds chunked bodies (no Content-Length) while they are read.
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._body_limit])
         self.app.add_routes([
             web.post("/", self.compat),
             web.post("/generate", self.generate),
@@ -142,18 +177,34 @@ class TGIHttpApi:
             self._runner = None
 
     # request parsing -------------------------------------------------------------------------------
-    async def _job(self, request: web.Request) -> tuple[Job, dict[str, Any], dict[str, Any]]:
+    @web.middleware
+    async def _body_limit(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """413 from the declared length, before any of the body is read (a chunked body that grows
+        past client_max_size while being read is mapped to 413 by `_error_for`)."""
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return _error(413, f"request body of {request.content_length} bytes exceeds the limit of "
+                          f"{self.max_body_bytes}", "validation")
+        return await handler(request)
+
+    async def _body(self, request: web.Request) -> Any:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument("body", f"not JSON: {exc}") from exc
+            return await request.json()
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
+            raise InvalidArgument("body", f"not JSON: {clip(exc)}") from exc
+
+    async def _job(self, request: web.Request) -> tuple[Job, dict[str, Any], dict[str, Any]]:
+        body = await self._body(request)
         if not isinstance(body, dict):
             raise InvalidArgument("body", "must be a JSON object")
         inputs = body.get("inputs")
         if not isinstance(inputs, str) or not inputs:
             raise InvalidArgument("inputs", "`inputs` cannot be empty")
-        sampling, options = tgi_sampling(body.get("parameters") or {}, self.defaults)
-        job = self.backend.prepare(Job(prompt_text=inputs, sampling=sampling), "inputs")
+        size = len(inputs.encode("utf-8", "surrogatepass"))
+        if size > self.defaults.max_input_bytes:  # before tokenizing: bounds the tokenizer's work
+            raise InvalidArgument("inputs", f"{size} bytes exceed the limit of {self.defaults.max_input_bytes}")
+        sampling, options = tgi_sampling(body.get("parameters"), self.defaults)
+        # Tokenizing is CPU work: off the event loop, so /health stays fast.
+        job = await asyncio.to_thread(self.backend.prepare, Job(prompt_text=inputs, sampling=sampling), "inputs")
         return job, options, body
 
     @staticmethod
@@ -210,10 +261,10 @@ class TGIHttpApi:
 
     async def compat(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = await self._body(request)
+        except InvalidArgument:
             body = {}
-        if isinstance(body, dict) and body.get("stream"):
+        if isinstance(body, dict) and body.get("stream") is True:
             return await self.generate_stream(request)
         try:
             return web.json_response([await self._generate(request)])  # TGI's `/` answers a list

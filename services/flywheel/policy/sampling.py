@@ -4,8 +4,7 @@ Resolution rules (documented in docs/policy.md):
 - No SamplingParams message at all -> every field takes the service default.
 - A SamplingParams message that is present is taken literally for `temperature` (0 = greedy, as
   common.proto says); `top_k` 0 disables top-k, `top_p` 0 means 1.0 (disabled), `max_new_tokens`
-  0 means the service default, `n` 0 means 1 on the Kafka path (common.proto) but is rejected by
-  the request APIs (gRPC, HTTP), where asking for zero candidates is a caller bug.
+  0 means the service default, `n` 0 means 1 (common.proto), on every path.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ class SamplingDefaults:
     max_new_tokens_limit: int = 1024
     max_n: int = 64
     max_stop_sequences: int = 8
+    max_input_bytes: int = 65_536  # checked before tokenizing: bounds the tokenizer's work per prompt
 
     @classmethod
     def from_settings(cls, settings) -> "SamplingDefaults":  # PolicySettings, untyped to avoid a cycle
@@ -37,6 +37,7 @@ class SamplingDefaults:
             top_p=settings.policy_default_top_p, max_new_tokens=settings.policy_default_max_new_tokens,
             n=settings.policy_default_n, max_new_tokens_limit=settings.policy_max_new_tokens_limit,
             max_n=settings.policy_max_n, max_stop_sequences=settings.policy_max_stop_sequences,
+            max_input_bytes=settings.policy_max_input_bytes,
         )
 
 
@@ -91,7 +92,7 @@ class SamplingConfig:
         return self
 
 
-def resolve(params: common_pb2.SamplingParams | None, defaults: SamplingDefaults, *, strict_n: bool,
+def resolve(params: common_pb2.SamplingParams | None, defaults: SamplingDefaults,
             prefix: str = "sampling") -> SamplingConfig:
     """Resolve a (possibly absent) SamplingParams message to a validated SamplingConfig.
 
@@ -106,10 +107,7 @@ def resolve(params: common_pb2.SamplingParams | None, defaults: SamplingDefaults
     require(0 <= params.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1] (0 = disabled), got {params.top_p}")
     require(params.top_k >= 0, f"{prefix}.top_k", f"must be >= 0, got {params.top_k}")
     require(params.max_new_tokens >= 0, f"{prefix}.max_new_tokens", f"must be >= 0, got {params.max_new_tokens}")
-    if strict_n:
-        require(params.n >= 1, f"{prefix}.n", f"must be >= 1, got {params.n}")
-    else:
-        require(params.n >= 0, f"{prefix}.n", f"must be >= 0, got {params.n}")
+    require(params.n >= 0, f"{prefix}.n", f"must be >= 0 (0 means 1), got {params.n}")
     config = SamplingConfig(
         temperature=float(params.temperature),
         top_k=int(params.top_k),

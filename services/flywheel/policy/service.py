@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from grpc import aio
@@ -19,10 +20,12 @@ def _timeout(context: aio.ServicerContext) -> float | None:
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, backend: Backend, defaults: SamplingDefaults, *, max_prompts: int = 256) -> None:
+    def __init__(self, backend: Backend, defaults: SamplingDefaults, *, max_prompts: int = 256,
+                 max_sequences: int = 512) -> None:
         self.backend = backend
         self.defaults = defaults
         self.max_prompts = max_prompts
+        self.max_sequences = max_sequences  # the policy queue: a request that can never fit is refused
 
     async def Generate(self, request: policy_pb2.GenerateRequest,
                        context: aio.ServicerContext) -> policy_pb2.GenerateResponse:
@@ -30,8 +33,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         require(len(request.prompts) <= self.max_prompts, "prompts",
                 f"at most {self.max_prompts} prompts per request, got {len(request.prompts)}")
         fallback = request.sampling if request.HasField("sampling") else None
-        jobs = [prompt_job(self.backend, p, fallback, self.defaults, strict_n=True, prefix=f"prompts[{i}]")
-                for i, p in enumerate(request.prompts)]
+        # Templating and tokenizing are CPU work: off the event loop, so health checks stay fast.
+        jobs = await asyncio.to_thread(lambda: [
+            prompt_job(self.backend, p, fallback, self.defaults, prefix=f"prompts[{i}]")
+            for i, p in enumerate(request.prompts)])
+        sequences = sum(job.sampling.n for job in jobs)
+        require(sequences <= self.max_sequences, "prompts",
+                f"{sequences} sequences (prompts x n) exceed the queue limit of {self.max_sequences}")
         grouped = await self.backend.generate(jobs, timeout=_timeout(context))
         rollouts = [to_rollout(prompt, job.sampling, completion)
                     for prompt, job, group in zip(request.prompts, jobs, grouped) for completion in group]
@@ -44,7 +52,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                              context: aio.ServicerContext) -> AsyncIterator[policy_pb2.GenerateStreamChunk]:
         require(request.HasField("prompt"), "prompt", "is required")
         fallback = request.sampling if request.HasField("sampling") else None
-        job = prompt_job(self.backend, request.prompt, fallback, self.defaults, strict_n=True, prefix="prompt")
+        job = await asyncio.to_thread(prompt_job, self.backend, request.prompt, fallback, self.defaults,
+                                      prefix="prompt")
         require(job.sampling.n == 1, "prompt.sampling.n", f"streaming supports n = 1 only, got {job.sampling.n}")
         async for item in self.backend.stream(job, timeout=_timeout(context)):
             if isinstance(item, StreamEnd):

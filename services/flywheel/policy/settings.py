@@ -43,6 +43,9 @@ class PolicySettings(ServiceSettings):
     policy_max_queue: int = Field(
         512, ge=1, description="Max queued sequences; RPCs beyond it fail with RESOURCE_EXHAUSTED.")
     policy_max_input_tokens: int = Field(2048, ge=1, description="Longest accepted templated prompt, in tokens.")
+    policy_max_input_bytes: int = Field(
+        65_536, ge=1, description="Longest accepted prompt text (or sum of message contents), in UTF-8 bytes; "
+        "checked before tokenizing.")
     policy_max_new_tokens_limit: int = Field(1024, ge=1, description="Largest accepted max_new_tokens.")
     policy_max_n: int = Field(64, ge=1, description="Largest accepted number of candidates per prompt.")
     policy_max_stop_sequences: int = Field(8, ge=0, description="Most stop sequences per request.")
@@ -57,6 +60,9 @@ class PolicySettings(ServiceSettings):
     # -- HTTP (TGI-compatible) -------------------------------------------------------------------
     policy_http_enabled: bool = Field(True, description="Serve the TGI-compatible HTTP API.")
     policy_http_port: int = Field(8080, ge=0, le=65535, description="TGI-compatible HTTP port; 0 picks a free port.")
+    policy_http_max_body_bytes: int = Field(
+        2_000_000, ge=1024, description="Largest HTTP request body (TGI's default payload limit); larger is 413, "
+        "refused from Content-Length before the body is read.")
 
     # -- Kafka -----------------------------------------------------------------------------------
     policy_worker_enabled: bool = Field(True, description="Consume prompts and produce rollouts.")

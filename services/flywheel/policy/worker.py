@@ -41,7 +41,7 @@ class RolloutWorker:
         valid: list[tuple[Delivery[common_pb2.Prompt], Job]] = []
         for delivery in batch:
             try:
-                job = prompt_job(self.backend, delivery.value, None, self.defaults, strict_n=False)
+                job = prompt_job(self.backend, delivery.value, None, self.defaults)
             except InvalidArgument as exc:
                 rejections.append(Rejection(delivery, str(exc), "InvalidArgument"))
                 continue

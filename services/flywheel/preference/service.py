@@ -31,6 +31,8 @@ from flywheel.preference.settings import PreferenceSettings
 from flywheel.preference.store import PreferenceStore, event_body
 from flywheel.preference.validation import Validator
 from flywheel.runtime import InvalidArgument, NotFound, NotReady, require
+from flywheel.runtime.errors import FailedPrecondition, PermissionDenied, clip
+from flywheel.runtime.uris import UriPolicy, check_uri
 from flywheel.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,8 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         from flywheel.runtime import PermissionDenied
 
         try:
-            prepared = self.validator.prepare(events, prefixes, principal)
+            # Lineage lookups read the SQLite store, which a writer thread may hold: off the loop.
+            prepared = await asyncio.to_thread(self.validator.prepare, events, prefixes, principal)
         except PermissionDenied:
             AUTH_FAILURES.labels("permission_denied").inc()
             raise
@@ -266,7 +269,7 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         require(bool(request.prompt_id), "prompt_id", "required")
         agg = await asyncio.to_thread(self.engine.prompt, request.prompt_id)
         if agg is None:
-            raise NotFound(f"no comparisons or rankings for prompt {request.prompt_id!r}")
+            raise NotFound(f"no comparisons or rankings for prompt {clip(request.prompt_id)!r}")
         return agg
 
     async def ExportDataset(self, request, context):
@@ -278,7 +281,15 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
             raise InvalidArgument("format", f"unknown format {request.format}")
         require(request.min_margin >= 0, "min_margin", "must be >= 0")
         output = request.output_uri or str(self.settings.export_dir())
-        result = await asyncio.to_thread(self._export, output, fmt, request.min_margin)
+        if request.output_uri:
+            check_uri(request.output_uri, UriPolicy("output_uri", self.settings.export_roots(),
+                                                    self.settings.preference_export_remote))
+        try:
+            result = await asyncio.to_thread(self._export, output, fmt, request.min_margin)
+        except PermissionError as exc:
+            raise PermissionDenied(f"output_uri: cannot write there ({exc.strerror})") from exc
+        except OSError as exc:  # e.g. a file where a directory should be, a full disk
+            raise FailedPrecondition(f"output_uri: cannot write there ({exc.strerror or type(exc).__name__})") from exc
         export, messages = result
         if request.publish:
             await self._publish_aggregates(messages)

@@ -33,6 +33,12 @@ class PreferenceSettings(ServiceSettings):
         1000, gt=0, description="SubmitBulk: events validated, produced and stored together.")
     preference_export_dir: Path | None = Field(
         None, description="Where ExportDataset writes when no output_uri is given (default <home>/preference/exports).")
+    preference_export_roots: list[Path] = Field(
+        default_factory=list, description="Local directories an ExportDataset output_uri may name (JSON list; "
+        "empty: only the export dir). Anything else is PERMISSION_DENIED.")
+    preference_export_remote: list[str] = Field(
+        default_factory=list, description="Remote `scheme://host` locations an output_uri may name (JSON list, "
+        "e.g. [\"s3://datasets\"]); none by default, so no request makes the service connect anywhere.")
     preference_prior_strength: float = Field(
         0.5, ge=0, description="Gamma(λ+1, λ) prior on each response's strength, λ pseudo-comparisons per response "
         "(regularises sparse prompts; the MAP equals choix.ilsr_pairwise with alpha = λ / responses).")
@@ -62,3 +68,6 @@ class PreferenceSettings(ServiceSettings):
 
     def export_dir(self) -> Path:
         return self.preference_export_dir or self.home / "preference" / "exports"
+
+    def export_roots(self) -> list[Path]:
+        return list(self.preference_export_roots) or [self.export_dir()]

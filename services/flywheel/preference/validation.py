@@ -21,6 +21,16 @@ from flywheel.runtime import InvalidArgument, require
 from flywheel.v1 import common_pb2
 
 _MAX_CLOCK_SKEW_S = 300.0
+# google.protobuf.Timestamp's valid range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z);
+# outside it the protobuf conversions raise, so it is checked before any of them runs.
+_MIN_TIMESTAMP_S = -62_135_596_800
+_MAX_TIMESTAMP_S = 253_402_300_799
+
+
+def _check_timestamp(ts, field: str) -> None:
+    require(_MIN_TIMESTAMP_S <= ts.seconds <= _MAX_TIMESTAMP_S, field + ".seconds",
+            "outside the Timestamp range (years 0001..9999)")
+    require(0 <= ts.nanos <= 999_999_999, field + ".nanos", "must be in [0, 999999999]")
 
 
 def external_response_id(prompt_id: str, text: str) -> str:
@@ -85,6 +95,9 @@ class Validator:
         require(body.lead_time_ms >= 0, prefix + "lead_time_ms", "must be >= 0")
         if not body.HasField("submitted_at"):
             body.submitted_at.FromNanoseconds(int(now * 1e9))
+        _check_timestamp(body.submitted_at, prefix + "submitted_at")
+        if body.HasField("created_at"):
+            _check_timestamp(body.created_at, prefix + "created_at")
         submitted = body.submitted_at.ToNanoseconds() / 1e9
         require(submitted <= now + _MAX_CLOCK_SKEW_S, prefix + "submitted_at", "is in the future")
         if body.HasField("created_at"):

@@ -18,7 +18,9 @@ would otherwise wait for company that never comes.
 
 - Bounded: more than `max_queue_items` waiting items -> `Overloaded` (RESOURCE_EXHAUSTED).
 - Deadlines: a request whose deadline passed before its batch ran is dropped (DeadlineExceeded)
-  and costs no compute; a caller that gave up (cancelled) is skipped the same way.
+  and costs no compute; a caller that gave up (cancelled) is skipped the same way. A batch runs in
+  slices of `max_batch_size` items with the same check between slices, so a large request whose
+  caller is gone stops after the current slice (each scorer bounds the cost of one item).
 - Hot swap: `swap(scorer)` replaces the scorer reference; the batch in flight keeps the scorer it
   started with, so in-flight requests finish on the old model and no request is lost.
 """
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from flywheel.reward import metrics
-from flywheel.reward.scorers import Component, Scorer
+from flywheel.reward.scorers import Component, Scorer, ScoreResult
 from flywheel.runtime.errors import DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
@@ -233,6 +235,36 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 return
 
+    @staticmethod
+    def _abandoned(batch: list[_Request]) -> bool:
+        """Fail requests whose deadline passed; True when no caller of `batch` still waits."""
+        now = time.monotonic()
+        for request in batch:
+            if not request.future.done() and request.deadline is not None and request.deadline <= now:
+                metrics.REJECTED.labels("deadline").inc()
+                request.future.set_exception(DeadlineExceeded("deadline passed while scoring"))
+        return all(request.future.done() for request in batch)
+
+    async def _forward(self, scorer: Scorer, batch: list[_Request], prompts: list[str],
+                       responses: list[str]) -> ScoreResult | None:
+        """Score the batch in slices of max_batch_size items (a request larger than a batch runs
+        alone), checking deadlines between slices: work for callers who are gone stops there.
+        None when it stopped."""
+        assert self._loop is not None
+        size = self.max_batch_size
+        parts: list[ScoreResult] = []
+        for begin in range(0, len(prompts), size):
+            if begin and self._abandoned(batch):
+                return None
+            parts.append(await self._loop.run_in_executor(self._executor, scorer.score_components,
+                                                          prompts[begin:begin + size], responses[begin:begin + size]))
+            self.forward_items += len(parts[-1].values)
+        if len(parts) == 1:
+            return parts[0]
+        return ScoreResult(values=[v for p in parts for v in p.values],
+                           components=[type(c)(c.scorer, c.version, [v for p in parts for v in p.components[i].values])
+                                       for i, c in enumerate(parts[0].components)])
+
     async def _run(self) -> None:
         assert self._wakeup is not None and self._loop is not None
         while True:
@@ -251,8 +283,7 @@ class DynamicBatcher:
             responses = [x for r in batch for x in r.responses]
             start = time.monotonic()
             try:
-                result = await self._loop.run_in_executor(self._executor, scorer.score_components,
-                                                          prompts, responses)
+                result = await self._forward(scorer, batch, prompts, responses)
             except Exception as exc:  # noqa: BLE001 - delivered to every request of the batch
                 log.exception("forward pass of %d items failed", len(prompts))
                 for request in batch:
@@ -264,7 +295,8 @@ class DynamicBatcher:
             self._last_forward_end = time.monotonic()
             self._last_batch_requests = len(batch)
             self.batches += 1
-            self.forward_items += len(prompts)
+            if result is None:  # every caller of the batch gave up or ran out of time part-way
+                continue
             metrics.BATCH_SIZE.observe(len(prompts))
             metrics.FORWARD_SECONDS.observe(elapsed)
             for v in result.values:

@@ -18,7 +18,7 @@ from flywheel.kserve.v2 import open_inference_grpc_pb2 as kserve_pb2
 from flywheel.kserve.v2 import open_inference_grpc_pb2_grpc as kserve_pb2_grpc
 from flywheel.reward.batching import DynamicBatcher, ScoredBatch
 from flywheel.reward.settings import RewardSettings
-from flywheel.runtime.errors import NotFound, NotReady, require
+from flywheel.runtime.errors import NotFound, NotReady, clip, require
 from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
 KSERVE_SERVICE = "inference.GRPCInferenceService"
@@ -135,13 +135,11 @@ def _decode_raw_bytes(raw: bytes, field: str) -> list[bytes]:
 
 
 def _element_count(shape: list[int], field: str) -> int:
-    require(len(shape) >= 1, f"{field}.shape", "must have at least one dimension")
-    count = 1
-    for d in shape:
-        require(d >= 0, f"{field}.shape", f"dimension {d} is negative")
-        count *= d
-    require(len(shape) == 1 or count == shape[0], f"{field}.shape", "must be [N] or [N, 1]")
-    return count
+    """N for shape [N] or [N, 1], the only shapes docs/reward.md allows."""
+    require(len(shape) in (1, 2) and (len(shape) == 1 or shape[1] == 1), f"{field}.shape",
+            f"must be [N] or [N, 1], got {len(shape)} dimensions" if len(shape) != 2 else "must be [N] or [N, 1]")
+    require(shape[0] >= 0, f"{field}.shape", f"dimension {shape[0]} is negative")
+    return shape[0]
 
 
 class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
@@ -160,10 +158,10 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _check_model(self, name: str, version: str) -> None:
         if name != self.model_name:
-            raise NotFound(f"model {name!r} is not served here (serving {self.model_name!r})")
+            raise NotFound(f"model {clip(name)!r} is not served here (serving {self.model_name!r})")
         current = self.batcher.scorer.version
         if version and version != current:
-            raise NotFound(f"model {name!r} version {version!r} is not served (serving {current!r})")
+            raise NotFound(f"model {clip(name)!r} version {clip(version)!r} is not served (serving {current!r})")
 
     async def ServerLive(self, request, context):  # noqa: N802
         return kserve_pb2.ServerLiveResponse(live=True)
@@ -223,6 +221,10 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
         require(n > 0, "inputs", "must hold at least one element")
         require(n <= self.settings.reward_max_items_per_request, "inputs",
                 f"at most {self.settings.reward_max_items_per_request} elements per request")
+        # The same rule as RewardService.Score, so both APIs accept and refuse the same items.
+        where = next(i for i, t in enumerate(request.inputs) if t.name == "response")
+        for j, (prompt, response) in enumerate(zip(prompts, found["response"])):
+            require(bool(prompt or response), f"inputs[{where}].contents[{j}]", "prompt and response are both empty")
         return found, bool(raw)
 
     async def ModelInfer(self, request, context):  # noqa: N802

@@ -41,6 +41,9 @@ class RewardSettings(ServiceSettings):
     reward_max_items_per_request: int = Field(512, gt=0, description="Max items in one Score request.")
     reward_max_text_chars: int = Field(100_000, gt=0, description="Max characters of one prompt or response.")
     reward_default_timeout_s: float = Field(30.0, gt=0, description="Deadline for requests that set none.")
+    reward_vader_max_words: int = Field(
+        512, gt=0, description="vader scorer: words of a response analysed (emoji count as their description's "
+        "words; the rest is ignored). Bounds one item's cost: VADER is quadratic in words.")
 
     reward_remote_target: str = Field("", description="remote scorer: host:port of another RewardService.")
     reward_remote_timeout_s: float = Field(10.0, gt=0, description="remote scorer: deadline of one attempt.")

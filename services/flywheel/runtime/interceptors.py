@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -121,6 +122,21 @@ def _code_name(context: aio.ServicerContext, default: grpc.StatusCode) -> str:
     return str(code)
 
 
+def _failure_code(context: aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """The status the client saw when the handler ended with `exc` and set no code itself.
+
+    A handler is cancelled (CancelledError) when the client cancelled or its deadline passed;
+    the client then saw CANCELLED or DEADLINE_EXCEEDED, which is what the metric must record
+    (UNKNOWN would make an alert on server faults fire on ordinary client timeouts).
+    """
+    if isinstance(exc, asyncio.CancelledError) or context.cancelled():
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
 class MetricsInterceptor(_WrappingInterceptor):
     """Outermost interceptor: counts and times every RPC, labelled with its final status code."""
 
@@ -139,8 +155,8 @@ class MetricsInterceptor(_WrappingInterceptor):
             response = await inner(request, context)
             metrics.GRPC_MSG_SENT.labels(*labels).inc()
             return response
-        except BaseException:
-            code = grpc.StatusCode.UNKNOWN
+        except BaseException as exc:
+            code = _failure_code(context, exc)
             raise
         finally:
             metrics.GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - start)
@@ -157,8 +173,8 @@ class MetricsInterceptor(_WrappingInterceptor):
             async for item in _as_async_iter(inner(request, context)):
                 metrics.GRPC_MSG_SENT.labels(*labels).inc()
                 yield item
-        except BaseException:
-            code = grpc.StatusCode.UNKNOWN
+        except BaseException as exc:
+            code = _failure_code(context, exc)
             raise
         finally:
             metrics.GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - start)
@@ -208,7 +224,7 @@ class ExceptionMappingInterceptor(_WrappingInterceptor):
 
     async def _abort(self, method: str, exc: BaseException, context: aio.ServicerContext) -> None:
         code, message = status_for(exc)
-        if isinstance(exc, FlywheelError):
+        if isinstance(exc, (FlywheelError, NotImplementedError)):
             log.info("%s -> %s: %s", method, code.name, message)
         else:
             log.exception("%s failed", method, exc_info=exc)

@@ -16,6 +16,7 @@ from flywheel.bus import TypedConsumer, ensure_topics_for, producer_for, topics
 from flywheel.bus.topics import Topic
 from flywheel.runtime import ServiceRuntime
 from flywheel.runtime.auth import Guard
+from flywheel.runtime.uris import UriPolicy
 from flywheel.trainer.checkpoint import CheckpointStore
 from flywheel.trainer.loop import LoadedTrainer, TrainerLoop, follow, load_trainer
 from flywheel.trainer.service import RewardJobRunner, TrainerServicer, auth_interceptor, registrations
@@ -95,7 +96,9 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
     jobs = RewardJobRunner(
         default_dataset_uri=settings.trainer_reward_dataset_uri, output_dir=settings.trainer_reward_output_dir,
         default_epochs=settings.trainer_reward_epochs, bootstrap_servers=settings.kafka_bootstrap_servers,
-        model_versions_topic=settings.trainer_model_versions_topic)
+        model_versions_topic=settings.trainer_model_versions_topic,
+        dataset_policy=UriPolicy("dataset_uri", settings.reward_dataset_roots(), settings.trainer_reward_dataset_remote),
+        max_queued=settings.trainer_reward_max_queued_jobs)
     runtime = ServiceRuntime(settings)
     for name, register in registrations(TrainerServicer(loop, jobs)):
         runtime.add_service(name, register)

@@ -13,8 +13,10 @@ from typing import Callable
 
 from grpc import aio
 
-from flywheel.runtime import InvalidArgument, NotFound, require
+from flywheel.runtime import InvalidArgument, NotFound, Overloaded, require
 from flywheel.runtime.auth import ANY_SCOPE, SCOPE_ADMIN, AuthInterceptor, Guard
+from flywheel.runtime.errors import clip
+from flywheel.runtime.uris import UriPolicy, check_uri
 from flywheel.trainer import metrics
 from flywheel.trainer.loop import LoopState, TrainerLoop
 from flywheel.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
@@ -71,8 +73,12 @@ class RewardJobRunner:
 
     def __init__(self, *, default_dataset_uri: str | None, output_dir: str | Path | None, default_epochs: int,
                  bootstrap_servers: str | None, model_versions_topic: str | None,
-                 train: Callable[..., object] | None = None) -> None:
+                 train: Callable[..., object] | None = None, dataset_policy: UriPolicy | None = None,
+                 max_queued: int = 4) -> None:
         self.default_dataset_uri = default_dataset_uri
+        # What a caller's dataset_uri may name (the operator's default_dataset_uri is trusted).
+        self.dataset_policy = dataset_policy or UriPolicy("dataset_uri", local_roots=())
+        self.max_queued = max_queued
         self.output_dir = output_dir
         self.default_epochs = default_epochs
         self.bootstrap_servers = bootstrap_servers
@@ -86,6 +92,9 @@ class RewardJobRunner:
         job = RewardJob(job_id=uuid.uuid4().hex[:12], dataset_uri=dataset_uri or (self.default_dataset_uri or ""),
                         epochs=epochs or self.default_epochs)
         with self._lock:
+            pending = sum(1 for j in self._jobs.values() if j.state in ("queued", "running"))
+            if pending >= self.max_queued:
+                raise Overloaded(f"{pending} reward-model training jobs are queued or running; retry later")
             self._jobs[job.job_id] = job
         self._executor.submit(self._run, job)
         return job
@@ -94,7 +103,7 @@ class RewardJobRunner:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no reward-model training job {job_id!r}")
+            raise NotFound(f"no reward-model training job {clip(job_id)!r}")
         return job
 
     def latest(self) -> RewardJob | None:
@@ -179,9 +188,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         require(request.epochs <= 1000, "epochs", "must be <= 1000")
         uri = request.dataset_uri
         if uri:
-            local = uri[len("file://"):] if uri.startswith("file://") else uri
-            if "://" not in local and not Path(local).exists():
-                raise InvalidArgument("dataset_uri", f"{uri!r} does not exist")
+            checked = check_uri(uri, self.jobs.dataset_policy)
+            if checked.local_path is not None and not await asyncio.to_thread(checked.local_path.exists):
+                raise InvalidArgument("dataset_uri", f"{clip(uri)!r} does not exist")
         job = await asyncio.to_thread(self.jobs.submit, uri, request.epochs)
         return job.to_proto()
 

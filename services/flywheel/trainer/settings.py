@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -74,6 +75,18 @@ class TrainerSettings(ServiceSettings):
     trainer_reward_output_dir: str | None = Field(
         None, description="Where reward-model checkpoints go (default <home>/checkpoints/reward).")
     trainer_reward_epochs: int = Field(1, ge=1, description="Default epochs of a reward-model training job.")
+    trainer_reward_dataset_roots: list[Path] = Field(
+        default_factory=list, description="Local directories a TriggerRewardModelTraining dataset_uri may name "
+        "(JSON list; empty: <home>/preference/exports, where a preference service sharing this home exports). "
+        "Anything else is PERMISSION_DENIED.")
+    trainer_reward_dataset_remote: list[str] = Field(
+        default_factory=list, description="Remote `scheme://host` locations a dataset_uri may name (JSON list, "
+        "e.g. [\"s3://datasets\"]); none by default, so no request makes the trainer fetch from anywhere.")
+    trainer_reward_max_queued_jobs: int = Field(
+        4, ge=1, description="Reward-model training jobs queued or running at once; more is RESOURCE_EXHAUSTED.")
+
+    def reward_dataset_roots(self) -> list[Path]:
+        return list(self.trainer_reward_dataset_roots) or [self.home / "preference" / "exports"]
 
     def ppo_config(self):  # noqa: ANN201 - PPOConfig (import kept lazy: torch)
         from flywheel.trainer.ppo import PPOConfig

@@ -23,12 +23,22 @@ log = logging.getLogger(__name__)
 
 
 class VaderScorer(Scorer):
-    """VADER compound sentiment of the response, in [-1, 1]; the prompt is ignored."""
+    """VADER compound sentiment of the response, in [-1, 1]; the prompt is ignored.
 
-    def __init__(self) -> None:
+    VADER's cost grows with the square of the words it analyses (each word looks itself up with
+    list.index), and every emoji expands to its description (🙂 -> "slightly smiling face"), so
+    20,000 emoji took 136 s. Each response is therefore cut to its first `max_words` analysed words,
+    counting an emoji as the words of its description: a bounded cost per item (~0.1 s at 512).
+    """
+
+    def __init__(self, max_words: int = 512) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+        if max_words < 1:
+            raise ValueError("max_words must be >= 1")
+        self.max_words = max_words
         self._analyzer = SentimentIntensityAnalyzer()
+        self._emoji_words = {e: len(d.split()) for e, d in self._analyzer.emojis.items()}
         try:
             self._version = metadata.version("vaderSentiment")
         except metadata.PackageNotFoundError:  # pragma: no cover
@@ -42,9 +52,29 @@ class VaderScorer(Scorer):
     def version(self) -> str:
         return self._version
 
+    def bounded(self, text: str) -> str:
+        """The prefix of `text` VADER analyses: at most `max_words` words, emoji counted expanded."""
+        if len(text) <= self.max_words:  # fewer characters than the budget: few words
+            if not any(ch in self._emoji_words for ch in text):
+                return text
+        words, in_word = 0, False
+        for i, ch in enumerate(text):
+            expanded = self._emoji_words.get(ch)
+            if expanded is not None:
+                words += expanded
+                in_word = False
+            elif ch.isspace():
+                in_word = False
+            elif not in_word:
+                words += 1
+                in_word = True
+            if words > self.max_words:
+                return text[:i]
+        return text
+
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         check_lengths(prompts, responses)
-        return [float(self._analyzer.polarity_scores(r)["compound"]) for r in responses]
+        return [float(self._analyzer.polarity_scores(self.bounded(r))["compound"]) for r in responses]
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)

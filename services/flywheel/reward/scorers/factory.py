@@ -119,7 +119,7 @@ def _single(kind: str, settings: "RewardSettings") -> Scorer:
     if kind == "transformer":
         return transformer_from_settings(settings)
     if kind == "vader":
-        return VaderScorer()
+        return VaderScorer(max_words=settings.reward_vader_max_words)
     if kind == "remote":
         return RemoteScorer(settings.reward_remote_target, timeout_s=settings.reward_remote_timeout_s,
                             retries=settings.reward_remote_retries, api_key=settings.reward_remote_api_key)
