@@ -11,7 +11,8 @@ from flywheel.bus import ConsumerWorker, Topic, TypedProducer, ensure_topics_for
 from flywheel.policy.backends import Backend, LocalBackend, TGIBackend
 from flywheel.policy.engine import PolicyEngine
 from flywheel.policy.http_api import TGIHttpApi
-from flywheel.policy.reload import PolicyReloader
+from flywheel.model_follower import ModelVersionFollower
+from flywheel.policy.reload import policy_follower
 from flywheel.policy.sampling import SamplingDefaults
 from flywheel.policy.service import PolicyServicer
 from flywheel.policy.settings import PolicySettings
@@ -46,7 +47,7 @@ class PolicyComponents:
     backend: Backend
     servicer: PolicyServicer
     http: TGIHttpApi | None = None
-    reloader: PolicyReloader | None = None
+    reloader: ModelVersionFollower | None = None
     reload_worker: ConsumerWorker | None = None
     rollout_worker: RolloutWorker | None = None
     producer: TypedProducer | None = None
@@ -103,11 +104,10 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
 
         if reload:
             assert isinstance(backend, LocalBackend)
-            parts.reloader = PolicyReloader(lambda: backend.version, backend.swap,
-                                            cache_dir=settings.home / "checkpoints",
-                                            device=settings.policy_device, dtype=settings.policy_dtype)
+            parts.reloader = policy_follower(backend, cache_dir=settings.home / "checkpoints",
+                                             device=settings.policy_device, dtype=settings.policy_dtype)
             group = f"{settings.policy_consumer_group}-reload-{parts.instance_id}"
-            parts.reload_worker = worker_for(settings, versions, group, parts.reloader.handle, parts.producer)
+            parts.reload_worker = worker_for(settings, versions, group, parts.reloader, parts.producer)
             runtime.add_worker(parts.reload_worker)
 
         if settings.policy_worker_enabled:

@@ -30,6 +30,7 @@ from flywheel.policy.engine import (
 from flywheel.policy.sampling import UINT64_MASK, SamplingConfig
 from flywheel.runtime.errors import FlywheelError, InvalidArgument, NotReady, Overloaded, require
 from flywheel.v1 import common_pb2
+from flywheel.versions import version_order
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,7 @@ def set_version_metrics(old: str | None, new: str) -> None:
         except KeyError:
             pass
     metrics.VERSION_INFO.labels(new).set(1)
-    digits = "".join(ch for ch in new.rsplit("-", 1)[-1] if ch.isdigit())
-    metrics.VERSION_NUMBER.set(int(digits) if digits else -1)
+    metrics.VERSION_NUMBER.set(version_order(new))
 
 
 # --------------------------------------------------------------------------------------------------

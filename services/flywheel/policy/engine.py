@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from flywheel.policy.sampling import SamplingConfig
+from flywheel.versions import BASE_POLICY_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ FINISH_EOS = "eos_token"
 FINISH_STOP = "stop_sequence"
 FINISH_CANCELLED = "cancelled"
 
-BASE_VERSION = "policy-0000"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -556,7 +556,7 @@ class PolicyEngine:
             torch.set_num_threads(torch_threads)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path | None = None, version: str = BASE_VERSION, *, device: str = "cpu",
+    def from_checkpoint(cls, path: str | Path | None = None, version: str = BASE_POLICY_VERSION, *, device: str = "cpu",
                         dtype: str = "float32", torch_threads: int | None = None) -> "PolicyEngine":
         if path is None:
             from flywheel.models import smollm2_checkpoint

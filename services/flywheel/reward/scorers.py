@@ -28,12 +28,13 @@ from urllib.parse import urlparse
 
 import grpc
 
+from flywheel.versions import BASE_REWARD_VERSION
+
 if TYPE_CHECKING:  # pragma: no cover
     from flywheel.reward.settings import RewardSettings
 
 log = logging.getLogger(__name__)
 
-BASE_VERSION = "reward-0000"
 METADATA_FILE = "flywheel.json"
 
 
@@ -153,9 +154,13 @@ class TransformerRewardScorer(Scorer):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self._uri = str(model_path) if model_path is not None else ""
-        path = resolve_checkpoint(model_path, cache_dir) if model_path is not None else minilm_dir()
+        from flywheel import checkpoints
+        from flywheel.runtime.config import default_home
+
+        path = (checkpoints.resolve(model_path, cache_dir or default_home() / "reward-models")
+                if model_path is not None else minilm_dir())
         meta = read_checkpoint_metadata(path)
-        self._version = version or meta.get("version") or BASE_VERSION
+        self._version = version or meta.get("version") or BASE_REWARD_VERSION
         self._model_name = meta.get("model_name") or path.name
         self.path = path
         self.max_length = max_length

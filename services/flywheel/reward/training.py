@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from flywheel.v1 import common_pb2
+from flywheel.versions import BASE_REWARD_VERSION, REWARD, version_name, version_order
 
 log = logging.getLogger(__name__)
 
 PAIR_FIELDS = ("prompt_id", "prompt_text", "chosen_id", "chosen_text", "rejected_id", "rejected_text", "margin")
-_VERSION_DIR = re.compile(r"^reward-(\d{4,})$")
 
 
 @dataclass
@@ -201,8 +200,8 @@ def split_by_prompt(pairs: Sequence[common_pb2.PreferencePair], eval_fraction: f
 # -- versions -----------------------------------------------------------------------------------
 
 def next_version(output_dir: Path) -> str:
-    numbers = [int(m.group(1)) for p in output_dir.glob("reward-*") if (m := _VERSION_DIR.match(p.name))]
-    return f"reward-{max(numbers, default=0) + 1:04d}"
+    numbers = [version_order(p.name) for p in output_dir.glob(f"{REWARD}-*") if p.is_dir()]
+    return version_name(REWARD, max(numbers, default=0) + 1)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from flywheel.reward.scorers import BASE_VERSION, METADATA_FILE, TransformerRewardScorer, default_torch_threads
+    from flywheel.reward.scorers import METADATA_FILE, TransformerRewardScorer, default_torch_threads
 
     if config.pairs is not None:
         pairs = [_row_to_pair(p, f"pairs[{i}]") for i, p in enumerate(config.pairs)]
@@ -314,7 +313,7 @@ def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     torch.set_num_threads(config.torch_threads or default_torch_threads())
     scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length,
                                      torch_threads=config.torch_threads or default_torch_threads())
-    parent = config.parent_version or scorer.version or BASE_VERSION
+    parent = config.parent_version or scorer.version or BASE_REWARD_VERSION
     model = scorer.model
 
     steps_per_epoch = math.ceil(len(train) / config.batch_size)

@@ -13,7 +13,9 @@ from typing import Callable
 
 from grpc import aio
 
+from flywheel import checkpoints
 from flywheel.runtime import InvalidArgument, NotFound, require
+from flywheel.runtime.config import default_home
 from flywheel.trainer import metrics
 from flywheel.trainer.loop import LoopState, TrainerLoop
 from flywheel.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
@@ -112,7 +114,7 @@ class RewardJobRunner:
             if self.output_dir is not None:
                 kwargs["output_dir"] = self.output_dir
             if job.dataset_uri:
-                kwargs["data"] = _localise(job.dataset_uri)
+                kwargs["data"] = str(checkpoints.resolve(job.dataset_uri, default_home() / "datasets"))
             else:
                 if not self.bootstrap_servers:
                     raise ValueError("no dataset_uri given and no Kafka to read aggregated preferences from")
@@ -132,23 +134,6 @@ class RewardJobRunner:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _localise(uri: str) -> str:
-    """A local path for `uri`: file:// URIs map directly, other fsspec URLs are downloaded."""
-    if "://" not in uri:
-        return uri
-    import tempfile
-
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
-        return path
-    local = tempfile.mkdtemp(prefix="flywheel-preferences-")
-    fs.get(path, local, recursive=True)
-    return local
 
 
 # ---------------------------------------------------------------------------------------------
