@@ -469,6 +469,12 @@ def test_helm_test_hook_checks_every_enabled_service(rendered) -> None:
         assert script.count("grpc_health_check.py") == len(enabled)
 
 
+def test_chart_config_keys_are_the_settings_fields() -> None:
+    out = subprocess.run([sys.executable, str(TOOLS / "gen_chart_config_schema.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr  # regenerate with deploy/tools/gen_chart_config_schema.py
+
+
 def test_chart_readme_values_table_is_fresh() -> None:
     out = subprocess.run([sys.executable, str(TOOLS / "gen_chart_readme.py"), "--check"],
                          capture_output=True, text=True)

@@ -38,7 +38,7 @@ def tiny(tiny_dir) -> TransformerRewardScorer:
 
 
 def reward_settings(settings_factory, **overrides) -> RewardSettings:
-    base = dict(reward_worker_enabled=False, reward_hot_reload=False, reward_max_wait_ms=20.0)
+    base = dict(reward_worker_enabled=False, reward_reload_enabled=False, reward_max_wait_ms=20.0)
     base.update(overrides)
     return settings_factory(RewardSettings, **base)
 

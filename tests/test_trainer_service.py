@@ -86,6 +86,30 @@ async def test_reward_model_job_and_cli(kafka_bootstrap, unique, settings_factor
     assert json.loads(result.output)["policyVersion"]["version"] == "policy-0000"
 
 
+@pytest.mark.slow
+def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(tmp_path):
+    import torch
+
+    from flywheel.trainer.service import RewardJobRunner
+    from waiting import wait_until
+
+    runner = RewardJobRunner(default_dataset_uri=None, output_dir=tmp_path / "reward", default_epochs=1,
+                             bootstrap_servers=None, model_versions_topic=None, torch_threads=2,
+                             cache_dir=tmp_path / "cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs the trainer; the job asks for 2 in its own process
+    try:
+        job = runner.submit(_pairs_file(tmp_path / "pairs.jsonl", n=6).as_uri(), 1)
+        wait_until(lambda: job.state in ("succeeded", "failed"), 300, what="the reward-model job")
+        assert job.state == "succeeded", job.message
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+        runner.shutdown()
+    assert job.model_version.version == "reward-0001"
+    assert Path(job.model_version.checkpoint_uri.removeprefix("file://"), "model.safetensors").exists()
+
+
 async def _wait_job(stub, job_id: str, timeout_s: float = 240) -> trainer_pb2.RewardModelTrainingJob:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -171,7 +171,7 @@ class LoopRunner:
 
     def service_env(self, name: str) -> dict[str, str]:
         c = self.config
-        env: dict[str, str] = {f"FLYWHEEL_{name.upper()}_TORCH_THREADS": str(c.torch_threads),
+        env: dict[str, str] = {"FLYWHEEL_TORCH_THREADS": str(c.torch_threads),
                                "OMP_NUM_THREADS": str(c.torch_threads)}
         if name == "policy":
             env.update(FLYWHEEL_POLICY_HTTP_PORT="0", FLYWHEEL_POLICY_MAX_BATCH_SIZE="32",

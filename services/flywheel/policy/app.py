@@ -64,8 +64,7 @@ def make_backend(settings: PolicySettings) -> Backend:
                           timeout_s=settings.policy_tgi_timeout_s, version=settings.policy_tgi_version,
                           max_input_tokens=settings.policy_max_input_tokens)
     engine = PolicyEngine.from_checkpoint(settings.policy_model_dir, settings.policy_model_version,
-                                          device=settings.policy_device, dtype=settings.policy_dtype,
-                                          torch_threads=settings.policy_torch_threads)
+                                          device=settings.policy_device, dtype=settings.policy_dtype)
     return LocalBackend(engine, max_batch_size=settings.policy_max_batch_size,
                         batch_wait_ms=settings.policy_batch_wait_ms, max_queue=settings.policy_max_queue,
                         max_input_tokens=settings.policy_max_input_tokens)
@@ -147,7 +146,10 @@ async def serve(settings: PolicySettings) -> None:
 
 
 if __name__ == "__main__":  # `python -m flywheel.policy.app` (same as `flywheel serve policy`)
+    from flywheel.runtime.process import start_service_process
+
     _settings = Settings()
     logging.basicConfig(level=_settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_service_process(_settings)
     asyncio.run(serve(_settings))

@@ -63,8 +63,8 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
     scoring: ScoringHandler | None = None
     reload: ModelVersionFollower | None = None
     producer = None
-    hot_reload = settings.reward_hot_reload and reward_model_of(scorer) is not None
-    if settings.reward_hot_reload and not hot_reload:
+    hot_reload = settings.reward_reload_enabled and reward_model_of(scorer) is not None
+    if settings.reward_reload_enabled and not hot_reload:
         log.info("hot reload off: scorer %s has no reward model to replace", scorer.name)
     if settings.reward_worker_enabled or hot_reload:
         ensure_topics_for(settings, [t for t in (rollouts_topic, scored_topic, versions_topic)])

@@ -144,15 +144,13 @@ class TransformerRewardScorer(Scorer):
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, max_length: int = 256,
-                 max_batch_size: int = 64, torch_threads: int | None = None, version: str | None = None,
+                 max_batch_size: int = 64, version: str | None = None,
                  cache_dir: Path | None = None, forward_overhead_tokens: int = 32) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from flywheel.models import minilm_dir
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
         self._uri = str(model_path) if model_path is not None else ""
         from flywheel import checkpoints
         from flywheel.runtime.config import default_home
@@ -444,7 +442,6 @@ def transformer_from_settings(settings: "RewardSettings", model_uri: str | None 
     return TransformerRewardScorer(uri, max_length=settings.reward_max_length,
                                    max_batch_size=settings.reward_max_batch_size,
                                    forward_overhead_tokens=settings.reward_forward_overhead_tokens,
-                                   torch_threads=settings.reward_torch_threads or default_torch_threads(),
                                    cache_dir=cache)
 
 

@@ -74,7 +74,6 @@ class RewardTrainingConfig:
     eval_pairs: Sequence[common_pb2.PreferencePair | dict] | None = None
     eval_data: str | Path | None = None
     seed: int = 0
-    torch_threads: int | None = None
     progress: bool = True
     # Publish the ModelVersion to the model-versions topic when bootstrap servers are given.
     publish: bool = False
@@ -283,13 +282,26 @@ def normalize_output(scorer, pairs: Sequence[common_pb2.PreferencePair], max_sam
 
 
 def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
-    """Train, evaluate on the held-out split, write a versioned checkpoint, optionally publish it."""
+    """Train, evaluate on the held-out split, write a versioned checkpoint, optionally publish it.
+
+    Reproducible for a given `config.seed`, without touching process-wide state: the head init and
+    dropout draw from a forked copy of torch's global generator, seeded here and restored after. The
+    thread count is the process's (`flywheel reward train` sets it at start-up).
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _train_reward_model(config)
+
+
+def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from flywheel.reward.scorers import METADATA_FILE, TransformerRewardScorer, default_torch_threads
+    from flywheel.reward.scorers import METADATA_FILE, TransformerRewardScorer
 
     if config.pairs is not None:
         pairs = [_row_to_pair(p, f"pairs[{i}]") for i, p in enumerate(config.pairs)]
@@ -308,11 +320,7 @@ def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     if not train:
         raise ValueError("the training split is empty (too few prompts for eval_fraction)")
 
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(config.torch_threads or default_torch_threads())
-    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length,
-                                     torch_threads=config.torch_threads or default_torch_threads())
+    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length)
     parent = config.parent_version or scorer.version or BASE_REWARD_VERSION
     model = scorer.model
 
