@@ -69,3 +69,14 @@ def test_known_and_tool_variables_pass_the_environment_check() -> None:
     with pytest.raises(UnknownSettingError, match="FLYWHEEL_REWARD_HOT_RELOAD: did you mean "
                                                   "FLYWHEEL_REWARD_RELOAD_ENABLED"):
         check_environment(known, {"FLYWHEEL_REWARD_HOT_RELOAD": "false"})
+
+
+def test_settings_env_names_variables_from_the_fields() -> None:
+    from flywheel.runtime.config import settings_env
+    from flywheel.trainer.settings import TrainerSettings
+
+    env = settings_env(TrainerSettings, trainer_batch_size=8, trainer_start_paused=True)
+    assert env == {"FLYWHEEL_TRAINER_BATCH_SIZE": "8", "FLYWHEEL_TRAINER_START_PAUSED": "true"}
+    assert TrainerSettings(_env_file=None, **{k[len("FLYWHEEL_"):].lower(): v for k, v in env.items()}).trainer_start_paused
+    with pytest.raises(KeyError, match="did you mean 'trainer_batch_size'"):
+        settings_env(TrainerSettings, trainer_batchsize=8)

@@ -10,6 +10,7 @@ no setting stops start-up (`check_environment`) instead of being silently ignore
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -63,6 +64,24 @@ class ServiceSettings(BaseSettings):
     @property
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap_servers.split(",") if s.strip()]
+
+
+def settings_env(cls: type[BaseSettings], **values: object) -> dict[str, str]:
+    """Environment variables that set `values` on a `cls` process: names come from the fields (a
+    name that is not one raises), values are rendered as pydantic-settings parses them."""
+    env = {}
+    for name, value in values.items():
+        if name not in cls.model_fields:
+            close = difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.6)
+            raise KeyError(f"{cls.__name__} has no setting {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, dict)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    return env
 
 
 # FLYWHEEL_* variables that are not service settings (read by the Makefile, deploy tools, tests and
