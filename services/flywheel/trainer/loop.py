@@ -410,12 +410,6 @@ class TrainerLoop:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    def stop_sync(self, timeout: float | None = None) -> None:
-        self._stop.set()
-        self._resume.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
 
 def _encode(rollouts: list[common_pb2.ScoredRollout], weights: list[float]) -> tuple[list[bytes], list[float]]:
     return [r.SerializeToString() for r in rollouts], list(weights)
