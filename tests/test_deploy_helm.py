@@ -553,7 +553,7 @@ def test_versions_agree_with_the_package() -> None:
         assert compose["services"][service]["image"] == f"flywheel-{service}:{version}"
 
 
-@pytest.mark.kafka
+@pytest.mark.kafka  # starts a broker of its own (not the kafka_bootstrap fixture)
 def test_in_chart_kraft_config_boots_a_real_broker(rendered, tmp_path) -> None:
     """The broker config the chart renders, formatted and started the way its container does it
     (StorageTool format --standalone --ignore-formatted, twice as on a restart, then kafka.Kafka),

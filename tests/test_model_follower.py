@@ -75,7 +75,6 @@ def _publish(kafka_bootstrap: str, topic: Topic, *versions: common_pb2.ModelVers
         producer.close()
 
 
-@pytest.mark.kafka
 async def test_poison_reward_version_does_not_wedge_reload(kafka_bootstrap, unique, settings_factory, serve,
                                                            tmp_path) -> None:
     from flywheel.reward.app import build_app
@@ -102,7 +101,6 @@ async def test_poison_reward_version_does_not_wedge_reload(kafka_bootstrap, uniq
     assert _count("flywheel_reward_reloads_total", "rejected") == rejected + 1
 
 
-@pytest.mark.kafka
 @pytest.mark.slow
 async def test_poison_policy_version_does_not_wedge_reload(kafka_bootstrap, unique, settings_factory, serve,
                                                            tmp_path) -> None:

@@ -22,9 +22,6 @@ from flywheel.policy.settings import PolicySettings
 from flywheel.runtime.client import aio_channel
 from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
-pytestmark = pytest.mark.kafka
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     threads = torch.get_num_threads()

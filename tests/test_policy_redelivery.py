@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import torch
 
 from flywheel.bus import Topic, TypedConsumer, TypedProducer, ensure_topics
@@ -14,9 +13,6 @@ from flywheel.policy.engine import PolicyEngine
 from flywheel.policy.settings import PolicySettings
 from flywheel.v1 import common_pb2
 from waiting import wait_until_async
-
-pytestmark = pytest.mark.kafka
-
 
 async def test_redelivered_unseeded_prompt_reproduces_its_rollouts(kafka_bootstrap, unique, settings_factory,
                                                                     serve) -> None:

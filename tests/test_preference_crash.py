@@ -25,9 +25,6 @@ from flywheel.preference.auth import TokenStore
 from flywheel.v1 import common_pb2, preference_pb2_grpc
 from waiting import wait_until
 
-pytestmark = pytest.mark.kafka
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

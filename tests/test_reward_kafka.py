@@ -18,9 +18,6 @@ from flywheel.reward.training import publish_model_version
 from flywheel.reward.worker import HEADER_ROLLOUT_ID
 from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
-pytestmark = pytest.mark.kafka
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward-ckpts")
