@@ -25,6 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def committed_offsets(bootstrap: str, group: str) -> int:
+    """Offsets `group` committed, summed over partitions (read with the admin API: nothing joins the
+    group). Tests wait on it: a consumer that committed everything has nothing left to (re)do."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return sum(meta.offset for meta in admin.list_consumer_group_offsets(group).values() if meta.offset > 0)
+    finally:
+        admin.close()
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The `kafka` marker, set in one place: every test that uses the broker fixture (directly or

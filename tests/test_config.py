@@ -77,6 +77,7 @@ def test_settings_env_names_variables_from_the_fields() -> None:
 
     env = settings_env(TrainerSettings, trainer_batch_size=8, trainer_start_paused=True)
     assert env == {"FLYWHEEL_TRAINER_BATCH_SIZE": "8", "FLYWHEEL_TRAINER_START_PAUSED": "true"}
-    assert TrainerSettings(_env_file=None, **{k[len("FLYWHEEL_"):].lower(): v for k, v in env.items()}).trainer_start_paused
+    parsed = TrainerSettings(_env_file=None, **{k[len("FLYWHEEL_"):].lower(): v for k, v in env.items()})
+    assert parsed.trainer_start_paused and parsed.trainer_batch_size == 8
     with pytest.raises(KeyError, match="did you mean 'trainer_batch_size'"):
         settings_env(TrainerSettings, trainer_batchsize=8)

@@ -90,8 +90,8 @@ async def test_poison_reward_version_does_not_wedge_reload(kafka_bootstrap, uniq
     app = build_app(settings, versions_topic=topic)
     await serve(app.runtime)
     rejected = _count("flywheel_reward_reloads_total", "rejected")
-    _publish(kafka_bootstrap, topic,
-             common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_REWARD, version="reward-0002", checkpoint_uri=POISON_URI))
+    _publish(kafka_bootstrap, topic, common_pb2.ModelVersion(
+        kind=common_pb2.MODEL_KIND_REWARD, version="reward-0002", checkpoint_uri=POISON_URI))
     await wait_until_async(lambda: "reward-0002" in app.reload.rejected, 60, what="reward-0002 rejected")
     _publish(kafka_bootstrap, topic, common_pb2.ModelVersion(
         kind=common_pb2.MODEL_KIND_REWARD, version="reward-0003", checkpoint_uri=good["reward-0003"].as_uri()))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from flywheel.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from waiting import wait_until, wait_until_async
 
 from test_trainer_loop import trainer_settings
 
@@ -91,7 +91,6 @@ def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(
     import torch
 
     from flywheel.trainer.service import RewardJobRunner
-    from waiting import wait_until
 
     runner = RewardJobRunner(default_dataset_uri=None, output_dir=tmp_path / "reward", default_epochs=1,
                              bootstrap_servers=None, model_versions_topic=None, torch_threads=2,
@@ -111,12 +110,12 @@ def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(
 
 
 async def _wait_job(stub, job_id: str, timeout_s: float = 240) -> trainer_pb2.RewardModelTrainingJob:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    async def finished() -> list[trainer_pb2.RewardModelTrainingJob]:
         job = await stub.GetRewardModelTrainingJob(trainer_pb2.GetRewardModelTrainingJobRequest(job_id=job_id))
-        if job.state in ("succeeded", "failed") or time.monotonic() > deadline:
-            return job
-        await asyncio.sleep(0.5)
+        return [job] if job.state in ("succeeded", "failed") else []
+
+    [job] = await wait_until_async(finished, timeout_s, interval_s=0.5, what=f"reward-model job {job_id}")
+    return job
 
 
 @pytest.mark.slow

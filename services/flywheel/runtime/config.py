@@ -73,7 +73,8 @@ def settings_env(cls: type[BaseSettings], **values: object) -> dict[str, str]:
     for name, value in values.items():
         if name not in cls.model_fields:
             close = difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.6)
-            raise KeyError(f"{cls.__name__} has no setting {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KeyError(f"{cls.__name__} has no setting {name!r}{hint}")
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, (list, dict)):

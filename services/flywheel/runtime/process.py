@@ -20,13 +20,19 @@ log = logging.getLogger(__name__)
 
 
 def configure_process(*, torch_threads: int = 0, seed: int | None = None) -> None:
-    """Set torch's intra-op threads (0: leave torch's default) and, when given, the global seeds."""
+    """Set torch's intra-op threads (0: leave torch's default) and, when given, the global seeds.
+
+    torch is imported only when there is something to set: services without models (preference)
+    never pay for it."""
+    if seed is not None:
+        random.seed(seed)
+    if torch_threads <= 0 and seed is None:
+        return
     import torch
 
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     if seed is not None:
-        random.seed(seed)
         torch.manual_seed(seed)
     log.debug("process configured: %d torch threads, seed %s", torch.get_num_threads(), seed)
 
