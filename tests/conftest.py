@@ -32,7 +32,8 @@ def committed_offsets(bootstrap: str, group: str) -> int:
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        return sum(meta.offset for meta in admin.list_consumer_group_offsets(group).values() if meta.offset > 0)
+        offsets = admin.list_group_offsets(group).get(group, {})
+        return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
     finally:
         admin.close()
 
