@@ -95,9 +95,10 @@ async def test_poison_reward_version_does_not_wedge_reload(kafka_bootstrap, uniq
     await wait_until_async(lambda: "reward-0002" in app.reload.rejected, 60, what="reward-0002 rejected")
     _publish(kafka_bootstrap, topic, common_pb2.ModelVersion(
         kind=common_pb2.MODEL_KIND_REWARD, version="reward-0003", checkpoint_uri=good["reward-0003"].as_uri()))
-    await wait_until_async(lambda: app.batcher.scorer.version == "reward-0003", 60, what="reward-0003 serving")
+    # `loaded` is appended after the swap: once it holds the version, the new model is serving
+    await wait_until_async(lambda: app.reload.loaded == ["reward-0003"], 60, what="reward-0003 loaded")
+    assert app.batcher.scorer.version == "reward-0003"
     assert "ImportError" in app.reload.rejected["reward-0002"]
-    assert app.reload.loaded == ["reward-0003"]
     assert _count("flywheel_reward_reloads_total", "rejected") == rejected + 1
 
 
@@ -128,7 +129,8 @@ async def test_poison_policy_version_does_not_wedge_reload(kafka_bootstrap, uniq
         await wait_until_async(lambda: "policy-0002" in parts.reloader.rejected, 60, what="policy-0002 rejected")
         _publish(kafka_bootstrap, topic, common_pb2.ModelVersion(
             kind=common_pb2.MODEL_KIND_POLICY, version="policy-0003", checkpoint_uri=good.as_uri()))
-        await wait_until_async(lambda: parts.backend.version == "policy-0003", 120, what="policy-0003 serving")
+        await wait_until_async(lambda: parts.reloader.loaded == ["policy-0003"], 120, what="policy-0003 loaded")
+        assert parts.backend.version == "policy-0003"
         assert "ImportError" in parts.reloader.rejected["policy-0002"]
         assert _count("flywheel_policy_reloads_total", "rejected") == rejected + 1
     finally:
