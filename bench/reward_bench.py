@@ -118,9 +118,9 @@ class Server:
         env = dict(os.environ,
                    FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_GRPC_PORT=str(self.port),
                    FLYWHEEL_METRICS_PORT=str(self.metrics_port), FLYWHEEL_REWARD_SCORER="transformer",
-                   FLYWHEEL_REWARD_WORKER_ENABLED="false", FLYWHEEL_REWARD_HOT_RELOAD="false",
+                   FLYWHEEL_REWARD_WORKER_ENABLED="false", FLYWHEEL_REWARD_RELOAD_ENABLED="false",
                    FLYWHEEL_REWARD_MAX_BATCH_SIZE=str(max_batch_size), FLYWHEEL_REWARD_MAX_LENGTH=str(max_length),
-                   FLYWHEEL_REWARD_TORCH_THREADS=str(threads), FLYWHEEL_REWARD_MAX_WAIT_MS=str(max_wait_ms),
+                   FLYWHEEL_TORCH_THREADS=str(threads), FLYWHEEL_REWARD_MAX_WAIT_MS=str(max_wait_ms),
                    FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_LOG_LEVEL="WARNING",
                    FLYWHEEL_REWARD_HTTP_PORT=str(self.http_port),
                    FLYWHEEL_AUTH_ENABLED="true" if keys_db else "false", FLYWHEEL_AUTH_KEYS_DB=str(keys_db or ""),
@@ -340,11 +340,12 @@ def main() -> None:
     import torch
 
     from flywheel.reward.scorers import TransformerRewardScorer, default_torch_threads
+    from flywheel.runtime.process import configure_process
 
     threads = args.threads or default_torch_threads()
+    configure_process(torch_threads=threads)  # this process's in-process scorer; servers get FLYWHEEL_TORCH_THREADS
     pairs = dataset(512)
-    scorer = TransformerRewardScorer(max_length=args.max_length, max_batch_size=args.max_batch_size,
-                                     torch_threads=threads)
+    scorer = TransformerRewardScorer(max_length=args.max_length, max_batch_size=args.max_batch_size)
     load = os.getloadavg()[0]
     print(f"model MiniLM-L6 ({scorer.version}), torch {torch.__version__}, {threads} threads, "
           f"{os.cpu_count()} cores, max_length {args.max_length}, {args.rounds} rounds x {args.duration:.0f}s "

@@ -30,6 +30,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def committed_offsets(bootstrap: str, group: str) -> int:
+    """Offsets `group` committed, summed over partitions (read with the admin API: nothing joins the
+    group). Tests wait on it: a consumer that committed everything has nothing left to (re)do."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+        return sum(meta.offset for meta in offsets.values() if meta.offset > 0)
+    finally:
+        admin.close()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `kafka` marker, set in one place: every test that uses the broker fixture (directly or
+    through another fixture) gets it. Only tests that start a broker of their own mark themselves."""
+    for item in items:
+        if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:
     external = os.environ.get("FLYWHEEL_TEST_KAFKA_BOOTSTRAP")

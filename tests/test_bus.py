@@ -11,9 +11,6 @@ from flywheel.bus import ConsumerWorker, Rejection, Topic, TypedConsumer, TypedP
 from flywheel.bus import codec
 from flywheel.v1 import common_pb2
 
-pytestmark = pytest.mark.kafka
-
-
 def rollout(i: int) -> common_pb2.Rollout:
     return common_pb2.Rollout(
         rollout_id=f"r{i}", prompt_id=f"p{i % 3}", response_text=f"response {i}",
@@ -218,6 +215,7 @@ async def test_worker_thread_retries_until_handler_recovers(kafka_bootstrap, top
     assert worker.failures == 2
 
 
+@pytest.mark.kafka  # starts a broker of its own (not the kafka_bootstrap fixture)
 def test_kafka_launcher_start_status_stop(tmp_path) -> None:
     """deploy/kafka/kafka.sh: a second broker starts on its own port, answers, and stops cleanly."""
     import subprocess

@@ -57,3 +57,43 @@ def test_relative_paths_resolve_against_the_start_directory_once(monkeypatch: py
     assert settings.export_dir() == tmp_path / "exports"
     monkeypatch.chdir(tmp_path / "..")
     assert settings.auth_db_path() == tmp_path / "runs" / "demo" / "home" / "preference" / "auth.sqlite"
+
+
+def test_unknown_flywheel_variable_stops_start_up_with_a_suggestion(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update(FLYWHEEL_HOME=str(tmp_path), FLYWHEEL_GRPC_PORT="0", FLYWHEEL_METRICS_PORT="0",
+               FLYWHEEL_CACHE=str(tmp_path),  # read by the Makefile, not a setting: allowed
+               FLYWHEEL_GRPC_PROT="50099")  # the typo
+    # were the typo ignored, the service would start (and this would time out)
+    result = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve", "preference"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "FLYWHEEL_GRPC_PROT: did you mean FLYWHEEL_GRPC_PORT?" in result.stderr
+    assert "FLYWHEEL_CACHE" not in result.stderr
+
+
+def test_known_and_tool_variables_pass_the_environment_check() -> None:
+    from flywheel.docs import known_env_names
+    from flywheel.runtime.config import UnknownSettingError, check_environment
+
+    known = known_env_names()
+    check_environment(known, {"FLYWHEEL_REWARD_MAX_BATCH_SIZE": "8", "FLYWHEEL_TRAINER_TARGET": "x", "PATH": "/"})
+    with pytest.raises(UnknownSettingError, match="FLYWHEEL_REWARD_HOT_RELOAD: did you mean "
+                                                  "FLYWHEEL_REWARD_RELOAD_ENABLED"):
+        check_environment(known, {"FLYWHEEL_REWARD_HOT_RELOAD": "false"})
+
+
+def test_settings_env_names_variables_from_the_fields() -> None:
+    from flywheel.runtime.config import settings_env
+    from flywheel.trainer.settings import TrainerSettings
+
+    env = settings_env(TrainerSettings, trainer_batch_size=8, trainer_start_paused=True)
+    assert env == {"FLYWHEEL_TRAINER_BATCH_SIZE": "8", "FLYWHEEL_TRAINER_START_PAUSED": "true"}
+    parsed = TrainerSettings(_env_file=None, **{k[len("FLYWHEEL_"):].lower(): v for k, v in env.items()})
+    assert parsed.trainer_start_paused and parsed.trainer_batch_size == 8
+    with pytest.raises(KeyError, match="did you mean 'trainer_batch_size'"):
+        settings_env(TrainerSettings, trainer_batchsize=8)

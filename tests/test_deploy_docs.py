@@ -21,7 +21,6 @@ def feeder_snippet() -> str:
     return match.group(2)
 
 
-@pytest.mark.kafka
 def test_prompt_feeder_from_the_docs_delivers_prompts(kafka_bootstrap) -> None:
     from kafka import KafkaConsumer, TopicPartition
 

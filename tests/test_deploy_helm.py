@@ -469,6 +469,12 @@ def test_helm_test_hook_checks_every_enabled_service(rendered) -> None:
         assert script.count("grpc_health_check.py") == len(enabled)
 
 
+def test_chart_config_keys_are_the_settings_fields() -> None:
+    out = subprocess.run([sys.executable, str(TOOLS / "gen_chart_config_schema.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr  # regenerate with deploy/tools/gen_chart_config_schema.py
+
+
 def test_chart_readme_values_table_is_fresh() -> None:
     out = subprocess.run([sys.executable, str(TOOLS / "gen_chart_readme.py"), "--check"],
                          capture_output=True, text=True)
@@ -547,7 +553,7 @@ def test_versions_agree_with_the_package() -> None:
         assert compose["services"][service]["image"] == f"flywheel-{service}:{version}"
 
 
-@pytest.mark.kafka
+@pytest.mark.kafka  # starts a broker of its own (not the kafka_bootstrap fixture)
 def test_in_chart_kraft_config_boots_a_real_broker(rendered, tmp_path) -> None:
     """The broker config the chart renders, formatted and started the way its container does it
     (StorageTool format --standalone --ignore-formatted, twice as on a restart, then kafka.Kafka),

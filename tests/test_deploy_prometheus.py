@@ -297,7 +297,6 @@ def service_metrics(kafka_bootstrap, tmp_path_factory) -> dict[str, set[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.kafka
 def test_alerts_and_dashboard_use_metrics_the_services_export(service_metrics) -> None:
     everything = set().union(*service_metrics.values()) | PROMETHEUS_SYNTHETIC
     # the shared runtime's and bus's metrics are exported by every service

@@ -21,9 +21,7 @@ from flywheel.policy.rollouts import rollout_id
 from flywheel.policy.settings import PolicySettings
 from flywheel.runtime.client import aio_channel
 from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-
-pytestmark = pytest.mark.kafka
-
+from waiting import wait_until_async
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -116,9 +114,7 @@ async def test_prompts_become_rollouts_on_kafka(kafka_bootstrap, topics, produce
             assert r.policy_version == "policy-0000"
     assert by_prompt["kp-default"][0].sampling.n == 1
     assert parts.rollout_worker is not None
-    deadline = time.monotonic() + 30
-    while parts.rollout_worker.produced < 7 and time.monotonic() < deadline:  # counted after the acks
-        await asyncio.sleep(0.1)
+    await wait_until_async(lambda: parts.rollout_worker.produced >= 7, 30, what="7 acknowledged rollouts")
     assert parts.rollout_worker.produced == 7
     # the bad prompt went to the dead-letter topic of the prompts topic
     dlq = TypedConsumer(Topic(topics["prompts"].dlq, common_pb2.Prompt), bootstrap_servers=kafka_bootstrap,
@@ -171,9 +167,7 @@ async def test_hot_reload_under_concurrent_load_drops_nothing(kafka_bootstrap, t
     producer.send_and_wait(topics["versions"], common_pb2.ModelVersion(
         kind=common_pb2.MODEL_KIND_REWARD, version="reward-0009", checkpoint_uri=good.as_uri()), key="REWARD")
     assert parts.reload_worker is not None
-    deadline = time.monotonic() + 120
-    while parts.reload_worker.handled < 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    await wait_until_async(lambda: parts.reload_worker.handled >= 1, 120, what="the reload consumer's first record")
     assert parts.reload_worker.handled == 1, "the reload consumer never received the topic's records"
     assert parts.backend.version == "policy-0000"
     seen: list[list[str]] = [[] for _ in range(4)]
@@ -191,25 +185,21 @@ async def test_hot_reload_under_concurrent_load_drops_nothing(kafka_bootstrap, t
             seen[i].append(response.policy_version)
 
     clients = [asyncio.ensure_future(client(i)) for i in range(4)]
-    while any(not s for s in seen) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)  # every client completed a request on the old version
+    await wait_until_async(lambda: all(seen), 120, what="every client served by the old version")
     producer.send_and_wait(topics["versions"], common_pb2.ModelVersion(
         kind=common_pb2.MODEL_KIND_POLICY, version="policy-0001", checkpoint_uri=good.as_uri(),
         parent_version="policy-0000", step=1), key="POLICY")
-    deadline = time.monotonic() + 180
-    while parts.backend.version != "policy-0001" and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    await wait_until_async(lambda: parts.backend.version == "policy-0001", 180, what="policy-0001 serving")
     assert parts.backend.version == "policy-0001"
     counts = [len(s) for s in seen]
-    while any(len(s) < c + 2 for s, c in zip(seen, counts)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)  # every client completes requests on the new version too
+    await wait_until_async(lambda: all(len(s) >= c + 2 for s, c in zip(seen, counts)), 180,
+                           what="every client served by the new version too")
     rejected_before = sample('flywheel_policy_reloads_total{outcome="rejected"}') or 0.0
     # a broken newer checkpoint is rejected; policy-0001 keeps serving
     producer.send_and_wait(topics["versions"], common_pb2.ModelVersion(
         kind=common_pb2.MODEL_KIND_POLICY, version="policy-0002", checkpoint_uri=broken_checkpoint_dir(tmp_path).as_uri(),
         step=2), key="POLICY")
-    while "policy-0002" not in parts.reloader.rejected and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    await wait_until_async(lambda: "policy-0002" in parts.reloader.rejected, 180, what="policy-0002 rejected")
     stop.set()
     await asyncio.gather(*clients)
 

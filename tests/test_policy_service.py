@@ -16,6 +16,7 @@ from flywheel.policy.rollouts import rollout_id
 from flywheel.policy.settings import PolicySettings
 from flywheel.runtime.client import aio_channel
 from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from waiting import wait_until_async
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ async def test_full_queue_is_resource_exhausted_and_deadlines_are_honoured(start
     parts, stub = await start_policy(policy_max_queue=2, policy_max_batch_size=1, policy_batch_wait_ms=0)
     long = policy_pb2.GenerateRequest(prompts=[prompt("q", temperature=1.0, n=2, max_new_tokens=48, seed=1)])
     first = asyncio.ensure_future(stub.Generate(long, timeout=300))  # occupies the engine, then queues 1 row
-    await asyncio.sleep(0.5)
+    await wait_until_async(lambda: parts.backend.batcher.stats.steps > 0, 120, what="the engine decoding")
     results = await asyncio.gather(*(stub.Generate(long, timeout=300) for _ in range(3)), return_exceptions=True)
     codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes

@@ -32,7 +32,7 @@ def tgi_url(tmp_path_factory):
     port = free_port()
     env = dict(os.environ, FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_GRPC_PORT="0", FLYWHEEL_METRICS_PORT="0",
                FLYWHEEL_POLICY_HTTP_PORT=str(port), FLYWHEEL_POLICY_WORKER_ENABLED="false",
-               FLYWHEEL_POLICY_RELOAD_ENABLED="false", FLYWHEEL_POLICY_TORCH_THREADS="1",
+               FLYWHEEL_POLICY_RELOAD_ENABLED="false", FLYWHEEL_TORCH_THREADS="1",
                FLYWHEEL_POLICY_MODEL_VERSION=REMOTE_VERSION, FLYWHEEL_SHUTDOWN_DELAY_S="0",
                FLYWHEEL_HOME=str(tmp_path_factory.mktemp("tgi-home")))
     log = tmp_path_factory.mktemp("tgi-log") / "policy.log"

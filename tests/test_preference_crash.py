@@ -23,9 +23,7 @@ from flywheel.loop import local
 from flywheel.preference.app import SERVICE_NAME
 from flywheel.preference.auth import TokenStore
 from flywheel.v1 import common_pb2, preference_pb2_grpc
-
-pytestmark = pytest.mark.kafka
-
+from waiting import wait_until
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,9 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env, stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT)
+def start(env: dict[str, str], log: Path, hang_after_produce: Path | None = None) -> subprocess.Popen:
+    """The service; with `hang_after_produce`, the test build with the fault hook injected."""
+    cmd = ([sys.executable, str(Path(__file__).with_name("preference_hang_server.py")), str(hang_after_produce)]
+           if hang_after_produce is not None else [sys.executable, "-m", "flywheel.preference"])
+    return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
 def wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
@@ -72,7 +72,7 @@ def test_kill_between_produce_and_ack_then_retry_yields_exactly_one_event(kafka_
     target = f"127.0.0.1:{port}"
     env = {**os.environ, "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "FLYWHEEL_HOST": "127.0.0.1",
            "FLYWHEEL_GRPC_PORT": str(port), "FLYWHEEL_METRICS_ENABLED": "false", "FLYWHEEL_HOME": str(home),
-           "FLYWHEEL_SHUTDOWN_DELAY_S": "0", "FLYWHEEL_PREFERENCE_DEBUG_HANG_AFTER_PRODUCE_FILE": str(hang)}
+           "FLYWHEEL_SHUTDOWN_DELAY_S": "0"}
     tokens = TokenStore(home / "preference" / "auth.sqlite")
     token = tokens.issue("alice")
     tokens.close()
@@ -90,16 +90,13 @@ def test_kill_between_produce_and_ack_then_retry_yields_exactly_one_event(kafka_
                                  ranks=[2, 1, 3])
     metadata = (("authorization", f"Bearer {token}"),)
     log = tmp_path / "service.log"
-    proc = start(env, log)
+    proc = start(env, log, hang_after_produce=hang)
     try:
         wait_serving(target, proc, log)
         with grpc.insecure_channel(target) as ch:
             stub = preference_pb2_grpc.PreferenceServiceStub(ch)
             call = stub.SubmitRanking.future(request, metadata=metadata, timeout=60)
-            deadline = time.monotonic() + 30
-            while not hang.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert hang.exists(), f"the service never reached the produce/ack window: {log.read_text()[-3000:]}"
+            wait_until(hang.exists, 30, what=f"the produce/ack window (log: {log})")
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             with pytest.raises(grpc.RpcError) as err:
@@ -108,7 +105,6 @@ def test_kill_between_produce_and_ack_then_retry_yields_exactly_one_event(kafka_
         assert records_with(kafka_bootstrap, request.event_id.encode()) == 1, "the broker has the event"
         # (The store may already hold it: the service's own topic follower can apply the record before the kill.)
 
-        del env["FLYWHEEL_PREFERENCE_DEBUG_HANG_AFTER_PRODUCE_FILE"]
         proc = start(env, log)
         wait_serving(target, proc, log)
         with grpc.insecure_channel(target) as ch:

@@ -22,9 +22,6 @@ from flywheel.preference.export import read_pairs
 from flywheel.preference.settings import PreferenceSettings
 from flywheel.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 
-pytestmark = pytest.mark.kafka
-
-
 def rollouts_for(prompt_id: str, n: int = 4, version: str = "policy-0001") -> list[common_pb2.Rollout]:
     texts = ["I love this, wonderful!", "It is fine.", "This is bad.", "Terrible, awful, I hate it."]
     return [common_pb2.Rollout(rollout_id=f"{prompt_id}-r{i}", prompt_id=prompt_id, raw_prompt=f"prompt {prompt_id}",

@@ -62,7 +62,6 @@ def test_make_pool_fractions() -> None:
         make_pool(2, adversarial_fraction=0.6, random_fraction=0.6)
 
 
-@pytest.mark.kafka
 async def test_runner_rates_rollouts_and_consensus_follows_ground_truth(kafka_bootstrap, settings_factory, unique):
     settings = settings_factory(PreferenceSettings, kafka_bootstrap_servers=kafka_bootstrap,
                                 preference_refresh_interval_s=3600.0)
@@ -120,7 +119,6 @@ async def test_runner_rates_rollouts_and_consensus_follows_ground_truth(kafka_bo
         await service.runtime.stop(grace=0)
 
 
-@pytest.mark.kafka
 async def test_cli_issues_and_revokes_tokens(kafka_bootstrap, settings_factory, unique, tmp_path):
     settings = settings_factory(PreferenceSettings, kafka_bootstrap_servers=kafka_bootstrap,
                                 preference_allow_external_responses=True, preference_refresh_interval_s=3600.0)
@@ -151,7 +149,6 @@ async def test_cli_issues_and_revokes_tokens(kafka_bootstrap, settings_factory, 
         await service.runtime.stop(grace=0)
 
 
-@pytest.mark.kafka
 async def test_runner_retries_rollouts_the_service_has_not_seen_yet(kafka_bootstrap, settings_factory, unique):
     """The runner may read a rollout before the service did: 'unknown response id' is retried, not fatal."""
     settings = settings_factory(PreferenceSettings, kafka_bootstrap_servers=kafka_bootstrap,

@@ -15,11 +15,10 @@ from flywheel.reward.scorers import TransformerRewardScorer
 from flywheel.reward.settings import RewardSettings
 from flywheel.reward.testing import tiny_reward_checkpoint
 from flywheel.reward.training import publish_model_version
-from flywheel.reward.worker import HEADER_ROLLOUT_ID, version_key
+from flywheel.reward.worker import HEADER_ROLLOUT_ID
 from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-
-pytestmark = pytest.mark.kafka
-
+from conftest import committed_offsets
+from waiting import wait_until_async
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
@@ -66,7 +65,7 @@ def rollout(i: int) -> common_pb2.Rollout:
 async def test_scoring_worker_end_to_end(kafka_bootstrap, unique, settings_factory, serve, checkpoints) -> None:
     t = topics_for(kafka_bootstrap, unique)
     settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
-                                reward_model_uri=str(checkpoints["reward-0001"]), reward_hot_reload=False,
+                                reward_model_uri=str(checkpoints["reward-0001"]), reward_reload_enabled=False,
                                 reward_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200)
     app = build_app(settings, rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
     await serve(app.runtime)
@@ -144,14 +143,13 @@ async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, s
     async with aio.insecure_channel(target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         clients = [asyncio.ensure_future(client(stub)) for _ in range(8)]
-        await asyncio.sleep(0.5)
+        await wait_until_async(lambda: len(replies) >= 8, 30, what="load on the old model")
         mv = common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_REWARD, version="reward-0002",
                                      checkpoint_uri=checkpoints["reward-0002"].as_uri(), parent_version="reward-0001")
         await asyncio.to_thread(publish_model_version, mv, kafka_bootstrap, t["versions"].name)
-        deadline = time.monotonic() + 60
-        while app.batcher.scorer.version != "reward-0002" and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)  # keep the load on after the swap
+        await wait_until_async(lambda: app.batcher.scorer.version == "reward-0002", 60, what="the swap")
+        await wait_until_async(lambda: sum(r.scorer_version == "reward-0002" for r in replies) >= 8, 30,
+                               what="load on the new model")
         stop.set()
         per_client = await asyncio.gather(*clients)  # any failed request would raise here
 
@@ -174,18 +172,11 @@ async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, s
                       common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_POLICY, version="policy-0010",
                                               checkpoint_uri=checkpoints["reward-0001"].as_uri())):
             await asyncio.to_thread(publish_model_version, stale, kafka_bootstrap, t["versions"].name)
-        deadline = time.monotonic() + 30
-        while (app.runtime is not None and time.monotonic() < deadline
-               and _reload_offsets_behind(app)):
-            await asyncio.sleep(0.2)
+        # the follower has considered (and rejected) the broken reward-0009, the newest of them
+        await wait_until_async(lambda: app.reload.newest_considered >= 9, 30, what="the stale versions handled")
         reply = await stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30)
         assert reply.scorer_version == "reward-0002"
     assert app.reload is not None and app.reload.loaded == ["reward-0002"]
-
-
-def _reload_offsets_behind(app) -> bool:
-    # The reload handler remembers the newest version it considered; 9: the broken one was seen.
-    return app.reload.newest_considered < version_key("reward-0009")
 
 
 async def test_scoring_worker_retries_a_failed_batch_and_commits_after_producing(
@@ -206,7 +197,7 @@ async def test_scoring_worker_retries_a_failed_batch_and_commits_after_producing
             return super().score(prompts, responses)
 
     t = topics_for(kafka_bootstrap, unique)
-    overrides = dict(kafka_bootstrap_servers=kafka_bootstrap, reward_hot_reload=False, kafka_poll_timeout_ms=200,
+    overrides = dict(kafka_bootstrap_servers=kafka_bootstrap, reward_reload_enabled=False, kafka_poll_timeout_ms=200,
                      kafka_retry_backoff_s=0.2, reward_consumer_group=f"flywheel-reward-{unique}")
     flaky = FlakyVader()
     app = build_app(settings_factory(RewardSettings, **overrides), scorer=flaky,
@@ -238,11 +229,11 @@ async def test_scoring_worker_retries_a_failed_batch_and_commits_after_producing
             producer.send(t["rollouts"], r, key=r.prompt_id)
         producer.flush(30)
         wanted = {r.rollout_id for r in first + later}
+        # every input offset committed: the output of any redone work is on the topic by now
+        await wait_until_async(lambda: committed_offsets(kafka_bootstrap, overrides["reward_consumer_group"])
+                               >= len(first) + len(later), 60, interval_s=0.2, what="all offsets committed")
         records = await asyncio.to_thread(read_records, kafka_bootstrap, t["scored"].name, 0, 60.0,
                                           lambda got: ids(got) >= wanted)
-        await asyncio.sleep(1.0)
-        records = await asyncio.to_thread(read_records, kafka_bootstrap, t["scored"].name, 0, 5.0,
-                                          lambda got: False)
         counts: dict[str, int] = {}
         for record in records:
             rid = codec.decode(t["scored"], record.value, record.headers).rollout.rollout_id

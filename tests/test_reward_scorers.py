@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from flywheel.reward.batching import DynamicBatcher
+from flywheel import checkpoints
 from flywheel.reward.scorers import (
     EnsembleScorer,
     TransformerRewardScorer,
@@ -14,7 +15,6 @@ from flywheel.reward.scorers import (
     build_scorer,
     parse_ensemble,
     plan_chunks,
-    resolve_checkpoint,
     with_reward_model,
 )
 from flywheel.reward.settings import RewardSettings
@@ -99,9 +99,9 @@ def test_transformer_uses_the_prompt_and_truncates(tiny) -> None:
 def test_transformer_loads_file_uri(tiny_dir) -> None:
     scorer = TransformerRewardScorer(tiny_dir.as_uri(), max_length=32)
     assert scorer.version == "reward-0001"
-    assert resolve_checkpoint(tiny_dir.as_uri()) == tiny_dir
+    assert checkpoints.resolve(tiny_dir.as_uri(), tiny_dir.parent / "cache") == tiny_dir
     with pytest.raises(FileNotFoundError):
-        resolve_checkpoint(tiny_dir.parent / "missing")
+        checkpoints.resolve(tiny_dir.parent / "missing", tiny_dir.parent / "cache")
 
 
 def test_ensemble_weights_and_components(tiny) -> None:
@@ -229,9 +229,9 @@ def test_remote_checkpoint_uri_is_copied_once_into_the_cache(tiny_dir, tmp_path)
     fs = fsspec.filesystem("memory")
     for file in tiny_dir.iterdir():
         fs.pipe(f"/ckpts/reward-0001/{file.name}", file.read_bytes())
-    local = resolve_checkpoint("memory://ckpts/reward-0001", tmp_path / "cache")
+    local = checkpoints.resolve("memory://ckpts/reward-0001", tmp_path / "cache")
     assert local.parent == tmp_path / "cache" and (local / "model.safetensors").exists()
-    assert resolve_checkpoint("memory://ckpts/reward-0001", tmp_path / "cache") == local  # cached
+    assert checkpoints.resolve("memory://ckpts/reward-0001", tmp_path / "cache") == local  # cached
     scorer = TransformerRewardScorer("memory://ckpts/reward-0001", cache_dir=tmp_path / "cache", max_length=32)
     assert scorer.version == "reward-0001" and scorer.checkpoint_uri == "memory://ckpts/reward-0001"
 

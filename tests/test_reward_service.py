@@ -18,6 +18,7 @@ from flywheel.reward.scorers import EnsembleScorer, RemoteScorer, TransformerRew
 from flywheel.reward.settings import RewardSettings
 from flywheel.reward.testing import GatedScorer, tiny_reward_checkpoint
 from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from waiting import wait_until_async
 
 PAIRS = [
     ("How was your day?", "It was wonderful, thank you so much!"),
@@ -38,7 +39,7 @@ def tiny(tiny_dir) -> TransformerRewardScorer:
 
 
 def reward_settings(settings_factory, **overrides) -> RewardSettings:
-    base = dict(reward_worker_enabled=False, reward_hot_reload=False, reward_max_wait_ms=20.0)
+    base = dict(reward_worker_enabled=False, reward_reload_enabled=False, reward_max_wait_ms=20.0)
     base.update(overrides)
     return settings_factory(RewardSettings, **base)
 
@@ -114,15 +115,15 @@ async def test_malformed_input_is_invalid_argument(settings_factory, serve) -> N
 
 async def test_queue_overflow_is_resource_exhausted_and_deadline_exceeded(settings_factory, serve) -> None:
     gated = GatedScorer()
-    _, target = await start(settings_factory, serve, gated, reward_max_batch_size=2, reward_max_wait_ms=0.0,
-                            reward_max_queue_items=4)
+    app, target = await start(settings_factory, serve, gated, reward_max_batch_size=2, reward_max_wait_ms=0.0,
+                              reward_max_queue_items=4)
     async with aio.insecure_channel(target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         first = asyncio.ensure_future(stub.Score(request_of([("p", "a")]), timeout=30))
-        await asyncio.sleep(0.3)  # now in the blocked forward pass
+        await wait_until_async(lambda: gated.entered == [1], what="the first forward pass to block")
         queued = [asyncio.ensure_future(stub.Score(request_of([("p", "bb"), ("p", "ccc")]), timeout=30))
                   for _ in range(2)]
-        await asyncio.sleep(0.3)
+        await wait_until_async(lambda: app.batcher.queued_items == 4, what="a full queue")
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Score(request_of([("p", "dddd")]), timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -133,13 +134,13 @@ async def test_queue_overflow_is_resource_exhausted_and_deadline_exceeded(settin
         # A deadline the service cannot meet: the call ends DEADLINE_EXCEEDED, the item is dropped.
         gated.gate.clear()
         blocker = asyncio.ensure_future(stub.Score(request_of([("p", "x")]), timeout=30))
-        await asyncio.sleep(0.3)
+        await wait_until_async(lambda: len(gated.entered) == 4, what="the blocker's forward pass")
         with pytest.raises(aio.AioRpcError) as err:
             await stub.Score(request_of([("p", "late")]), timeout=0.5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         gated.gate.set()
         await blocker
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: app.batcher.queued_items == 0, what="the dropped item to leave the queue")
         assert 4 not in gated.calls and sum(gated.calls) == 6  # "late" never reached the scorer
 
 

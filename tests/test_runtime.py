@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flywheel.runtime import InvalidArgument, NotFound, Overloaded, ServiceRuntime, require
 from waiting import wait_until_async
 from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from waiting import wait_until_async
 
 SERVICE = "flywheel.v1.RewardService"
 
@@ -24,6 +25,7 @@ class LengthScorer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.release.set()
+        self.waiting = 0  # calls held at `release`
 
     async def Score(self, request, context):
         require(len(request.items) > 0, "items", "must not be empty")
@@ -33,7 +35,9 @@ class LengthScorer(reward_pb2_grpc.RewardServiceServicer):
             raise Overloaded("queue full")
         if request.items[0].id.startswith("missing"):
             raise NotFound(f"no item {request.items[0].id!r}")  # echoes input, as NOT_FOUND for an id does
+        self.waiting += 1
         await self.release.wait()
+        self.waiting -= 1
         return reward_pb2.ScoreResponse(
             scores=[reward_pb2.ItemScore(id=it.id, score=len(it.response)) for it in request.items],
             scorer="length", scorer_version="1")
@@ -194,14 +198,27 @@ async def test_graceful_shutdown_finishes_in_flight_rpcs_and_goes_not_serving(se
     async with aio.insecure_channel(target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         in_flight = asyncio.ensure_future(stub.Score(reward_pb2.ScoreRequest(items=[item("slow")])))
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: servicer.waiting == 1, what="the RPC in the servicer")
         stopping = asyncio.ensure_future(runtime.stop())
-        await asyncio.sleep(0.2)
         health = health_pb2_grpc.HealthStub(channel)
-        status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
-        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        await asyncio.sleep(1.0)  # past the delay: the listener is closed, the RPC is still running
-        assert not in_flight.done()
+
+        async def not_serving() -> bool:
+            status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            return status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await wait_until_async(not_serving, what="NOT_SERVING during the shutdown delay")
+
+        async def listener_closed() -> bool:  # a new connection is refused once the delay is over
+            async with aio.insecure_channel(target) as fresh:
+                try:
+                    await health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(service=SERVICE),
+                                                                  timeout=0.5)
+                except aio.AioRpcError as exc:
+                    return exc.code() == grpc.StatusCode.UNAVAILABLE
+                return False
+
+        await wait_until_async(listener_closed, 10, what="the listener to close")
+        assert not in_flight.done(), "the in-flight RPC is still running after the listener closed"
         servicer.release.set()
         resp = await in_flight
         assert resp.scores[0].score == 4.0, "the in-flight RPC completes during the grace period"

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,9 @@ import pytest
 from flywheel.bus import TypedConsumer, TypedProducer, ensure_topics
 from flywheel.bus.topics import SCORED_ROLLOUTS, Topic
 
+from conftest import committed_offsets
 from test_trainer_loop import produce, scored
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 N_ROLLOUTS = 48
@@ -55,19 +56,17 @@ def test_kill_9_mid_run_resumes_without_loss_or_double_training(kafka_bootstrap,
         FLYWHEEL_TRAINER_CHECKPOINT_URI=ckpt.as_uri(), FLYWHEEL_TRAINER_GROUP_ID=f"trainer-{unique}",
         FLYWHEEL_TRAINER_SCORED_ROLLOUTS_TOPIC=topic.name, FLYWHEEL_TRAINER_MODEL_VERSIONS_TOPIC=f"versions-{unique}",
         FLYWHEEL_TRAINER_BATCH_SIZE=str(BATCH), FLYWHEEL_TRAINER_MINI_BATCH_SIZE="2", FLYWHEEL_TRAINER_PPO_EPOCHS="4",
-        FLYWHEEL_TRAINER_SESSION_TIMEOUT_MS="6000", FLYWHEEL_TRAINER_TORCH_THREADS="1", FLYWHEEL_GRPC_PORT="0",
+        FLYWHEEL_TRAINER_SESSION_TIMEOUT_MS="6000", FLYWHEEL_TORCH_THREADS="1", FLYWHEEL_GRPC_PORT="0",
         FLYWHEEL_METRICS_PORT="0", FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_HOME=str(tmp_path / "home"),
         FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_KAFKA_POLL_TIMEOUT_MS="200", OMP_NUM_THREADS="1",
         FLYWHEEL_TRAINER_MAX_VERSION_LAG="1000")  # all rollouts come from policy-0000: never stale here
 
     first = _start(env, tmp_path / "first.log")
     try:
-        deadline = time.monotonic() + 180
-        while len(_complete(ckpt)) < 3 and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.05)
+        wait_until(lambda: len(_complete(ckpt)) >= 3 or first.poll() is not None, 180,
+                   what="three checkpoints from the first run")
         assert len(_complete(ckpt)) >= 3, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.15)  # land somewhere inside a later step
-        os.kill(first.pid, signal.SIGKILL)
+        os.kill(first.pid, signal.SIGKILL)  # mid-run: a later step, or between a checkpoint and its commit
         first.wait(10)
     finally:
         if first.poll() is None:
@@ -77,12 +76,11 @@ def test_kill_9_mid_run_resumes_without_loss_or_double_training(kafka_bootstrap,
 
     second = _start(env, tmp_path / "second.log")
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and second.poll() is None:
-            if sum(len(m["rollout_ids"]) for m in _complete(ckpt)) >= N_ROLLOUTS:
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)  # anything trained twice would show up now
+        # done when every offset is committed: a commit follows its checkpoint, so nothing is left
+        # that could still be trained (twice or at all)
+        group = f"trainer-{unique}"
+        wait_until(lambda: committed_offsets(kafka_bootstrap, group) >= N_ROLLOUTS or second.poll() is not None,
+                   240, interval_s=0.5, what="the second run to commit every offset")
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(60)

@@ -66,7 +66,7 @@ def trainer_settings(settings_factory, bootstrap: str, unique: str, model: Path,
         trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), trainer_group_id=f"trainer-{unique}",
         trainer_scored_rollouts_topic=f"scored-{unique}", trainer_model_versions_topic=f"versions-{unique}",
         trainer_batch_size=4, trainer_mini_batch_size=2, trainer_ppo_epochs=2, kafka_topic_partitions=2,
-        trainer_learning_rate=1e-4, kafka_poll_timeout_ms=200, trainer_torch_threads=1,
+        trainer_learning_rate=1e-4, kafka_poll_timeout_ms=200,
     )
     base.update(extra)
     return settings_factory(TrainerSettings, **base)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from flywheel.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from waiting import wait_until, wait_until_async
 
 from test_trainer_loop import trainer_settings
 
@@ -87,13 +87,36 @@ async def test_reward_model_job_and_cli(kafka_bootstrap, unique, settings_factor
     assert json.loads(result.output)["policyVersion"]["version"] == "policy-0000"
 
 
+@pytest.mark.slow
+def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(tmp_path):
+    import torch
+
+    from flywheel.trainer.service import RewardJobRunner
+
+    runner = RewardJobRunner(default_dataset_uri=None, output_dir=tmp_path / "reward", default_epochs=1,
+                             bootstrap_servers=None, model_versions_topic=None, torch_threads=2,
+                             cache_dir=tmp_path / "cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs the trainer; the job asks for 2 in its own process
+    try:
+        job = runner.submit(_pairs_file(tmp_path / "pairs.jsonl", n=6).as_uri(), 1)
+        wait_until(lambda: job.state in ("succeeded", "failed"), 300, what="the reward-model job")
+        assert job.state == "succeeded", job.message
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+        runner.shutdown()
+    assert job.model_version.version == "reward-0001"
+    assert Path(job.model_version.checkpoint_uri.removeprefix("file://"), "model.safetensors").exists()
+
+
 async def _wait_job(stub, job_id: str, timeout_s: float = 240) -> trainer_pb2.RewardModelTrainingJob:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    async def finished() -> list[trainer_pb2.RewardModelTrainingJob]:
         job = await stub.GetRewardModelTrainingJob(trainer_pb2.GetRewardModelTrainingJobRequest(job_id=job_id))
-        if job.state in ("succeeded", "failed") or time.monotonic() > deadline:
-            return job
-        await asyncio.sleep(0.5)
+        return [job] if job.state in ("succeeded", "failed") else []
+
+    [job] = await wait_until_async(finished, timeout_s, interval_s=0.5, what=f"reward-model job {job_id}")
+    return job
 
 
 @pytest.mark.slow
@@ -131,7 +154,7 @@ async def test_dataset_uri_is_confined_and_jobs_are_bounded(settings_factory, tm
     The servicer and job runner are the real ones on a real server; only the training step is
     replaced by a recorder that blocks (the PPO loop is not needed for these RPCs).
     """
-    import threading
+    import sys
 
     from flywheel.runtime import ServiceRuntime
     from flywheel.runtime.uris import UriPolicy
@@ -141,16 +164,18 @@ async def test_dataset_uri_is_confined_and_jobs_are_bounded(settings_factory, tm
     roots.mkdir()
     pairs = _pairs_file(roots / "pairs.jsonl")
     trained: list[object] = []
-    release = threading.Event()
+    release = tmp_path / "release"
 
-    def train(config):
-        trained.append(config.data)
-        release.wait(30)
-        raise RuntimeError("not training in this test")
+    class RecordingJobs(RewardJobRunner):
+        """Records what a job would train on and runs a child that waits for the test instead."""
 
-    jobs = RewardJobRunner(default_dataset_uri=None, output_dir=None, default_epochs=1, bootstrap_servers=None,
-                           model_versions_topic=None, train=train,
-                           dataset_policy=UriPolicy("dataset_uri", [roots]), max_queued=2)
+        def command(self, job, result_file):
+            trained.append(job.dataset_uri)
+            return [sys.executable, "-c", "import os, time\n"
+                    f"while not os.path.exists({str(release)!r}): time.sleep(0.05)"]
+
+    jobs = RecordingJobs(default_dataset_uri=None, output_dir=None, default_epochs=1, bootstrap_servers=None,
+                         model_versions_topic=None, dataset_policy=UriPolicy("dataset_uri", [roots]), max_queued=2)
     runtime = ServiceRuntime(settings_factory())
     for name, register in registrations(TrainerServicer(None, jobs)):
         runtime.add_service(name, register)
@@ -184,4 +209,5 @@ async def test_dataset_uri_is_confined_and_jobs_are_bounded(settings_factory, tm
                 await stub.TriggerRewardModelTraining(trainer_pb2.TriggerRewardModelTrainingRequest(dataset_uri=str(pairs)))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
-        release.set()
+        release.touch()
+        jobs.shutdown()

@@ -36,9 +36,17 @@ def _setup_logging(level: str) -> None:
 @app.command()
 def serve(service: Service = typer.Argument(..., help="Which service to run.")) -> None:
     """Run one service until SIGTERM (configuration from FLYWHEEL_* environment variables)."""
+    from flywheel.runtime.config import UnknownSettingError
+    from flywheel.runtime.process import start_service_process
+
     module = importlib.import_module(f"flywheel.{service.value}.app")
     settings = module.Settings()
     _setup_logging(settings.log_level)
+    try:
+        start_service_process(settings)
+    except UnknownSettingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     asyncio.run(module.serve(settings))
 
 

@@ -40,6 +40,14 @@ def env_names(cls: type[BaseSettings]) -> list[str]:
     return [f"{ENV_PREFIX}{name.upper()}" for name in cls.model_fields]
 
 
+def known_env_names() -> set[str]:
+    """Every FLYWHEEL_* variable some service reads as a setting."""
+    names = set(env_names(ServiceSettings))
+    for cls in settings_classes().values():
+        names.update(env_names(cls))
+    return names
+
+
 def configuration_markdown() -> str:
     lines = [
         "# Configuration",

@@ -48,10 +48,3 @@ ALL_TOPICS: tuple[Topic, ...] = (
     AGGREGATED_PREFERENCES,
     MODEL_VERSIONS,
 )
-
-
-def by_name(name: str) -> Topic:
-    for topic in ALL_TOPICS:
-        if topic.name == name:
-            return topic
-    raise KeyError(f"unknown topic {name!r}")

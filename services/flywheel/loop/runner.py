@@ -27,6 +27,9 @@ from flywheel.loop.evaluation import EvalResult, evaluate_policy, paired_improve
 from flywheel.loop.local import LocalCluster
 from flywheel.loop.prompts import CorpusPrompt, load_prompts, to_proto
 from flywheel.loop.report import LoopReport, VersionRecord
+from flywheel.policy.settings import PolicySettings
+from flywheel.runtime.config import ServiceSettings, settings_env
+from flywheel.trainer.settings import TrainerSettings
 from flywheel.v1 import (
     common_pb2,
     policy_pb2,
@@ -173,26 +176,19 @@ class LoopRunner:
 
     def service_env(self, name: str) -> dict[str, str]:
         c = self.config
-        env: dict[str, str] = {f"FLYWHEEL_{name.upper()}_TORCH_THREADS": str(c.torch_threads),
-                               "OMP_NUM_THREADS": str(c.torch_threads)}
+        env = settings_env(ServiceSettings, torch_threads=c.torch_threads)
+        env["OMP_NUM_THREADS"] = str(c.torch_threads)
         if name == "policy":
-            env.update(FLYWHEEL_POLICY_HTTP_PORT="0", FLYWHEEL_POLICY_MAX_BATCH_SIZE="32",
-                       FLYWHEEL_POLICY_DEFAULT_MAX_NEW_TOKENS=str(c.max_new_tokens))
+            env.update(settings_env(PolicySettings, policy_http_port=0, policy_max_batch_size=32,
+                                    policy_default_max_new_tokens=c.max_new_tokens))
         elif name == "trainer":
-            env.update(
-                FLYWHEEL_TRAINER_BATCH_SIZE=str(c.ppo_batch_size),
-                FLYWHEEL_TRAINER_MINI_BATCH_SIZE=str(c.ppo_mini_batch_size),
-                FLYWHEEL_TRAINER_PPO_EPOCHS=str(c.ppo_epochs),
-                FLYWHEEL_TRAINER_LEARNING_RATE=str(c.learning_rate),
-                FLYWHEEL_TRAINER_KL_COEF=str(c.kl_coef),
-                FLYWHEEL_TRAINER_ADAPTIVE_KL=str(c.adaptive_kl).lower(),
-                FLYWHEEL_TRAINER_TARGET_KL=str(c.target_kl),
-                FLYWHEEL_TRAINER_KL_HORIZON=str(c.kl_horizon),
-                FLYWHEEL_TRAINER_REWARD_EPOCHS=str(c.reward_epochs),
-                FLYWHEEL_TRAINER_START_PAUSED="true",
-                FLYWHEEL_TRAINER_KEEP_CHECKPOINTS=str(c.keep_checkpoints),
-                FLYWHEEL_TRAINER_REWARD_OUTPUT_DIR=str(self.cluster.run_dir / "home" / "checkpoints" / "reward"),
-            )
+            env.update(settings_env(
+                TrainerSettings, trainer_batch_size=c.ppo_batch_size, trainer_mini_batch_size=c.ppo_mini_batch_size,
+                trainer_ppo_epochs=c.ppo_epochs, trainer_learning_rate=c.learning_rate, trainer_kl_coef=c.kl_coef,
+                trainer_adaptive_kl=c.adaptive_kl, trainer_target_kl=c.target_kl, trainer_kl_horizon=c.kl_horizon,
+                trainer_reward_epochs=c.reward_epochs, trainer_start_paused=True,
+                trainer_keep_checkpoints=c.keep_checkpoints,
+                trainer_reward_output_dir=self.cluster.run_dir / "home" / "checkpoints" / "reward"))
         env.update(c.extra_env.get(name, {}))
         return env
 

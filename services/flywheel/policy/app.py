@@ -11,7 +11,8 @@ from flywheel.bus import ConsumerWorker, Topic, TypedProducer, ensure_topics_for
 from flywheel.policy.backends import Backend, LocalBackend, TGIBackend
 from flywheel.policy.engine import PolicyEngine
 from flywheel.policy.http_api import TGIHttpApi
-from flywheel.policy.reload import PolicyReloader
+from flywheel.model_follower import ModelVersionFollower
+from flywheel.policy.reload import policy_follower
 from flywheel.policy.sampling import SamplingDefaults
 from flywheel.policy.service import PolicyServicer
 from flywheel.policy.settings import PolicySettings
@@ -47,7 +48,7 @@ class PolicyComponents:
     backend: Backend
     servicer: PolicyServicer
     http: TGIHttpApi | None = None
-    reloader: PolicyReloader | None = None
+    reloader: ModelVersionFollower | None = None
     reload_worker: ConsumerWorker | None = None
     rollout_worker: RolloutWorker | None = None
     producer: TypedProducer | None = None
@@ -80,8 +81,7 @@ def make_backend(settings: PolicySettings) -> Backend:
                           timeout_s=settings.policy_tgi_timeout_s, version=settings.policy_tgi_version,
                           max_input_tokens=settings.policy_max_input_tokens)
     engine = PolicyEngine.from_checkpoint(settings.policy_model_dir, settings.policy_model_version,
-                                          device=settings.policy_device, dtype=settings.policy_dtype,
-                                          torch_threads=settings.policy_torch_threads)
+                                          device=settings.policy_device, dtype=settings.policy_dtype)
     return LocalBackend(engine, max_batch_size=settings.policy_max_batch_size,
                         batch_wait_ms=settings.policy_batch_wait_ms, max_queue=settings.policy_max_queue,
                         max_input_tokens=settings.policy_max_input_tokens)
@@ -126,11 +126,10 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
 
         if reload:
             assert isinstance(backend, LocalBackend)
-            parts.reloader = PolicyReloader(lambda: backend.version, backend.swap,
-                                            cache_dir=settings.home / "checkpoints",
-                                            device=settings.policy_device, dtype=settings.policy_dtype)
+            parts.reloader = policy_follower(backend, cache_dir=settings.home / "checkpoints",
+                                             device=settings.policy_device, dtype=settings.policy_dtype)
             group = f"{settings.policy_consumer_group}-reload-{parts.instance_id}"
-            parts.reload_worker = worker_for(settings, versions, group, parts.reloader.handle, parts.producer)
+            parts.reload_worker = worker_for(settings, versions, group, parts.reloader, parts.producer)
             runtime.add_worker(parts.reload_worker)
 
         if settings.policy_worker_enabled:
@@ -170,7 +169,10 @@ async def serve(settings: PolicySettings) -> None:
 
 
 if __name__ == "__main__":  # `python -m flywheel.policy.app` (same as `flywheel serve policy`)
+    from flywheel.runtime.process import start_service_process
+
     _settings = Settings()
     logging.basicConfig(level=_settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_service_process(_settings)
     asyncio.run(serve(_settings))

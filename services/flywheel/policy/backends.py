@@ -27,9 +27,10 @@ from flywheel.policy.engine import (
     apply_template,
     Sequence_,
 )
-from flywheel.policy.sampling import UINT64_MASK, SamplingConfig
+from flywheel.policy.sampling import UINT64_MASK, SamplingConfig, derived_seed
 from flywheel.runtime.errors import FlywheelError, InvalidArgument, NotReady, Overloaded, require
 from flywheel.v1 import common_pb2
+from flywheel.versions import version_order
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Job:
     prompt_text: str
     sampling: SamplingConfig
     prompt_ids: list[int] | None = None
+    # a Prompt's id: unseeded candidates then draw `derived_seed(prompt_id, version, index)`
+    prompt_id: str | None = None
 
 
 @dataclass
@@ -180,7 +183,8 @@ class LocalBackend(Backend):
     def _sequences(self, job: Job) -> list[Sequence_]:
         if job.prompt_ids is None:
             self.prepare(job)
-        return [Sequence_.from_config(job.prompt_text, job.sampling, c, list(job.prompt_ids or []))
+        return [Sequence_.from_config(job.prompt_text, job.sampling, c, list(job.prompt_ids or []),
+                                      seed_key=(job.prompt_id, c) if job.prompt_id is not None else None)
                 for c in range(job.sampling.n)]
 
     @staticmethod
@@ -219,8 +223,7 @@ def set_version_metrics(old: str | None, new: str) -> None:
         except KeyError:
             pass
     metrics.VERSION_INFO.labels(new).set(1)
-    digits = "".join(ch for ch in new.rsplit("-", 1)[-1] if ch.isdigit())
-    metrics.VERSION_NUMBER.set(int(digits) if digits else -1)
+    metrics.VERSION_NUMBER.set(version_order(new))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,10 +344,13 @@ class TGIBackend(Backend):
             seed=seed,
         )
 
-    @staticmethod
-    def _seed(sampling: SamplingConfig, candidate_index: int) -> int:
-        seed = sampling.candidate_seed(candidate_index)
-        return seed if seed is not None else random.getrandbits(63)
+    def _seed(self, job: Job, candidate_index: int) -> int:
+        seed = job.sampling.candidate_seed(candidate_index)
+        if seed is not None:
+            return seed
+        if job.prompt_id is not None:
+            return derived_seed(job.prompt_id, self.version, candidate_index)
+        return random.getrandbits(63)
 
     async def _call(self, coro: Any) -> Any:
         import aiohttp
@@ -373,7 +379,7 @@ class TGIBackend(Backend):
         created = time.time()
 
         async def one(job: Job, c: int) -> Completion:
-            seed = self._seed(job.sampling, c)
+            seed = self._seed(job, c)
             response = await self._call(self.client.generate(
                 job.prompt_text, decoder_input_details=True, **self._parameters(job.sampling, seed)))
             details = response.details
@@ -403,7 +409,7 @@ class TGIBackend(Backend):
             self.prepare(job)
         await self.refresh_info()
         created = time.time()
-        seed = self._seed(job.sampling, 0)
+        seed = self._seed(job, 0)
         ids: list[int] = []
         logprobs: list[float] = []
         text = ""

@@ -207,10 +207,6 @@ class TGIHttpApi:
         job = await asyncio.to_thread(self.backend.prepare, Job(prompt_text=inputs, sampling=sampling), "inputs")
         return job, options, body
 
-    @staticmethod
-    def _token(backend: Backend, token_id: int, text: str, logprob: float, special: bool) -> dict[str, Any]:
-        return {"id": token_id, "text": text, "logprob": logprob, "special": special}
-
     def _response(self, job: Job, completion: Completion, options: dict[str, Any]) -> dict[str, Any]:
         text = completion.text
         if options["return_full_text"]:

@@ -23,7 +23,7 @@ REQUEST_LATENCY = Histogram(
 REQUESTS = Counter("flywheel_policy_requests_total", "Generation requests, by outcome.", ("outcome",))
 VERSION_INFO = Gauge("flywheel_policy_version_info", "1 for the policy version now serving.", ("version",))
 VERSION_NUMBER = Gauge("flywheel_policy_version_number", "Numeric suffix of the policy version now serving.")
-RELOADS = Counter("flywheel_policy_reloads_total", "Policy checkpoint loads, by outcome (loaded|rejected).",
+RELOADS = Counter("flywheel_policy_reloads_total", "Policy checkpoint loads, by outcome (loaded|rejected|ignored).",
                   ("outcome",))
 RELOAD_SECONDS = Histogram("flywheel_policy_reload_seconds", "Time to load and validate a checkpoint.",
                            buckets=_LATENCY_BUCKETS)

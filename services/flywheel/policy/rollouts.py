@@ -66,7 +66,8 @@ def prompt_job(backend: Backend, prompt: common_pb2.Prompt, fallback: common_pb2
         text = backend.template(text=prompt.text)
     params = prompt.sampling if prompt.HasField("sampling") else fallback
     sampling = resolve(params, defaults, prefix=f"{prefix}.sampling")
-    return backend.prepare(Job(prompt_text=text, sampling=sampling), prefix)
+    # unseeded candidates draw seeds from (prompt_id, version, index): same id, same text
+    return backend.prepare(Job(prompt_text=text, sampling=sampling, prompt_id=prompt_id_of(prompt, text)), prefix)
 
 
 def _timestamp(seconds: float) -> Timestamp:

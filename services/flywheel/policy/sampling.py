@@ -9,6 +9,7 @@ Resolution rules (documented in docs/policy.md):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 
@@ -16,6 +17,13 @@ from flywheel.runtime.errors import InvalidArgument, require
 from flywheel.v1 import common_pb2
 
 UINT64_MASK = (1 << 64) - 1
+
+
+def derived_seed(prompt_id: str, policy_version: str, candidate_index: int) -> int:
+    """Seed of a candidate whose prompt carries none: a hash of what its rollout id hashes, so a
+    redelivered prompt reproduces the same text under the same rollout id."""
+    key = "\x1f".join([prompt_id, policy_version, str(candidate_index)])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1  # 63 bits
 
 
 @dataclass(frozen=True)

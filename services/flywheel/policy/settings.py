@@ -26,8 +26,6 @@ class PolicySettings(ServiceSettings):
     policy_device: str = Field("cpu", description="Torch device of the local engine (cpu, cuda, cuda:1, ...).")
     policy_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype of the local engine.")
-    policy_torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads for the local engine (unset: torch default).")
     policy_tgi_url: str = Field("http://127.0.0.1:8080", description="Base URL of the TGI server (tgi backend).")
     policy_tgi_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout of one TGI request.")
     policy_tgi_tokenizer_dir: Path | None = Field(

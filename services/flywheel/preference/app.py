@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from flywheel.bus import ensure_topics_for
 from flywheel.bus.producer import TypedProducer
@@ -102,7 +103,9 @@ class PreferenceService:
     followers: list[TopicFollower]
 
 
-def build_service(settings: PreferenceSettings) -> PreferenceService:
+def build_service(settings: PreferenceSettings, *,
+                  after_produce: Callable[[], Awaitable[None]] | None = None) -> PreferenceService:
+    """The service; `after_produce` is a test fault hook (see PreferenceServicer)."""
     ensure_topics_for(settings, [ROLLOUTS, PREFERENCES, AGGREGATED_PREFERENCES])
     store = PreferenceStore(settings.store_path())
     tokens = TokenStore(settings.auth_db_path()) if settings.preference_auth_enabled else None
@@ -112,7 +115,8 @@ def build_service(settings: PreferenceSettings) -> PreferenceService:
                              security_protocol=settings.kafka_security_protocol, linger_ms=1000,
                              batch_size=512 * 1024)
     engine = ConsensusEngine(store, fit_options(settings))
-    servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine)
+    servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine,
+                                  after_produce=after_produce)
     runtime = ServiceRuntime(settings)
     runtime.add_service(SERVICE_NAME,
                         lambda server: preference_pb2_grpc.add_PreferenceServiceServicer_to_server(servicer, server))

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from grpc import aio
 from prometheus_client import Counter, Histogram
@@ -59,8 +59,11 @@ def trace_id(event_id: str) -> str:
 
 class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
     def __init__(self, settings: PreferenceSettings, store: PreferenceStore, auth: Authenticator,
-                 producer: TypedProducer, engine: ConsensusEngine) -> None:
+                 producer: TypedProducer, engine: ConsensusEngine, *,
+                 after_produce: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
+        # fault hook for tests: runs after the broker acknowledged, before storing and acking
+        self._after_produce = after_produce
         self.store = store
         self.auth = auth
         self.producer = producer
@@ -174,11 +177,8 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         ACK_SECONDS.observe(time.perf_counter() - start)
         durable = [(e, md.partition, md.offset) for e, md in zip(events, results) if not isinstance(md, Exception)]
         failed = [md for md in results if isinstance(md, Exception)]
-        hang = self.settings.preference_debug_hang_after_produce_file
-        if hang is not None:
-            hang.write_text("acknowledged by the broker, not yet stored or acknowledged to the client\n")
-            log.warning("debug hook: hanging after produce (waiting to be killed)")
-            await asyncio.Event().wait()
+        if self._after_produce is not None:
+            await self._after_produce()
         if durable:
             await asyncio.to_thread(self.store.record_events, durable, topic=PREFERENCES.name)
         if failed:

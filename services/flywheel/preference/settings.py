@@ -56,9 +56,6 @@ class PreferenceSettings(ServiceSettings):
     preference_follow_interval_s: float = Field(
         0.5, ge=0, description="Once caught up, poll the preferences topic for other instances' events this often "
         "(records this instance stored itself are skipped, not re-read).")
-    preference_debug_hang_after_produce_file: Path | None = Field(
-        None, description="Testing only: after the broker acknowledged an event, create this file and hang before "
-        "storing and acknowledging (lets a test kill -9 the service between submit and ack).")
 
     def store_path(self) -> Path:
         return self.preference_store_path or self.home / "preference" / "store.sqlite"

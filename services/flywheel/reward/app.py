@@ -7,12 +7,13 @@ import uuid
 
 from flywheel.bus import ensure_topics_for, producer_for, topics, worker_for
 from flywheel.bus.topics import Topic
+from flywheel.model_follower import ModelVersionFollower
 from flywheel.reward.batching import DynamicBatcher
 from flywheel.reward.http_api import RewardHttpApi
 from flywheel.reward.scorers import Scorer, build_scorer, transformer_from_settings
 from flywheel.reward.service import KSERVE_SERVICE, REWARD_SERVICE, KServeServicer, RewardServicer, registrations
 from flywheel.reward.settings import RewardSettings
-from flywheel.reward.worker import ReloadHandler, ScoringHandler
+from flywheel.reward.worker import ScoringHandler, reward_follower, reward_model_of
 from flywheel.runtime import ServiceRuntime
 from flywheel.runtime.auth import SCOPE_SCORE, AuthInterceptor, Guard
 
@@ -38,7 +39,7 @@ class RewardApp:
     """Handles to the parts of a built service (tests and the benchmark use them)."""
 
     def __init__(self, runtime: ServiceRuntime, batcher: DynamicBatcher,
-                 scoring: ScoringHandler | None, reload: ReloadHandler | None,
+                 scoring: ScoringHandler | None, reload: ModelVersionFollower | None,
                  http: RewardHttpApi | None = None, guard: Guard | None = None) -> None:
         self.runtime = runtime
         self.batcher = batcher
@@ -92,18 +93,21 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
         runtime.add_worker(http)
 
     scoring: ScoringHandler | None = None
-    reload: ReloadHandler | None = None
+    reload: ModelVersionFollower | None = None
     producer = None
-    if settings.reward_worker_enabled or settings.reward_hot_reload:
+    hot_reload = settings.reward_reload_enabled and reward_model_of(scorer) is not None
+    if settings.reward_reload_enabled and not hot_reload:
+        log.info("hot reload off: scorer %s has no reward model to replace", scorer.name)
+    if settings.reward_worker_enabled or hot_reload:
         ensure_topics_for(settings, [t for t in (rollouts_topic, scored_topic, versions_topic)])
         producer = producer_for(settings)
     if settings.reward_worker_enabled:
         assert producer is not None
         scoring = ScoringHandler(batcher, producer, output_topic=scored_topic)
         runtime.add_worker(worker_for(settings, rollouts_topic, settings.reward_consumer_group, scoring, producer))
-    if settings.reward_hot_reload:
+    if hot_reload:
         assert producer is not None
-        reload = ReloadHandler(batcher, lambda mv: transformer_from_settings(settings, mv.checkpoint_uri))
+        reload = reward_follower(batcher, lambda mv: transformer_from_settings(settings, mv.checkpoint_uri))
         instance = settings.reward_instance_id or uuid.uuid4().hex[:12]
         runtime.add_worker(worker_for(settings, versions_topic, f"{settings.reward_consumer_group}-reload-{instance}",
                                       reload, producer))

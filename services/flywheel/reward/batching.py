@@ -179,14 +179,6 @@ class DynamicBatcher:
         finally:
             metrics.REQUEST_SECONDS.observe(time.monotonic() - request.enqueued)
 
-    def score_threadsafe(self, prompts: Sequence[str], responses: Sequence[str], *,
-                         timeout_s: float | None = None) -> ScoredBatch:
-        """Blocking variant for worker threads (the Kafka worker): runs on the batcher's loop."""
-        if self._loop is None:
-            raise NotReady("batcher not started")
-        future = asyncio.run_coroutine_threadsafe(self.score(prompts, responses, timeout_s=timeout_s), self._loop)
-        return future.result()
-
     # -- the collector -----------------------------------------------------------------------
     def _take_batch(self) -> list[_Request]:
         batch: list[_Request] = []

@@ -31,32 +31,50 @@ def train(
     no_margin: bool = typer.Option(False, help="Ignore the pairs' margins."),
     seed: int = typer.Option(0),
     publish: bool = typer.Option(False, help="Publish the ModelVersion to flywheel.model-versions.v1."),
+    model_versions_topic: Optional[str] = typer.Option(None, help="Publish here instead of the default topic."),
     bootstrap_servers: str = typer.Option("127.0.0.1:9092", envvar="FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS"),
+    torch_threads: int = typer.Option(0, min=0, envvar="FLYWHEEL_TORCH_THREADS",
+                                      help="torch intra-op threads of this process (0: torch's default)."),
+    result_file: Optional[Path] = typer.Option(None, help="Also write the JSON result (or {\"error\": ...}) here."),
 ) -> None:
-    """Train a pairwise reward model; prints the ModelVersion and metrics as JSON."""
+    """Train a pairwise reward model; prints the ModelVersion and metrics as JSON.
+
+    Runs as its own process (the trainer launches it as a job), so its threads and seeds are set
+    here, once, and never change another process's.
+    """
     from google.protobuf.json_format import MessageToDict
 
     from flywheel.reward.training import RewardTrainingConfig, load_pairs_from_topic, train_reward_model
+    from flywheel.runtime.process import configure_process
 
     sources = sum([data is not None, from_topic, sentiment_demo])
     if sources != 1:
         raise typer.BadParameter("give exactly one of --data, --from-topic, --sentiment-demo")
+    configure_process(torch_threads=torch_threads, seed=seed)
     config = RewardTrainingConfig(
         data=data, base_model=base_model, version=version, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, eval_fraction=eval_fraction,
         center_rewards_coefficient=center_rewards, use_margin=not no_margin, seed=seed, publish=publish,
-        bootstrap_servers=bootstrap_servers)
+        bootstrap_servers=bootstrap_servers, model_versions_topic=model_versions_topic)
     if output_dir is not None:
         config.output_dir = output_dir
-    if from_topic:
-        config.pairs = load_pairs_from_topic(bootstrap_servers)
-    if sentiment_demo:
-        from flywheel.reward.datasets import sentiment_pairs
+    try:
+        if from_topic:
+            config.pairs = load_pairs_from_topic(bootstrap_servers)
+        if sentiment_demo:
+            from flywheel.reward.datasets import sentiment_pairs
 
-        config.pairs, config.eval_pairs = sentiment_pairs(seed=seed)
-    result = train_reward_model(config)
-    typer.echo(json.dumps({"model_version": MessageToDict(result.model_version),
-                           "checkpoint_path": str(result.checkpoint_path), "metrics": result.metrics}, indent=2))
+            config.pairs, config.eval_pairs = sentiment_pairs(seed=seed)
+        result = train_reward_model(config)
+    except Exception as exc:
+        if result_file is not None:  # the launching trainer reports this as the job's failure
+            result_file.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        raise
+    output = json.dumps({"model_version": MessageToDict(result.model_version),
+                         "checkpoint_path": str(result.checkpoint_path), "metrics": result.metrics}, indent=2)
+    if result_file is not None:
+        result_file.write_text(output)
+    typer.echo(output)
 
 
 @app.command()

@@ -30,7 +30,9 @@ REJECTED = Counter("flywheel_reward_rejected_total", "Requests refused or droppe
                    "(overloaded, deadline).", ("reason",))
 MODEL = Info("flywheel_reward_model", "The scorer now serving: name, version, checkpoint.")
 RELOADS = Counter("flywheel_reward_reloads_total", "Reward-model hot reloads by outcome "
-                  "(loaded, failed, ignored).", ("outcome",))
+                  "(loaded|rejected|ignored).", ("outcome",))
+RELOAD_SECONDS = Histogram("flywheel_reward_reload_seconds", "Time to load and validate a reward model.",
+                           buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 SCORED_ROLLOUTS = Counter("flywheel_reward_scored_rollouts_total",
                           "Rollouts scored by the Kafka worker and produced to scored-rollouts.")
 

@@ -26,7 +26,6 @@ class RewardSettings(ServiceSettings):
         None, description="Where non-local checkpoints are copied before loading (default: <home>/reward-models).")
     reward_max_length: int = Field(256, gt=0, description="Max tokens per (prompt, response) pair; longer pairs "
                                    "are truncated longest-first.")
-    reward_torch_threads: int = Field(0, ge=0, description="torch intra-op threads for scoring; 0: min(cores, 4).")
     reward_max_batch_size: int = Field(32, gt=0, description="Dynamic batching: max items in one forward pass.")
     reward_forward_overhead_tokens: int = Field(
         32, ge=0, description="Fixed cost of one forward pass, in token positions: a batch is split into "
@@ -68,7 +67,7 @@ class RewardSettings(ServiceSettings):
     reward_worker_enabled: bool = Field(True, description="Run the Kafka scoring worker "
                                         "(rollouts -> scored-rollouts).")
     reward_consumer_group: str = Field("flywheel-reward", description="Consumer group of the scoring worker.")
-    reward_hot_reload: bool = Field(True, description="Follow flywheel.model-versions.v1 and swap in new "
+    reward_reload_enabled: bool = Field(True, description="Follow flywheel.model-versions.v1 and swap in new "
                                     "reward models (per-instance consumer group).")
     reward_instance_id: str = Field("", description="Suffix of the hot-reload consumer group; empty: random "
                                     "per process.")

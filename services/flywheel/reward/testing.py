@@ -45,6 +45,7 @@ class GatedScorer(Scorer):
 
     def __init__(self, version: str = "1") -> None:
         self.gate = threading.Event()
+        self.entered: list[int] = []  # batch sizes of forward passes started (waiting or done)
         self.calls: list[int] = []
         self._version = version
 
@@ -57,6 +58,7 @@ class GatedScorer(Scorer):
         return self._version
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        self.entered.append(len(prompts))
         self.gate.wait(30)
         self.calls.append(len(prompts))
         return [float(len(r)) for r in responses]

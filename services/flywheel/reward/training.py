@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from flywheel.v1 import common_pb2
+from flywheel.versions import BASE_REWARD_VERSION, REWARD, version_name, version_order
 
 log = logging.getLogger(__name__)
 
 PAIR_FIELDS = ("prompt_id", "prompt_text", "chosen_id", "chosen_text", "rejected_id", "rejected_text", "margin")
-_VERSION_DIR = re.compile(r"^reward-(\d{4,})$")
 
 
 @dataclass
@@ -75,7 +74,6 @@ class RewardTrainingConfig:
     eval_pairs: Sequence[common_pb2.PreferencePair | dict] | None = None
     eval_data: str | Path | None = None
     seed: int = 0
-    torch_threads: int | None = None
     progress: bool = True
     # Publish the ModelVersion to the model-versions topic when bootstrap servers are given.
     publish: bool = False
@@ -201,8 +199,8 @@ def split_by_prompt(pairs: Sequence[common_pb2.PreferencePair], eval_fraction: f
 # -- versions -----------------------------------------------------------------------------------
 
 def next_version(output_dir: Path) -> str:
-    numbers = [int(m.group(1)) for p in output_dir.glob("reward-*") if (m := _VERSION_DIR.match(p.name))]
-    return f"reward-{max(numbers, default=0) + 1:04d}"
+    numbers = [version_order(p.name) for p in output_dir.glob(f"{REWARD}-*") if p.is_dir()]
+    return version_name(REWARD, max(numbers, default=0) + 1)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -284,13 +282,26 @@ def normalize_output(scorer, pairs: Sequence[common_pb2.PreferencePair], max_sam
 
 
 def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
-    """Train, evaluate on the held-out split, write a versioned checkpoint, optionally publish it."""
+    """Train, evaluate on the held-out split, write a versioned checkpoint, optionally publish it.
+
+    Reproducible for a given `config.seed`, without touching process-wide state: the head init and
+    dropout draw from a forked copy of torch's global generator, seeded here and restored after. The
+    thread count is the process's (`flywheel reward train` sets it at start-up).
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _train_reward_model(config)
+
+
+def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from flywheel.reward.scorers import BASE_VERSION, METADATA_FILE, TransformerRewardScorer, default_torch_threads
+    from flywheel.reward.scorers import METADATA_FILE, TransformerRewardScorer
 
     if config.pairs is not None:
         pairs = [_row_to_pair(p, f"pairs[{i}]") for i, p in enumerate(config.pairs)]
@@ -309,12 +320,8 @@ def train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     if not train:
         raise ValueError("the training split is empty (too few prompts for eval_fraction)")
 
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(config.torch_threads or default_torch_threads())
-    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length,
-                                     torch_threads=config.torch_threads or default_torch_threads())
-    parent = config.parent_version or scorer.version or BASE_VERSION
+    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length)
+    parent = config.parent_version or scorer.version or BASE_REWARD_VERSION
     model = scorer.model
 
     steps_per_epoch = math.ceil(len(train) / config.batch_size)

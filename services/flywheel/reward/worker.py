@@ -7,17 +7,15 @@ the broker before the offsets are committed: at-least-once. Redelivered rollouts
 with the same rollout id (and the same reward while the model is unchanged), which downstream
 consumers de-duplicate on.
 
-Hot reload (per-instance group, from the beginning): of the REWARD versions in a batch, the newest
-wins; it is loaded on the consumer's thread (serving continues on the old model meanwhile),
-smoke-tested, then swapped in atomically.
+Hot reload (per-instance group, from the beginning): the shared `ModelVersionFollower` over REWARD
+versions; a new model is loaded on the consumer's thread (serving continues on the old model
+meanwhile), smoke-tested, then swapped in atomically.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import time
-from typing import Callable, Sequence
+from typing import Callable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -26,10 +24,12 @@ from flywheel.bus.consumer import Rejection
 from flywheel.bus.codec import Delivery
 from flywheel.bus.producer import TypedProducer
 from flywheel.bus.topics import Topic
+from flywheel.model_follower import ModelVersionFollower
 from flywheel.reward import metrics
 from flywheel.reward.batching import DynamicBatcher
 from flywheel.reward.scorers import EnsembleScorer, Scorer, TransformerRewardScorer, with_reward_model
 from flywheel.v1 import common_pb2
+from flywheel.versions import REWARD
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +118,6 @@ class ScoringHandler:
 
 # -- hot reload -----------------------------------------------------------------------------------
 
-_VERSION_NUMBER = re.compile(r"(\d+)$")
-
-
-def version_key(version: str, created_at_s: float = 0.0) -> tuple[int, float]:
-    """Order of model versions: the trailing number of `<kind>-<NNNN>`, then creation time."""
-    match = _VERSION_NUMBER.search(version or "")
-    return (int(match.group(1)) if match else -1, created_at_s)
-
-
 def reward_model_of(scorer: Scorer) -> TransformerRewardScorer | None:
     if isinstance(scorer, TransformerRewardScorer):
         return scorer
@@ -137,50 +128,23 @@ def reward_model_of(scorer: Scorer) -> TransformerRewardScorer | None:
     return None
 
 
-class ReloadHandler:
-    """Batch handler for `ConsumerWorker` over model-versions: newest REWARD version wins."""
+def reward_follower(batcher: DynamicBatcher, load: Callable[[common_pb2.ModelVersion], TransformerRewardScorer]
+                    ) -> ModelVersionFollower[TransformerRewardScorer]:
+    """The shared follower over REWARD versions; `batcher.scorer` must contain a reward model."""
+    if reward_model_of(batcher.scorer) is None:
+        raise ValueError(f"scorer {batcher.scorer.name!r} has no reward model to hot-reload")
 
-    def __init__(self, batcher: DynamicBatcher, load: Callable[[common_pb2.ModelVersion], TransformerRewardScorer]):
-        self.batcher = batcher
-        self.load = load
+    def validate(model: TransformerRewardScorer) -> None:
+        model.score(["smoke test"], ["a response"])  # never swap in a model that cannot score
+
+    def swap(model: TransformerRewardScorer) -> None:
+        replacement = with_reward_model(batcher.scorer, model)
+        assert replacement is not None  # checked above
+        batcher.swap(replacement)
+
+    def current_version() -> str:
         current = reward_model_of(batcher.scorer)
-        self._applied = version_key(current.version) if current else (-1, 0.0)
-        self.loaded: list[str] = []
+        return current.version if current is not None else ""
 
-    @property
-    def newest_considered(self) -> tuple[int, float]:
-        """Ordering key of the newest version applied or given up on (see `version_key`)."""
-        return self._applied
-
-    def __call__(self, batch: Sequence[Delivery[common_pb2.ModelVersion]]) -> list[Rejection]:
-        candidates = [d.value for d in batch if d.value.kind == common_pb2.MODEL_KIND_REWARD]
-        if not candidates:
-            return []
-        if reward_model_of(self.batcher.scorer) is None:
-            metrics.RELOADS.labels("ignored").inc(len(candidates))
-            return []  # this scorer has no reward model to replace (vader / remote)
-        newest = max(candidates, key=lambda mv: version_key(mv.version, mv.created_at.ToSeconds() if mv.HasField("created_at") else 0.0))
-        key = version_key(newest.version, newest.created_at.ToSeconds() if newest.HasField("created_at") else 0.0)
-        if key <= self._applied:
-            metrics.RELOADS.labels("ignored").inc(len(candidates))
-            return []
-        start = time.monotonic()
-        try:
-            model = self.load(newest)
-            model.score(["smoke test"], ["a response"])  # never swap in a model that cannot score
-        except Exception:  # noqa: BLE001 - a bad checkpoint must not take the service down
-            log.exception("could not load reward model %s from %s; keeping %s", newest.version,
-                          newest.checkpoint_uri, self.batcher.scorer.version)
-            metrics.RELOADS.labels("failed").inc()
-            self._applied = key  # do not retry this version forever; a newer one will come
-            return []
-        replacement = with_reward_model(self.batcher.scorer, model)
-        if replacement is None:  # pragma: no cover - checked above
-            return []
-        self.batcher.swap(replacement)
-        self._applied = key
-        self.loaded.append(newest.version)
-        metrics.RELOADS.labels("loaded").inc()
-        log.info("reward model %s loaded in %.1fs from %s", newest.version, time.monotonic() - start,
-                 newest.checkpoint_uri)
-        return []
+    return ModelVersionFollower(REWARD, load, validate, swap, current_version=current_version,
+                                reloads=metrics.RELOADS, reload_seconds=metrics.RELOAD_SECONDS)

@@ -3,12 +3,17 @@
 Every setting is an environment variable `FLYWHEEL_<FIELD>`. Each service subclasses
 `ServiceSettings`, overriding port defaults and adding its own fields (named with the service
 prefix, e.g. `reward_max_batch_size` -> `FLYWHEEL_REWARD_MAX_BATCH_SIZE`). `flywheel config-docs`
-renders the table in docs/configuration.md from these classes.
+renders the table in docs/configuration.md from these classes. A FLYWHEEL_* variable that names
+no setting stops start-up (`check_environment`) instead of being silently ignored.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +33,8 @@ class ServiceSettings(BaseSettings):
 
     service_name: str = Field("flywheel", description="Name used in logs, metrics and the Kafka client id.")
     host: str = Field("0.0.0.0", description="Address the gRPC server binds.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads of the service's process, set once at "
+                               "start-up; 0 leaves torch's default (one per core).")
     grpc_port: int = Field(50050, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port.")
     metrics_enabled: bool = Field(True, description="Serve /metrics.")
@@ -80,3 +87,63 @@ class ServiceSettings(BaseSettings):
     @property
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap_servers.split(",") if s.strip()]
+
+
+def settings_env(cls: type[BaseSettings], **values: object) -> dict[str, str]:
+    """Environment variables that set `values` on a `cls` process: names come from the fields (a
+    name that is not one raises), values are rendered as pydantic-settings parses them."""
+    env = {}
+    for name, value in values.items():
+        if name not in cls.model_fields:
+            close = difflib.get_close_matches(name, list(cls.model_fields), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KeyError(f"{cls.__name__} has no setting {name!r}{hint}")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, dict)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    return env
+
+
+# FLYWHEEL_* variables that are not service settings (read by the Makefile, deploy tools, tests and
+# CLI options); every other FLYWHEEL_* variable must name a setting of some service.
+NOT_SETTINGS = frozenset({
+    "FLYWHEEL_CACHE", "FLYWHEEL_KAFKA_VERSION", "FLYWHEEL_TOOLS_DIR", "FLYWHEEL_UID",
+    "FLYWHEEL_HEALTHCHECK_TIMEOUT_S", "FLYWHEEL_TEST_KAFKA_BOOTSTRAP", "FLYWHEEL_TRAINER_TARGET",
+    "FLYWHEEL_PREFERENCE_TOKEN",
+})
+
+
+# Settings renamed so far (docs/changelog.md): the old name is refused, pointing at the new one.
+RENAMED = {
+    "FLYWHEEL_POLICY_TORCH_THREADS": "FLYWHEEL_TORCH_THREADS",
+    "FLYWHEEL_REWARD_TORCH_THREADS": "FLYWHEEL_TORCH_THREADS",
+    "FLYWHEEL_TRAINER_TORCH_THREADS": "FLYWHEEL_TORCH_THREADS",
+    "FLYWHEEL_REWARD_HOT_RELOAD": "FLYWHEEL_REWARD_RELOAD_ENABLED",
+}
+
+
+class UnknownSettingError(ValueError):
+    """A FLYWHEEL_* environment variable that no service reads: almost always a typo."""
+
+
+def check_environment(known: Iterable[str], environ: Mapping[str, str] | None = None) -> None:
+    """Refuse to start when a FLYWHEEL_* variable names no setting (pydantic would ignore it)."""
+    known = set(known)
+    environ = os.environ if environ is None else environ
+    unknown = sorted(name for name in environ
+                     if name.startswith(ENV_PREFIX) and name not in known and name not in NOT_SETTINGS)
+    if not unknown:
+        return
+    lines = []
+    for name in unknown:
+        if name in RENAMED:
+            lines.append(f"  {name}: did you mean {RENAMED[name]}? (renamed, see docs/changelog.md)")
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        lines.append(f"  {name}" + (f": did you mean {close[0]}?" if close else ""))
+    raise UnknownSettingError("unknown FLYWHEEL_* environment variable(s); fix or unset them "
+                              "(docs/configuration.md lists every setting):\n" + "\n".join(lines))

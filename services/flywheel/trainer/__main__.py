@@ -5,6 +5,7 @@ import faulthandler
 import logging
 import signal
 
+from flywheel.runtime.process import start_service_process
 from flywheel.trainer.app import Settings, serve
 
 
@@ -12,6 +13,7 @@ def main() -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_service_process(settings)
     asyncio.run(serve(settings))
 
 

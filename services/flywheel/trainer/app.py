@@ -7,6 +7,7 @@ the service (Kafka, gRPC, checkpoints) and the other ranks follow its broadcast 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -68,10 +69,6 @@ def load(settings: TrainerSettings, store: CheckpointStore) -> LoadedTrainer:
 
 
 def build_app(settings: TrainerSettings) -> TrainerApp:
-    import torch
-
-    if settings.trainer_torch_threads:
-        torch.set_num_threads(settings.trainer_torch_threads)
     scored_topic = Topic(settings.trainer_scored_rollouts_topic, topics.SCORED_ROLLOUTS.message_type)
     versions_topic = Topic(settings.trainer_model_versions_topic, topics.MODEL_VERSIONS.message_type)
     ensure_topics_for(settings, [scored_topic, versions_topic])
@@ -96,7 +93,8 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
     jobs = RewardJobRunner(
         default_dataset_uri=settings.trainer_reward_dataset_uri, output_dir=settings.trainer_reward_output_dir,
         default_epochs=settings.trainer_reward_epochs, bootstrap_servers=settings.kafka_bootstrap_servers,
-        model_versions_topic=settings.trainer_model_versions_topic,
+        model_versions_topic=settings.trainer_model_versions_topic, torch_threads=settings.torch_threads,
+        cache_dir=settings.home / "datasets",
         dataset_policy=UriPolicy("dataset_uri", settings.reward_dataset_roots(), settings.trainer_reward_dataset_remote),
         max_queued=settings.trainer_reward_max_queued_jobs)
     runtime = ServiceRuntime(settings)
@@ -106,7 +104,7 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
     runtime.add_worker(loop)
 
     async def close() -> None:
-        jobs.shutdown()
+        await asyncio.to_thread(jobs.shutdown)  # may wait for a training process to exit
         producer.close()
 
     runtime.on_stop(close)

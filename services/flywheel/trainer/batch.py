@@ -7,28 +7,15 @@ Sequences are right-padded `prompt + response` rows; the response of row i start
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 
 from flywheel.v1 import common_pb2
+from flywheel.versions import version_number
 
-_VERSION_RE = re.compile(r"-(\d+)$")
 FINISHED = (common_pb2.FINISH_REASON_EOS_TOKEN, common_pb2.FINISH_REASON_STOP_SEQUENCE)
-
-
-def version_number(version: str) -> int:
-    """'policy-0007' -> 7. Raises ValueError for names without a numeric suffix."""
-    match = _VERSION_RE.search(version or "")
-    if not match:
-        raise ValueError(f"not a versioned name: {version!r}")
-    return int(match.group(1))
-
-
-def version_name(kind: str, number: int) -> str:
-    return f"{kind}-{number:04d}"
 
 
 @dataclass

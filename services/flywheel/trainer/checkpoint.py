@@ -30,7 +30,9 @@ import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
-from flywheel.trainer.batch import version_name, version_number
+from flywheel import checkpoints
+from flywheel.runtime.config import default_home
+from flywheel.versions import POLICY, version_number
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ METADATA_FILE = "flywheel.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
-KIND = "policy"
+KIND = POLICY
 
 
 def _fsync_tree(path: Path) -> None:
@@ -75,7 +77,8 @@ class CheckpointInfo:
 class CheckpointStore:
     """Checkpoints under one root URI (`file:///...` or any fsspec URL)."""
 
-    def __init__(self, root_uri: str | Path) -> None:
+    def __init__(self, root_uri: str | Path, *, cache_dir: Path | None = None) -> None:
+        self.cache_dir = cache_dir or default_home() / "checkpoints"  # local copies of remote checkpoints
         root_uri = str(root_uri)
         if "://" not in root_uri:
             root_uri = Path(root_uri).resolve().as_uri()
@@ -177,9 +180,7 @@ class CheckpointStore:
         """A local directory with the checkpoint's files (the checkpoint itself for file://)."""
         if self.local:
             return Path(self._path_for(version))
-        cache = Path(tempfile.mkdtemp(prefix=f"flywheel-{version}-"))
-        self.fs.get(self._path_for(version) + "/", str(cache), recursive=True)
-        return cache
+        return checkpoints.resolve(self.uri_for(version), self.cache_dir)
 
     def load_trainer_state(self, version: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         d = self.local_dir(version)
@@ -205,13 +206,3 @@ class CheckpointStore:
             self.fs.rm(self._path_for(info.version), recursive=True)
             removed.append(info.version)
         return removed
-
-
-def next_version(current: str) -> str:
-    return version_name(KIND, version_number(current) + 1)
-
-
-def uri_to_local_path(uri: str) -> Path:
-    """file:///a/b -> /a/b (for from_pretrained)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return Path(path)

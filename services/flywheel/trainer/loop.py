@@ -28,17 +28,17 @@ import torch
 import torch.distributed as dist
 from google.protobuf import timestamp_pb2
 
+from flywheel import checkpoints
 from flywheel.bus import TypedConsumer, TypedProducer
 from flywheel.bus.topics import Topic
 from flywheel.trainer import metrics
-from flywheel.trainer.batch import RolloutFilter, collate, version_name, version_number
-from flywheel.trainer.checkpoint import CheckpointStore, next_version, uri_to_local_path
+from flywheel.trainer.batch import RolloutFilter, collate
+from flywheel.trainer.checkpoint import CheckpointStore
 from flywheel.trainer.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, StepStats
 from flywheel.v1 import common_pb2
+from flywheel.versions import BASE_POLICY_VERSION, next_version, version_number
 
 log = logging.getLogger(__name__)
-
-BASE_VERSION = "policy-0000"
 
 
 class LoopState(enum.Enum):
@@ -109,7 +109,7 @@ def load_trainer(config: PPOConfig, store: CheckpointStore, base_model_path: str
     reference_uri = state.get("reference_model") or base_model_path.resolve().as_uri()
     torch.manual_seed(config.seed)
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(uri_to_local_path(reference_uri), dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints.resolve(reference_uri, store.cache_dir), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source)
     policy = PolicyWithValueHead(lm, value_head_init_std=config.value_head_init_std)
     if latest is not None:
@@ -124,7 +124,7 @@ def load_trainer(config: PPOConfig, store: CheckpointStore, base_model_path: str
         log.info("resuming from %s (step %d)", latest.version, trainer.global_step)
         return LoadedTrainer(trainer, tokenizer, latest.version, latest.uri, latest.parent_version, state,
                              base_model_path, reference_uri)
-    return LoadedTrainer(trainer, tokenizer, BASE_VERSION, base_model_path.resolve().as_uri(), "", state,
+    return LoadedTrainer(trainer, tokenizer, BASE_POLICY_VERSION, base_model_path.resolve().as_uri(), "", state,
                          base_model_path, reference_uri)
 
 
@@ -335,7 +335,7 @@ class TrainerLoop:
         metrics.BUFFERED.set(0)
         metrics.observe_step(step_metrics)
         if self.keep_checkpoints:
-            reference = uri_to_local_path(self.loaded.reference_uri).name
+            reference = self.loaded.reference_uri.rstrip("/").rsplit("/", 1)[-1]
             self.store.prune(self.keep_checkpoints, protect={new_version, reference})
         log.info("step %d -> %s: score %.3f kl %.3f (coef %.3f) pg %.4f vf %.4f ent %.3f (%.1f ep/s)",
                  stats.step, new_version, stats.mean_score, stats.kl, stats.kl_coef, stats.policy_loss,
@@ -353,7 +353,7 @@ class TrainerLoop:
     def announce(self) -> None:
         """Publish the current version (idempotent): after a restart the last checkpoint may have been
         written but not announced."""
-        if self.version != BASE_VERSION:
+        if self.version != BASE_POLICY_VERSION:
             self.producer.send_and_wait(self.model_versions_topic, self.model_version_message(), key="POLICY")
 
     # -- the thread ---------------------------------------------------------------------------
@@ -410,12 +410,6 @@ class TrainerLoop:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    def stop_sync(self, timeout: float | None = None) -> None:
-        self._stop.set()
-        self._resume.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
 
 def _encode(rollouts: list[common_pb2.ScoredRollout], weights: list[float]) -> tuple[list[bytes], list[float]]:
     return [r.SerializeToString() for r in rollouts], list(weights)
@@ -435,7 +429,3 @@ def follow(trainer: PPOTrainer, pad_token_id: int) -> int:
         batch = collate(rollouts, pad_token_id=pad_token_id, weights=weights)
         trainer.step(batch.shard(rank, world))
         steps += 1
-
-
-def version_of(number: int) -> str:
-    return version_name("policy", number)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
+import tempfile
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -11,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from google.protobuf import json_format
 from grpc import aio
 
+from flywheel import checkpoints
 from flywheel.runtime import InvalidArgument, NotFound, Overloaded, require
 from flywheel.runtime.auth import ANY_SCOPE, SCOPE_ADMIN, AuthInterceptor, Guard
+from flywheel.runtime.config import default_home
 from flywheel.runtime.errors import clip
 from flywheel.runtime.uris import UriPolicy, check_uri
 from flywheel.trainer import metrics
@@ -69,12 +76,17 @@ class RewardJob:
 
 
 class RewardJobRunner:
-    """Runs `flywheel.reward.training.train_reward_model` jobs one at a time on a worker thread."""
+    """Runs reward-model training jobs one at a time, each as its own process.
+
+    A job is `python -m flywheel.cli reward train ...` (the same command as a Kubernetes Job would
+    run): training sets its own threads and seeds at start-up and cannot change the trainer's,
+    and a crash or out-of-memory kill of the job leaves the trainer running.
+    """
 
     def __init__(self, *, default_dataset_uri: str | None, output_dir: str | Path | None, default_epochs: int,
-                 bootstrap_servers: str | None, model_versions_topic: str | None,
-                 train: Callable[..., object] | None = None, dataset_policy: UriPolicy | None = None,
-                 max_queued: int = 4) -> None:
+                 bootstrap_servers: str | None, model_versions_topic: str | None, torch_threads: int = 0,
+                 cache_dir: Path | None = None, timeout_s: float = 6 * 3600,
+                 dataset_policy: UriPolicy | None = None, max_queued: int = 4) -> None:
         self.default_dataset_uri = default_dataset_uri
         # What a caller's dataset_uri may name (the operator's default_dataset_uri is trusted).
         self.dataset_policy = dataset_policy or UriPolicy("dataset_uri", local_roots=())
@@ -83,10 +95,13 @@ class RewardJobRunner:
         self.default_epochs = default_epochs
         self.bootstrap_servers = bootstrap_servers
         self.model_versions_topic = model_versions_topic
-        self._train = train
+        self.torch_threads = torch_threads
+        self.cache_dir = cache_dir or default_home() / "datasets"
+        self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model-training")
         self._jobs: dict[str, RewardJob] = {}
         self._lock = threading.Lock()
+        self._process: subprocess.Popen[str] | None = None
 
     def submit(self, dataset_uri: str, epochs: int) -> RewardJob:
         job = RewardJob(job_id=uuid.uuid4().hex[:12], dataset_uri=dataset_uri or (self.default_dataset_uri or ""),
@@ -110,55 +125,67 @@ class RewardJobRunner:
         with self._lock:
             return list(self._jobs.values())[-1] if self._jobs else None
 
+    def command(self, job: RewardJob, result_file: Path) -> list[str]:
+        """The `flywheel reward train` command line of `job`."""
+        cmd = [sys.executable, "-m", "flywheel.cli", "reward", "train", "--epochs", str(job.epochs),
+               "--torch-threads", str(self.torch_threads), "--result-file", str(result_file)]
+        if job.dataset_uri:
+            cmd += ["--data", str(checkpoints.resolve(job.dataset_uri, self.cache_dir))]
+        elif self.bootstrap_servers:
+            cmd += ["--from-topic"]
+        else:
+            raise ValueError("no dataset_uri given and no Kafka to read aggregated preferences from")
+        if self.bootstrap_servers:
+            cmd += ["--bootstrap-servers", self.bootstrap_servers, "--publish"]
+            if self.model_versions_topic:
+                cmd += ["--model-versions-topic", self.model_versions_topic]
+        if self.output_dir is not None:
+            cmd += ["--output-dir", str(self.output_dir)]
+        return cmd
+
     def _run(self, job: RewardJob) -> None:
         job.state = "running"
         try:
-            from flywheel.reward.training import RewardTrainingConfig, load_pairs_from_topic, train_reward_model
-
-            kwargs: dict[str, object] = dict(epochs=job.epochs, progress=False,
-                                             publish=bool(self.bootstrap_servers),
-                                             bootstrap_servers=self.bootstrap_servers,
-                                             model_versions_topic=self.model_versions_topic)
-            if self.output_dir is not None:
-                kwargs["output_dir"] = self.output_dir
-            if job.dataset_uri:
-                kwargs["data"] = _localise(job.dataset_uri)
-            else:
-                if not self.bootstrap_servers:
-                    raise ValueError("no dataset_uri given and no Kafka to read aggregated preferences from")
-                kwargs["pairs"] = load_pairs_from_topic(self.bootstrap_servers)
-            train = self._train or train_reward_model
-            result = train(RewardTrainingConfig(**kwargs))
-            job.model_version = result.model_version  # type: ignore[attr-defined]
-            accuracy = result.metrics.get("eval_accuracy")  # type: ignore[attr-defined]
+            with tempfile.TemporaryDirectory(prefix="flywheel-reward-job-") as tmp:
+                result_file = Path(tmp) / "result.json"
+                with self._lock:
+                    self._process = subprocess.Popen(self.command(job, result_file), stdout=subprocess.DEVNULL,
+                                                     stderr=subprocess.PIPE, text=True)
+                try:
+                    _, stderr = self._process.communicate(timeout=self.timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.communicate()
+                    raise TimeoutError(f"reward-model training ran over {self.timeout_s:.0f}s") from None
+                result = json.loads(result_file.read_text()) if result_file.exists() else {}
+                if self._process.returncode != 0 or "error" in result:
+                    tail = (stderr or "").strip().splitlines()[-1:] or [f"exit status {self._process.returncode}"]
+                    raise RuntimeError(result.get("error") or tail[0])
+            job.model_version = json_format.ParseDict(result["model_version"], common_pb2.ModelVersion())
+            accuracy = result["metrics"].get("eval_accuracy")
             job.message = f"trained {job.model_version.version}" + (
                 f" (held-out accuracy {accuracy:.3f})" if accuracy is not None else "")
             job.state = "succeeded"
         except Exception as exc:  # noqa: BLE001 - reported through the job's state
-            log.exception("reward-model training job %s failed", job.job_id)
+            log.error("reward-model training job %s failed: %s", job.job_id, exc)
             job.state = "failed"
-            job.message = f"{type(exc).__name__}: {exc}"
+            job.message = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._process = None
         metrics.REWARD_JOBS.labels(job.state).inc()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the running job (SIGTERM, then SIGKILL after `timeout_s`) and drop queued ones."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _localise(uri: str) -> str:
-    """A local path for `uri`: file:// URIs map directly, other fsspec URLs are downloaded."""
-    if "://" not in uri:
-        return uri
-    import tempfile
-
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
-        return path
-    local = tempfile.mkdtemp(prefix="flywheel-preferences-")
-    fs.get(path, local, recursive=True)
-    return local
+        with self._lock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ class TrainerSettings(ServiceSettings):
                                     "policy version); under DDP the global batch, split across ranks.")
     trainer_max_steps: int | None = Field(None, description="Stop training after this many steps (unset: run forever).")
     trainer_start_paused: bool = Field(False, description="Start paused (resume with the Resume RPC).")
-    trainer_torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default.")
     trainer_max_poll_interval_ms: int = Field(
         1_800_000, gt=0, description="Kafka max.poll.interval.ms: longest allowed PPO step before the group "
         "considers the trainer dead.")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from flywheel.v1 import common_pb2
+from flywheel.versions import BASE_POLICY_VERSION, next_version
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +183,11 @@ def run_sft(demos: Sequence[common_pb2.Demonstration], *, store: Any, base_model
     from google.protobuf import timestamp_pb2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flywheel.trainer.checkpoint import next_version
-    from flywheel.trainer.loop import BASE_VERSION
-
     config = config or SFTConfig()
     torch.manual_seed(config.seed)
     latest = store.latest()
     source = store.local_dir(latest.version) if latest else Path(base_model_path)
-    parent = latest.version if latest else BASE_VERSION
+    parent = latest.version if latest else BASE_POLICY_VERSION
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source)
     examples = build_examples(demos, tokenizer, config.max_length)

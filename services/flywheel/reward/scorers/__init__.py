@@ -21,18 +21,16 @@ from flywheel.reward.scorers.factory import (
     transformer_from_settings,
 )
 from flywheel.reward.scorers.transformer import (
-    BASE_VERSION,
     METADATA_FILE,
     TransformerRewardScorer,
     default_torch_threads,
     read_checkpoint_metadata,
-    resolve_checkpoint,
 )
 
 __all__ = [
-    "BASE_VERSION", "ENTRY_POINT_GROUP", "METADATA_FILE", "PLUGIN_ENV_PREFIX", "RETRYABLE", "Component",
+    "ENTRY_POINT_GROUP", "METADATA_FILE", "PLUGIN_ENV_PREFIX", "RETRYABLE", "Component",
     "EnsembleScorer", "RemoteScorer", "ScoreResult", "Scorer", "TransformerRewardScorer", "VaderScorer",
     "build_scorer", "check_lengths", "create_plugin", "default_torch_threads", "load_plugin", "parse_ensemble",
-    "plan_chunks", "plugin_names", "read_checkpoint_metadata", "resolve_checkpoint", "transformer_from_settings",
+    "plan_chunks", "plugin_names", "read_checkpoint_metadata", "transformer_from_settings",
     "with_reward_model",
 ]

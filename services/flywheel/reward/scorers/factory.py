@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from flywheel.reward.scorers.base import Scorer
 from flywheel.reward.scorers.builtin import EnsembleScorer, RemoteScorer, VaderScorer
-from flywheel.reward.scorers.transformer import TransformerRewardScorer, default_torch_threads
+from flywheel.reward.scorers.transformer import TransformerRewardScorer
 
 if TYPE_CHECKING:  # pragma: no cover
     from flywheel.reward.settings import RewardSettings
@@ -111,7 +111,6 @@ def transformer_from_settings(settings: "RewardSettings", model_uri: str | None 
     return TransformerRewardScorer(uri, max_length=settings.reward_max_length,
                                    max_batch_size=settings.reward_max_batch_size,
                                    forward_overhead_tokens=settings.reward_forward_overhead_tokens,
-                                   torch_threads=settings.reward_torch_threads or default_torch_threads(),
                                    cache_dir=cache)
 
 

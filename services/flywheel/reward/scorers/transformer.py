@@ -10,42 +10,15 @@ import json
 import os
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlparse
 
+from flywheel import checkpoints
 from flywheel.reward.scorers.base import Scorer, check_lengths
 from flywheel.reward.scorers.chunking import plan_chunks
+from flywheel.versions import BASE_REWARD_VERSION
 
-BASE_VERSION = "reward-0000"
 METADATA_FILE = "flywheel.json"
 
 # -- checkpoints --------------------------------------------------------------------------------
-
-def resolve_checkpoint(uri: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
-    """A local directory for a checkpoint path or URI. Remote fsspec URIs are copied once into
-    `cache_dir` (keyed by the URI) and reused."""
-    text = str(uri)
-    parsed = urlparse(text)
-    if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme == "file" else text).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-        return path
-    import hashlib
-
-    import fsspec
-
-    from flywheel.runtime.config import default_home
-
-    cache_dir = Path(cache_dir or default_home() / "reward-models")
-    target = cache_dir / hashlib.sha256(text.encode()).hexdigest()[:16]
-    if (target / METADATA_FILE).exists() or (target / "config.json").exists():
-        return target
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    fs, _, paths = fsspec.get_fs_token_paths(text)
-    fs.get(paths[0].rstrip("/") + "/", str(tmp), recursive=True)
-    tmp.rename(target)
-    return target
-
 
 def read_checkpoint_metadata(path: Path) -> dict:
     meta_file = path / METADATA_FILE
@@ -71,19 +44,20 @@ class TransformerRewardScorer(Scorer):
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, *, max_length: int = 256,
-                 max_batch_size: int = 64, torch_threads: int | None = None, version: str | None = None,
+                 max_batch_size: int = 64, version: str | None = None,
                  cache_dir: Path | None = None, forward_overhead_tokens: int = 32) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from flywheel.models import minilm_dir
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
         self._uri = str(model_path) if model_path is not None else ""
-        path = resolve_checkpoint(model_path, cache_dir) if model_path is not None else minilm_dir()
+        from flywheel.runtime.config import default_home
+
+        path = (checkpoints.resolve(model_path, cache_dir or default_home() / "reward-models")
+                if model_path is not None else minilm_dir())
         meta = read_checkpoint_metadata(path)
-        self._version = version or meta.get("version") or BASE_VERSION
+        self._version = version or meta.get("version") or BASE_REWARD_VERSION
         self._model_name = meta.get("model_name") or path.name
         self.path = path
         self.max_length = max_length

@@ -1,0 +1,46 @@
+"""Process-wide state, set once when a process starts and never by constructors.
+
+torch's intra-op thread count and the global random seeds belong to the whole process: a library
+object that changed them would silently slow down or perturb whatever else runs in the process
+(the trainer's PPO, a benchmark's baseline). Entry points (`flywheel serve`, `python -m
+flywheel.trainer`, `flywheel reward train`) call `configure_process` first (services through
+`start_service_process`, which also refuses unknown FLYWHEEL_* variables); nothing else does.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flywheel.runtime.config import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+def configure_process(*, torch_threads: int = 0, seed: int | None = None) -> None:
+    """Set torch's intra-op threads (0: leave torch's default) and, when given, the global seeds.
+
+    torch is imported only when there is something to set: services without models (preference)
+    never pay for it."""
+    if seed is not None:
+        random.seed(seed)
+    if torch_threads <= 0 and seed is None:
+        return
+    import torch
+
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+    log.debug("process configured: %d torch threads, seed %s", torch.get_num_threads(), seed)
+
+
+def start_service_process(settings: "ServiceSettings") -> None:
+    """What every service process does before it serves: check the environment, set its threads."""
+    from flywheel.docs import known_env_names
+    from flywheel.runtime.config import check_environment
+
+    check_environment(known_env_names())
+    configure_process(torch_threads=settings.torch_threads)
