@@ -190,22 +190,21 @@ class FitResult:
     objective: float = 0.0   # log posterior of the scores at the estimate, given the accuracies (up to a constant)
 
 
-def _terms(x: np.ndarray, A: np.ndarray, B: np.ndarray, T: np.ndarray, nu: float):
-    """Davidson terms at x = s_first - s_second: d loglik/dx, -d² loglik/dx², P(tie), total weight.
+def _terms(pw: np.ndarray, pl: np.ndarray, A: np.ndarray, B: np.ndarray, T: np.ndarray):
+    """Davidson terms in x = s_first - s_second: d loglik/dx and -d² loglik/dx² of each judgement.
 
-    A, B, T: weight on "first wins", "second wins", "tie" of each judgement.
+    pw, pl: P(first wins), P(second wins); A, B, T: weight on "first wins", "second wins", "tie".
     """
-    pw, pl, pt = _probabilities(x, nu)
     m = A + B + T
     gd = 0.5 * (A - B) - 0.5 * m * (pw - pl)
     h = 0.25 * m * ((pw + pl) - (pw - pl) ** 2)
-    return gd, h, pt, m
+    return gd, h
 
 
 def _probabilities(x: np.ndarray, nu: float):
     """Davidson's P(first wins), P(second wins), P(tie) at score difference x."""
-    x = np.clip(x, -60.0, 60.0)
-    ep, em = np.exp(0.5 * x), np.exp(-0.5 * x)
+    ep = np.exp(0.5 * np.clip(x, -60.0, 60.0))
+    em = 1.0 / ep
     Z = ep + em + nu
     return ep / Z, em / Z, nu / Z
 
@@ -228,10 +227,8 @@ class _Model:
         prompt = pr[winner]
         lw, ll = loc[winner], loc[loser]
         self.fw, self.fl = prompt * K + lw, prompt * K + ll   # flat (P*K) index of first / second response
-        base = prompt * K * K
-        self.h_ww, self.h_ll = base + lw * K + lw, base + ll * K + ll
-        self.h_wl, self.h_lw = base + lw * K + ll, base + ll * K + lw
-        self.diag = (np.arange(P * K) // K) * K * K + (np.arange(P * K) % K) * (K + 1)
+        pair = np.minimum(lw, ll) * K + np.maximum(lw, ll)  # unordered pair of responses, in a K×K grid
+        self.pair_of_prompt = prompt * K * K + pair
         tie, w = problem.tie[keep], problem.weight[keep]
         self.rater = problem.rater[keep]
         if options.ties:
@@ -243,27 +240,38 @@ class _Model:
         # (prompt, rater) cells, for the leave-one-rater-out scores
         cell_key, self.cell = np.unique(prompt * self.R + self.rater, return_inverse=True)
         self.cell = self.cell.ravel()
+        self.pair_of_cell = self.cell * K * K + pair
         self.cell_prompt = cell_key // self.R
         self.lw, self.ll = lw, ll
         # Evidence on a rater's accuracy: its non-tie judgements (a tie reads the same reversed) on prompts
         # someone else judged too (elsewhere the held-out scores are the prior's, and say nothing).
-        shared = (np.bincount(self.cell_prompt, minlength=P) >= 2)[prompt]
-        self.a_shared, self.b_shared = np.where(shared, self.a, 0.0), np.where(shared, self.b, 0.0)
-        self.rater_mass = np.bincount(self.rater, self.a_shared + self.b_shared, self.R)
+        self.shared = np.flatnonzero((np.bincount(self.cell_prompt, minlength=P) >= 2)[prompt] & (self.a + self.b > 0))
+        self.rater_mass = np.bincount(self.rater[self.shared], (self.a + self.b)[self.shared], self.R).astype(np.float64)
+        self._cached: tuple | None = None
 
     def probabilities(self, S: np.ndarray, nu: float):
-        return _probabilities(S[self.fw] - S[self.fl], nu)
+        """Davidson probabilities of every judgement at scores S (the last evaluation is reused)."""
+        if self._cached is not None and self._cached[0] is S and self._cached[1] == nu:
+            return self._cached[2]
+        probabilities = _probabilities(S[self.fw] - S[self.fl], nu)
+        self._cached = (S, nu, probabilities)
+        return probabilities
 
-    def responsibilities(self, pw, pl, eta_j):
-        """P(judgement not reversed | its outcome) for the a and b masses, and the outcome likelihoods."""
+    @staticmethod
+    def responsibilities(pw, pl, eta_j):
+        """P(judgement not reversed | its outcome) for the a and b masses, and the outcome likelihoods.
+
+        eta_j None: nobody reverses (reliability off), the plain Davidson model.
+        """
+        if eta_j is None:
+            return 1.0, 1.0, pw, pl
         fa = eta_j * pw + (1.0 - eta_j) * pl
         fb = eta_j * pl + (1.0 - eta_j) * pw
         return eta_j * pw / fa, eta_j * pl / fb, fa, fb
 
-    def objective(self, S: np.ndarray, nu: float, eta: np.ndarray) -> float:
+    def objective(self, S: np.ndarray, nu: float, eta_j: np.ndarray | None) -> float:
         """Log likelihood (reversals summed out) + log Gamma prior of the strengths."""
         pw, pl, pt = self.probabilities(S, nu)
-        eta_j = eta[self.rater]
         _, _, fa, fb = self.responsibilities(pw, pl, eta_j)
         # elementwise sums, not `@`: a BLAS dot product can be slowed badly by threads on a busy machine
         ll = float((self.a * np.log(fa)).sum() + (self.b * np.log(fb)).sum())
@@ -274,14 +282,12 @@ class _Model:
 
     def hessian(self, S: np.ndarray, curvature: np.ndarray) -> np.ndarray:
         """(P, K, K) Hessian of the log posterior in S, given -d²/dx² of each judgement's log likelihood."""
-        PK, PKK = self.P * self.K, self.P * self.K * self.K
-        hh = np.bincount(self.h_ww, -curvature, PKK) + np.bincount(self.h_ll, -curvature, PKK) \
-            + np.bincount(self.h_wl, curvature, PKK) + np.bincount(self.h_lw, curvature, PKK)
-        hh[self.diag] += np.where(self.validf, -self.lam * np.exp(np.minimum(S, 700.0)), -1.0)  # padding: -1
-        return hh.reshape(self.P, self.K, self.K)
+        H = _likelihood_hessian(self.pair_of_prompt, self.P, self.K, curvature)
+        diag = np.where(self.validf, -self.lam * np.exp(np.minimum(S, 700.0)), -1.0)  # padding: -1
+        H[:, np.arange(self.K), np.arange(self.K)] += diag.reshape(self.P, self.K)
+        return H
 
-    def newton_direction(self, S: np.ndarray, A: np.ndarray, B: np.ndarray, missing: np.ndarray,
-                         nu: float) -> np.ndarray:
+    def newton_direction(self, S: np.ndarray, A: np.ndarray, B: np.ndarray, missing, nu: float) -> np.ndarray:
         """Newton step of the log posterior in the scores for fixed accuracies.
 
         A, B: the judgements split into honest/reversed by their responsibilities (the EM surrogate,
@@ -291,10 +297,11 @@ class _Model:
         an ascent direction always, the exact Newton step wherever the objective is locally concave.
         """
         PK = self.P * self.K
-        gd, h, _, _ = _terms(S[self.fw] - S[self.fl], A, B, self.t, nu)
+        pw, pl, _ = self.probabilities(S, nu)
+        gd, h = _terms(pw, pl, A, B, self.t)
         g = np.bincount(self.fw, gd, PK) - np.bincount(self.fl, gd, PK)
         g += np.where(self.validf, self.lam * (1.0 - np.exp(np.minimum(S, 700.0))), 0.0)
-        H = self.hessian(S, np.clip(h - missing, 0.0, None))
+        H = self.hessian(S, h if missing is None else np.clip(h - missing, 0.0, None))
         step = np.linalg.solve(-H, g.reshape(self.P, self.K, 1))[..., 0].ravel()
         return np.clip(step, -_MAX_STEP, _MAX_STEP) * self.validf
 
@@ -308,15 +315,13 @@ class _Model:
         """
         P, K, C = self.P, self.K, len(self.cell_prompt)
         d = S[self.fw] - S[self.fl]
-        gd, h, _, _ = _terms(d, A, B, self.t, nu)
+        pw, pl, _ = self.probabilities(S, nu)
+        gd, h = _terms(pw, pl, A, B, self.t)
         g_all = np.bincount(self.fw, gd, P * K) - np.bincount(self.fl, gd, P * K)
         g_all += np.where(self.validf, self.lam * (1.0 - np.exp(np.minimum(S, 700.0))), 0.0)
         cw, cl = self.cell * K + self.lw, self.cell * K + self.ll
         g_r = np.bincount(cw, gd, C * K) - np.bincount(cl, gd, C * K)
-        cb, CKK = self.cell * K * K, C * K * K
-        h_r = np.bincount(cb + self.lw * K + self.lw, -h, CKK) + np.bincount(cb + self.ll * K + self.ll, -h, CKK) \
-            + np.bincount(cb + self.lw * K + self.ll, h, CKK) + np.bincount(cb + self.ll * K + self.lw, h, CKK)
-        h_loo = self.hessian(S, h)[self.cell_prompt] - h_r.reshape(C, K, K)
+        h_loo = self.hessian(S, h)[self.cell_prompt] - _likelihood_hessian(self.pair_of_cell, C, K, h)
         g_loo = g_all.reshape(P, K)[self.cell_prompt] - g_r.reshape(C, K)
         shift = np.linalg.solve(-h_loo, g_loo[..., None])[..., 0]
         shift = np.clip(shift, -_MAX_STEP, _MAX_STEP).ravel()
@@ -329,16 +334,25 @@ class _Model:
         is concave in η with α, β > 0, so a safeguarded Newton iteration (bisection fallback inside
         the bracket it keeps) finds the unique maximum in (0, 1).
         """
-        pw, pl, _ = _probabilities(d_held_out, nu)
-        diff, a, b, rater, R = pw - pl, self.a_shared, self.b_shared, self.rater, self.R
+        idx, R = self.shared, self.R
+        pw, pl, _ = _probabilities(d_held_out[idx], nu)
+        diff, a, b, rater = pw - pl, self.a[idx], self.b[idx], self.rater[idx]
+        two_sided = bool(b.any())  # b > 0 only for ties counted as half wins (ties=False)
         lo, hi = np.full(R, _ETA_FLOOR), np.full(R, 1.0 - _ETA_FLOOR)
         x = np.clip(eta, lo, hi)
         info = np.ones(R)
         for _ in range(60):
             xj = x[rater]
-            ua, ub = diff / (xj * pw + (1.0 - xj) * pl), diff / (xj * pl + (1.0 - xj) * pw)
-            g = np.bincount(rater, a * ua - b * ub, R) + alpha / x - beta / (1.0 - x)
-            info = np.bincount(rater, a * ua * ua + b * ub * ub, R) + alpha / x ** 2 + beta / (1.0 - x) ** 2
+            ua = diff / (xj * pw + (1.0 - xj) * pl)
+            # (float: np.bincount of no judgements at all is an integer array)
+            g = np.bincount(rater, a * ua, R).astype(np.float64)
+            info = np.bincount(rater, a * ua * ua, R).astype(np.float64)
+            if two_sided:
+                ub = diff / (xj * pl + (1.0 - xj) * pw)
+                g -= np.bincount(rater, b * ub, R)
+                info += np.bincount(rater, b * ub * ub, R)
+            g += alpha / x - beta / (1.0 - x)
+            info += alpha / x ** 2 + beta / (1.0 - x) ** 2
             step = g / info
             if float(np.abs(step).max()) < 1e-12:
                 break
@@ -346,6 +360,18 @@ class _Model:
             new = x + step
             x = np.where((new >= lo) & (new <= hi), new, 0.5 * (lo + hi))
         return x, info
+
+
+def _likelihood_hessian(group_pair: np.ndarray, groups: int, K: int, curvature: np.ndarray) -> np.ndarray:
+    """(groups, K, K) Hessian of Σ log-likelihood over judgements, each a function of s_i - s_j.
+
+    A judgement of (i, j) with curvature c adds +c at (i, j) and (j, i) and -c at (i, i) and (j, j):
+    sum c per unordered pair (one bincount), then the diagonal is minus the row sums.
+    """
+    W = np.bincount(group_pair, curvature, groups * K * K).reshape(groups, K, K)
+    W = W + W.transpose(0, 2, 1)
+    W[:, np.arange(K), np.arange(K)] = -W.sum(2)
+    return W
 
 
 def _ascend(objective, x, direction, current: float):
@@ -391,7 +417,7 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
         eta = alpha / (alpha + beta_)  # the prior's mode (with gold): where a rater without shared judgements stays
     else:
         eta = np.ones(R)
-    keep = np.isfinite(problem.weight) & (problem.weight > 0)
+    keep = np.isfinite(problem.weight) & (problem.weight > 0) & (problem.winner != problem.loser)
     if P == 0 or not keep.any():
         empty = np.zeros((P, K))
         return FitResult(empty, empty, np.zeros(P), 2.0 * eta - 1.0, 0.0, 0, True, np.zeros(R), np.zeros(R), 0.0)
@@ -405,25 +431,33 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
     def nu_of(log_nu: float) -> float:
         return math.exp(log_nu) if has_ties else 0.0
 
-    def split(S: np.ndarray, nu: float, eta: np.ndarray):
+    plain = not estimate and bool((eta == 1.0).all())  # nobody reverses: plain Davidson, no mixture to evaluate
+
+    def per_judgement(eta: np.ndarray) -> np.ndarray | None:
+        return None if plain else eta[rater]
+
+    def split(S: np.ndarray, nu: float, eta_j: np.ndarray | None):
         """EM surrogate masses ("first wins", "second wins" after the expected reversals) and lost information."""
+        if eta_j is None:
+            return a, b, None
         pw, pl, _ = model.probabilities(S, nu)
-        ra, rb, _, _ = model.responsibilities(pw, pl, eta[rater])
+        ra, rb, _, _ = model.responsibilities(pw, pl, eta_j)
         missing = a * ra * (1.0 - ra) + b * rb * (1.0 - rb)
         return a * ra + b * (1.0 - rb), a * (1.0 - ra) + b * rb, missing
 
     S = np.zeros(P * K)
-    objective = model.objective(S, nu_of(log_nu), eta)
+    eta_j = per_judgement(eta)
+    objective = model.objective(S, nu_of(log_nu), eta_j)
     weight_info = np.zeros(R)
     previous_delta = math.inf
+    coupled = False
     converged = False
     iterations = 0
     for iterations in range(1, options.max_iterations + 1):
         S_old, eta_old, log_nu_old = S, eta, log_nu
         nu = nu_of(log_nu)
-        objective = model.objective(S, nu, eta)  # the accuracies changed since the last line search
-        A, B, missing = split(S, nu, eta)
-        S, objective = _ascend(lambda s: model.objective(s, nu, eta), S,
+        A, B, missing = split(S, nu, eta_j)
+        S, objective = _ascend(lambda s: model.objective(s, nu, eta_j), S,
                                model.newton_direction(S, A, B, missing, nu), objective)
         if has_ties:  # Newton step on log ν (its own line search), bounded to [e^-12, e^6]
             _, _, pt = model.probabilities(S, nu)
@@ -432,12 +466,17 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
             h_nu = float(-(m * pt * (1.0 - pt)).sum())
             target = log_nu - g_nu / h_nu if h_nu < 0 else log_nu
             target = min(max(target, log_nu - 2.0, -12.0), log_nu + 2.0, 6.0)
-            log_nu, objective = _ascend(lambda v: model.objective(S, math.exp(v), eta), log_nu, target - log_nu,
-                                        objective)
+            log_nu, objective = _ascend(lambda v: model.objective(S, math.exp(v), eta_j), log_nu,
+                                        target - log_nu, objective)
             nu = nu_of(log_nu)
-        if estimate:
-            A, B, _ = split(S, nu, eta)
+        # Accuracies are judged against scores that fit the current ones: not before the first Newton
+        # steps from zero have (nearly) settled, then every iteration.
+        coupled = coupled or (estimate and float(np.abs(S - S_old).max()) < 1e-2)
+        if coupled:
+            A, B, _ = split(S, nu, eta_j)
             eta, weight_info = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_)
+            eta_j = per_judgement(eta)
+            objective = model.objective(S, nu, eta_j)  # the line searches of the next iteration start here
         delta = max(float(np.abs(S - S_old).max()), float(np.abs(eta - eta_old).max()) if R else 0.0,
                     abs(log_nu - log_nu_old) if has_ties else 0.0)
         # A small step is not convergence when the iteration contracts slowly: bound the distance
@@ -450,12 +489,12 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
             break
 
     nu = nu_of(log_nu)
-    pw, pl, _ = model.probabilities(S, nu)
-    ra, rb, _, _ = model.responsibilities(pw, pl, eta[rater])
     # Laplace approximation at the mode with the observed (not the EM surrogate's) curvature: not
     # knowing which judgements were reversed removes information, a·ρ(1-ρ) per judgement.
-    _, h, _, _ = _terms(S[model.fw] - S[model.fl], a, b, model.t, nu)
-    H = model.hessian(S, np.clip(h - a * ra * (1.0 - ra) - b * rb * (1.0 - rb), 0.0, None))
+    A, B, missing = split(S, nu, eta_j)
+    pw, pl, _ = model.probabilities(S, nu)
+    _, h = _terms(pw, pl, a, b, model.t)
+    H = model.hessian(S, h if missing is None else np.clip(h - missing, 0.0, None))
     weight_stderr = 2.0 / np.sqrt(weight_info) if estimate else np.zeros(R)
     cov = np.linalg.inv(-H)
     valid = model.valid

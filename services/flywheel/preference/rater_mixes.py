@@ -72,7 +72,7 @@ def oracle_weights(scenario: Scenario, options: FitOptions = FitOptions()) -> np
     S = scenario.truth.ravel()
     n0, eta0 = options.reliability_prior_strength, options.reliability_prior_accuracy
     alpha, beta = np.full(problem.n_raters, n0 * eta0), np.full(problem.n_raters, n0 * (1 - eta0))
-    model.a_shared, model.b_shared = model.a, model.b  # the truth speaks on every prompt, shared or not
+    model.shared = np.flatnonzero(model.a + model.b > 0)  # the truth speaks on every prompt, shared or not
     eta, _ = model.accuracies(S[model.fw] - S[model.fl], 0.0, np.full(problem.n_raters, eta0), alpha, beta)
     return 2.0 * eta - 1.0
 
