@@ -55,7 +55,7 @@ class FitOptions:
         _check("reliability_prior_strength", self.reliability_prior_strength, 0.0, 1e9, low_open=True)
         _check("reliability_prior_accuracy", self.reliability_prior_accuracy, 0.5, 1.0, low_open=True, high_open=True)
         _check("max_iterations", self.max_iterations, 1, MAX_ITERATIONS)
-        _check("tolerance", self.tolerance, 0.0, 1.0, low_open=True)
+        _check("tolerance", self.tolerance, 0.0, 1.0, low_open=True, high_open=True)
 
 
 MAX_ITERATIONS = 10_000
@@ -327,8 +327,10 @@ class _Model:
         shift = np.clip(shift, -_MAX_STEP, _MAX_STEP).ravel()
         return d + shift[cw] - shift[cl]
 
-    def accuracies(self, d_held_out: np.ndarray, nu: float, eta: np.ndarray, alpha: np.ndarray, beta: np.ndarray):
-        """Each rater's MAP accuracy against the held-out scores, and its observed information.
+    def accuracies(self, d_held_out: np.ndarray, nu: float, eta: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
+                   max_steps: int = 60):
+        """Each rater's MAP accuracy against the held-out scores, and its observed information there
+        (`max_steps=0`: only the information at `eta`).
 
         The log posterior Σ a log(η p_w + (1-η) p_l) + b log(η p_l + (1-η) p_w) + α log η + β log(1-η)
         is concave in η with α, β > 0, so a safeguarded Newton iteration (bisection fallback inside
@@ -340,8 +342,7 @@ class _Model:
         two_sided = bool(b.any())  # b > 0 only for ties counted as half wins (ties=False)
         lo, hi = np.full(R, _ETA_FLOOR), np.full(R, 1.0 - _ETA_FLOOR)
         x = np.clip(eta, lo, hi)
-        info = np.ones(R)
-        for _ in range(60):
+        for steps in range(max_steps + 1):
             xj = x[rater]
             ua = diff / (xj * pw + (1.0 - xj) * pl)
             # (float: np.bincount of no judgements at all is an integer array)
@@ -354,7 +355,7 @@ class _Model:
             g += alpha / x - beta / (1.0 - x)
             info += alpha / x ** 2 + beta / (1.0 - x) ** 2
             step = g / info
-            if float(np.abs(step).max()) < 1e-12:
+            if steps == max_steps or float(np.abs(step).max()) < 1e-12:
                 break
             lo, hi = np.where(g > 0, x, lo), np.where(g > 0, hi, x)
             new = x + step
@@ -448,7 +449,6 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
     S = np.zeros(P * K)
     eta_j = per_judgement(eta)
     objective = model.objective(S, nu_of(log_nu), eta_j)
-    weight_info = np.zeros(R)
     previous_delta = math.inf
     coupled = False
     converged = False
@@ -474,7 +474,7 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
         coupled = coupled or (estimate and float(np.abs(S - S_old).max()) < 1e-2)
         if coupled:
             A, B, _ = split(S, nu, eta_j)
-            eta, weight_info = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_)
+            eta, _ = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_)
             eta_j = per_judgement(eta)
             objective = model.objective(S, nu, eta_j)  # the line searches of the next iteration start here
         delta = max(float(np.abs(S - S_old).max()), float(np.abs(eta - eta_old).max()) if R else 0.0,
@@ -495,6 +495,9 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
     pw, pl, _ = model.probabilities(S, nu)
     _, h = _terms(pw, pl, a, b, model.t)
     H = model.hessian(S, h if missing is None else np.clip(h - missing, 0.0, None))
+    if estimate:  # the information of each accuracy at its final value, against the final held-out scores
+        A, B, _ = split(S, nu, eta_j)
+        _, weight_info = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_, max_steps=0)
     weight_stderr = 2.0 / np.sqrt(weight_info) if estimate else np.zeros(R)
     cov = np.linalg.inv(-H)
     valid = model.valid
