@@ -7,14 +7,15 @@ Model (per prompt, responses i with log-strengths s_i):
   when ties were observed and 0 otherwise (then this is exactly Bradley–Terry).
 * Rankings are broken into all their pairs with weight 2/k (k-1 comparisons per ranking, the
   information of a Plackett–Luce ranking); see `store.derive`.
-* Rater reliability as a weight on each rater's evidence: rater r judges with P(i ≻ j) computed at
-  β_r (s_i - s_j). β_r ≈ 1 is an average rater, β_r ≈ 0 a random one (its judgements carry no
-  weight), β_r < 0 an adversarial one (its judgements count reversed) -- the discrimination
-  parameter of item response theory, a continuous relative of crowd-BT's flip probability
-  (Chen et al., WSDM 2013). Fitted by block-coordinate ascent: Newton steps on the scores for the
-  current weights, then a damped Newton step on every β_r (N(1, 1/τ) prior) against
-  leave-one-rater-out scores, so no rater can vouch for itself; weights are normalised so the
-  median rater has weight 1.
+* Rater reliability (crowd-BT, Chen et al., WSDM 2013): rater r reports the true outcome of a
+  comparison with probability η_r (its accuracy) and the reversed one otherwise; ties are never
+  reversed. η ≈ 1 careful, 0.5 random, < 0.5 adversarial; reported as the weight w_r = 2η_r - 1
+  in [-1, 1]. Beta prior on η_r (`reliability_prior_strength` pseudo-judgements at
+  `reliability_prior_accuracy`), plus optional known-answer (gold) counts as Binomial evidence.
+  Fitted by alternating (1) a Newton step of the scores for the current accuracies with a
+  backtracking line search on the log posterior (monotone), (2) each accuracy's exact maximum
+  against leave-one-rater-out scores (a rater cannot vouch for itself). Bounded by construction:
+  η stays inside (0, 1), so nothing can diverge.
 * Regularisation: independent Gamma(λ+1, λ) priors on the strengths π_i = e^{s_i}, i.e. the
   penalty λ Σ (e^{s_i} - s_i). It keeps sparse/separable prompts finite, needs no gauge fixing,
   and its MAP is exactly the fixed point of choix's `ilsr_pairwise(alpha = λ / n_responses)`
