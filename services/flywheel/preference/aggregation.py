@@ -45,7 +45,7 @@ class FitOptions:
     reliability: bool = True
     # Beta prior on each rater's accuracy η (probability a judgement is not reversed): `reliability_prior_strength`
     # pseudo-judgements, `reliability_prior_accuracy` of them correct. Its mode is the prior accuracy.
-    reliability_prior_strength: float = 10.0
+    reliability_prior_strength: float = 4.0
     reliability_prior_accuracy: float = 0.95
     max_iterations: int = 500
     tolerance: float = 1e-6

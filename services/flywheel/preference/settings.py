@@ -41,7 +41,7 @@ class PreferenceSettings(ServiceSettings):
         True, description="Estimate each rater's accuracy (probability a judgement is not reversed, against "
         "leave-one-rater-out scores) and weight judgements by it.")
     preference_reliability_prior_strength: float = Field(
-        10.0, gt=0, le=1e9, description="Beta prior on each rater's accuracy: this many pseudo-judgements (higher: a "
+        4.0, gt=0, le=1e9, description="Beta prior on each rater's accuracy: this many pseudo-judgements (higher: a "
         "rater needs more judgements to move away from the prior accuracy).")
     preference_reliability_prior_accuracy: float = Field(
         0.95, gt=0.5, lt=1.0, description="Prior accuracy of a rater (the Beta prior's mode): weight 2·accuracy - 1 "
