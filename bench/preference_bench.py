@@ -274,7 +274,8 @@ def bench_reliability(seeds: int) -> list[dict]:
 def print_reliability(rows: list[dict], seeds: int) -> None:
     print(f"\nRater reliability: Kendall tau vs the hidden truth (mean of {seeds} seed(s), 4 responses per prompt; "
           "tau standard error ~ the noise column)")
-    head = f"{'scenario':70} | {'off':>6} | {'on':>6} | {'oracle':>6} | {'on-off':>7} | {'noise':>6} | {'iters':>5} | {'s':>6} | conv"
+    head = (f"{'scenario':70} | {'off':>6} | {'on':>6} | {'oracle':>6} | {'on-off':>7} | {'noise':>6} | "
+            f"{'iters':>5} | {'s':>6} | conv")
     print(head)
     print("-" * len(head))
     for r in rows:

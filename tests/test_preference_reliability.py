@@ -193,7 +193,8 @@ def test_orders_good_noisy_random_adversarial_where_identifiable(good, noisy, ra
     if good <= rand + adv:  # the truth is the good raters' side only when they outnumber those contradicting them
         return
     R = len(kinds)
-    design = {"all": {}, "k_of_3": dict(raters_per_prompt=3), "chain": dict(raters_per_prompt=3, pairs="chain")}[overlap]
+    design = {"all": {}, "k_of_3": dict(raters_per_prompt=3),
+              "chain": dict(raters_per_prompt=3, pairs="chain")}[overlap]
     per_rater = {"all": 6, "k_of_3": 6 * 3 / R, "chain": 3 * 3 / R}[overlap]
     sc = generate(np.random.default_rng(seed), int(math.ceil(250 / per_rater)), 4, kinds, **design)
     result = fit(sc.problem, FitOptions())

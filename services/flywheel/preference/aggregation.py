@@ -62,8 +62,11 @@ class FitOptions:
 MAX_ITERATIONS = 10_000
 
 
-def _check(name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+def _check(name: str, value: float, low: float, high: float, *, low_open: bool = False,
+           high_open: bool = False) -> None:
+    above = low < value if low_open else low <= value
+    below = value < high if high_open else value <= high
+    ok = math.isfinite(value) and above and below
     if not ok:
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
         raise ValueError(f"FitOptions.{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
@@ -247,7 +250,8 @@ class _Model:
         # Evidence on a rater's accuracy: its non-tie judgements (a tie reads the same reversed) on prompts
         # someone else judged too (elsewhere the held-out scores are the prior's, and say nothing).
         self.shared = np.flatnonzero((np.bincount(self.cell_prompt, minlength=P) >= 2)[prompt] & (self.a + self.b > 0))
-        self.rater_mass = np.bincount(self.rater[self.shared], (self.a + self.b)[self.shared], self.R).astype(np.float64)
+        mass = (self.a + self.b)[self.shared]
+        self.rater_mass = np.bincount(self.rater[self.shared], mass, self.R).astype(np.float64)
         self._cached: tuple | None = None
 
     def probabilities(self, S: np.ndarray, nu: float):

@@ -47,7 +47,8 @@ def generate(rng: np.random.Generator, n_prompts: int, responses: int, kinds: Se
                 order = rng.permutation(K)
                 chosen = list(zip(order[:-1], order[1:]))
             else:
-                chosen = [all_pairs[i] for i in rng.choice(len(all_pairs), min(int(pairs), len(all_pairs)), replace=False)]
+                picked = rng.choice(len(all_pairs), min(int(pairs), len(all_pairs)), replace=False)
+                chosen = [all_pairs[i] for i in picked]
             for i, j in chosen:
                 first.append(p * K + i)
                 second.append(p * K + j)
@@ -66,7 +67,7 @@ def generate(rng: np.random.Generator, n_prompts: int, responses: int, kinds: Se
 
 
 def oracle_weights(scenario: Scenario, options: FitOptions = FitOptions()) -> np.ndarray:
-    """Each rater's weight (2η - 1) fitted against the true scores: what the estimator would find if it knew the truth."""
+    """Each rater's weight (2η - 1) fitted against the true scores: what the estimator would find knowing the truth."""
     problem = scenario.problem
     model = _Model(problem, np.ones(len(problem.winner), bool), options)
     S = scenario.truth.ravel()
