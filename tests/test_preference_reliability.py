@@ -233,3 +233,43 @@ def test_no_setting_makes_the_fit_crash_or_return_non_finite_values(zero_weights
     assert_finite(fit(problem, options))
     # a single separable comparison (the MLE is infinite) stays finite at any prior strength
     assert_finite(fit(build_problem(["q"], ["r"], ["a"], ["b"], [0], [1.0]), options))
+
+
+# -- the engine: honest non-convergence, bounded per-rater series ------------------------------------
+
+def test_engine_reports_non_convergence_with_a_log_line_and_a_metric(tmp_path, caplog) -> None:
+    from prometheus_client import REGISTRY
+
+    from flywheel.preference.engine import ConsensusEngine
+    from flywheel.preference.store import PreferenceStore
+    from flywheel.v1 import common_pb2
+
+    store = PreferenceStore(tmp_path / "store.sqlite")
+    rng = np.random.default_rng(19)
+    events = []
+    for p in range(30):
+        for r, flip in (("a", False), ("b", False), ("c", True)):
+            ranks = list(rng.permutation(4) + 1) if r == "b" else [1, 2, 3, 4]
+            events.append(common_pb2.PreferenceEvent(ranking=common_pb2.Ranking(
+                event_id=f"e{p}{r}", rater_id=r, prompt_id=f"p{p}", ranks=ranks[::-1] if flip else ranks,
+                responses=[common_pb2.ResponseRef(response_id=f"x{i}") for i in range(4)])))
+    store.record_events([(e, None, None) for e in events])
+
+    def not_converged() -> float:
+        return REGISTRY.get_sample_value("flywheel_preference_fit_not_converged_total", {"scope": "global"}) or 0.0
+
+    before = not_converged()
+    engine = ConsensusEngine(store, FitOptions(max_iterations=2), max_rater_series=2)
+    with caplog.at_level("WARNING", logger="flywheel.preference.engine"):
+        fitted = engine.refresh()
+    assert not fitted.result.converged and not_converged() == before + 1
+    assert "did not converge in 2 iterations" in caplog.text
+    assert all(math.isfinite(s.weight) and math.isfinite(s.weight_stderr) for s in engine.rater_stats.values())
+    exported = {r for r in "abc" if REGISTRY.get_sample_value("flywheel_preference_rater_weight", {"rater": r})
+                is not None}
+    assert len(exported) == 2  # bounded by max_rater_series
+
+    converging = ConsensusEngine(store, FitOptions())
+    assert converging.refresh().result.converged and not_converged() == before + 1
+    assert converging.rater_stats["c"].weight < 0 < converging.rater_stats["a"].weight
+    store.close()

@@ -456,6 +456,7 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
     objective = model.objective(S, nu_of(log_nu), eta_j)
     previous_delta = math.inf
     coupled = False
+    eta_step, eta_damping = np.zeros(R), 1.0
     converged = False
     iterations = 0
     for iterations in range(1, options.max_iterations + 1):
@@ -479,7 +480,14 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
         coupled = coupled or (estimate and float(np.abs(S - S_old).max()) < 1e-2)
         if coupled:
             A, B, _ = split(S, nu, eta_j)
-            eta, _ = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_)
+            target, _ = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_)
+            # All raters move at once; when that overshoots (the step turns back on the previous one,
+            # a 2-cycle when raters contradict each other), move only part of the way: same fixed points.
+            step = target - eta
+            turned_back = float(step @ eta_step) < -0.5 * float(np.linalg.norm(step) * np.linalg.norm(eta_step))
+            eta_damping = max(0.05, 0.5 * eta_damping) if turned_back else min(1.0, 1.5 * eta_damping)
+            eta_step = eta_damping * step
+            eta = eta + eta_step
             eta_j = per_judgement(eta)
             objective = model.objective(S, nu, eta_j)  # the line searches of the next iteration start here
         delta = max(float(np.abs(S - S_old).max()), float(np.abs(eta - eta_old).max()) if R else 0.0,
