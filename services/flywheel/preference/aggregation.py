@@ -456,11 +456,11 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
     objective = model.objective(S, nu_of(log_nu), eta_j)
     previous_delta = math.inf
     coupled = False
-    eta_step, eta_damping = np.zeros(R), 1.0
+    eta_step, eta_damping, eta_residual = np.zeros(R), 1.0, 0.0
     converged = False
     iterations = 0
     for iterations in range(1, options.max_iterations + 1):
-        S_old, eta_old, log_nu_old = S, eta, log_nu
+        S_old, log_nu_old = S, log_nu
         nu = nu_of(log_nu)
         A, B, missing = split(S, nu, eta_j)
         S, objective = _ascend(lambda s: model.objective(s, nu, eta_j), S,
@@ -488,10 +488,10 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
             eta_damping = max(0.05, 0.5 * eta_damping) if turned_back else min(1.0, 1.5 * eta_damping)
             eta_step = eta_damping * step
             eta = eta + eta_step
+            eta_residual = float(np.abs(step).max()) if R else 0.0  # undamped: how far the fixed point still is
             eta_j = per_judgement(eta)
             objective = model.objective(S, nu, eta_j)  # the line searches of the next iteration start here
-        delta = max(float(np.abs(S - S_old).max()), float(np.abs(eta - eta_old).max()) if R else 0.0,
-                    abs(log_nu - log_nu_old) if has_ties else 0.0)
+        delta = max(float(np.abs(S - S_old).max()), eta_residual, abs(log_nu - log_nu_old) if has_ties else 0.0)
         # A small step is not convergence when the iteration contracts slowly: bound the distance
         # still to go by the geometric series of the observed contraction rate.
         rate = delta / previous_delta if previous_delta > 0 else 0.0
