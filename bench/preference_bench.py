@@ -11,12 +11,17 @@ deploy/kafka/kafka.sh in a temporary directory. The service runs as its own proc
 2. Aggregation: 10,000 prompts x 4 responses x 3 raters (Plackett–Luce rankings broken into 6
    pairs each): the vectorised fit vs choix.ilsr_pairwise run per prompt with the equivalent
    regularisation (alpha = lambda / 4), and the largest difference of the estimates.
+3. Rater reliability: Kendall's tau against the hidden truth for reliability off / on / oracle
+   weights (each rater's weight fitted against the true scores) over rater mixes and overlap
+   patterns from `flywheel.preference.rater_mixes`, with iterations and fit time
+   (--reliability-only runs just this part; --reliability-seeds averages over more seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import shutil
 import socket
@@ -220,6 +225,64 @@ def bench_aggregation(n_prompts: int, K: int = 4, raters: int = 3, lam: float = 
             "judgements": m}
 
 
+# -- rater reliability -----------------------------------------------------------------------------
+
+POOL = ["good"] * 8 + ["noisy"] * 4 + ["random"] * 3 + ["adversarial"] * 2  # 17 raters, most of them not good
+RELIABILITY_SCENARIOS = [
+    # name, prompts, rater kinds, generate() keywords
+    ("alike: 5 good raters, everyone judges everything", 500, ["good"] * 5, {}),
+    ("mostly not good: 2 good, noisy, random, adversarial; all", 500,
+     ["good", "good", "noisy", "random", "adversarial"], {}),
+    ("majority good: 3 good, random, adversarial; all", 500, ["good"] * 3 + ["random", "adversarial"], {}),
+    ("few careful, many casual: 3 good, 9 noisy, 2 random; 3 per prompt", 1500,
+     ["good"] * 3 + ["noisy"] * 9 + ["random"] * 2, dict(raters_per_prompt=3)),
+    ("sparse: 3 of 17 raters per prompt, 3 random pairs each", 1500, POOL, dict(raters_per_prompt=3, pairs=3)),
+    ("sparse: 2 of 17 raters per prompt, all pairs", 1500, POOL, dict(raters_per_prompt=2)),
+    ("sparsest: 3 of 17 per prompt, chain of adjacent pairs", 1500, POOL, dict(raters_per_prompt=3, pairs="chain")),
+    ("no overlap: 1 of 17 raters per prompt", 1500, POOL, dict(raters_per_prompt=1)),
+    ("ties (nu = 0.5): 2 good, noisy, random, adversarial; all", 500,
+     ["good", "good", "noisy", "random", "adversarial"], dict(tie_parameter=0.5)),
+]
+
+
+def bench_reliability(seeds: int) -> list[dict]:
+    from flywheel.preference.aggregation import FitOptions, fit
+    from flywheel.preference.rater_mixes import generate, kendall_tau, oracle_weights
+
+    rows = []
+    for name, prompts, kinds, design in RELIABILITY_SCENARIOS:
+        acc: dict[str, list[float]] = {k: [] for k in ("off", "on", "oracle", "iterations", "seconds", "converged")}
+        for seed in range(seeds):
+            sc = generate(np.random.default_rng(1000 + seed), prompts, 4, kinds, **design)
+            off = fit(sc.problem, FitOptions(reliability=False))
+            t0 = time.perf_counter()
+            on = fit(sc.problem, FitOptions())
+            acc["seconds"].append(time.perf_counter() - t0)
+            oracle = fit(sc.problem, FitOptions(), fixed_reliability=oracle_weights(sc))
+            acc["off"].append(kendall_tau(off.scores, sc.truth))
+            acc["on"].append(kendall_tau(on.scores, sc.truth))
+            acc["oracle"].append(kendall_tau(oracle.scores, sc.truth))
+            acc["iterations"].append(on.iterations)
+            acc["converged"].append(float(on.converged))
+        # sampling noise of one tau: per-pair sign agreement over prompts x 6 pairs
+        noise = 1.0 / math.sqrt(prompts * 6 * seeds)
+        rows.append({"name": name, "judgements": len(sc.problem.winner), "noise": noise,
+                     **{k: float(np.mean(v)) for k, v in acc.items()}})
+    return rows
+
+
+def print_reliability(rows: list[dict], seeds: int) -> None:
+    print(f"\nRater reliability: Kendall tau vs the hidden truth (mean of {seeds} seed(s), 4 responses per prompt; "
+          "tau standard error ~ the noise column)")
+    head = (f"{'scenario':70} | {'off':>6} | {'on':>6} | {'oracle':>6} | {'on-off':>7} | {'noise':>6} | "
+            f"{'iters':>5} | {'s':>6} | conv")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:70} | {r['off']:6.3f} | {r['on']:6.3f} | {r['oracle']:6.3f} | {r['on'] - r['off']:+7.3f} | "
+              f"{r['noise']:6.3f} | {r['iterations']:5.0f} | {r['seconds']:6.2f} | {100 * r['converged']:.0f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bootstrap", default=None, help="Use this Kafka broker instead of starting one.")
@@ -229,12 +292,19 @@ def main() -> None:
     parser.add_argument("--unary", type=int, default=500, help="Events sent one by one (baseline).")
     parser.add_argument("--prompts", type=int, default=10_000, help="Prompts in the aggregation benchmark.")
     parser.add_argument("--skip-ingestion", action="store_true")
+    parser.add_argument("--reliability-only", action="store_true", help="Only the rater-reliability table.")
+    parser.add_argument("--reliability-seeds", type=int, default=3, help="Seeds per reliability scenario.")
     args = parser.parse_args()
+
+    if args.reliability_only:
+        print_reliability(bench_reliability(args.reliability_seeds), args.reliability_seeds)
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="preference-bench-"))
     try:
         ing = None if args.skip_ingestion else bench_ingestion(args, tmp)
         agg = bench_aggregation(args.prompts)
+        reliability = bench_reliability(args.reliability_seeds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -254,7 +324,7 @@ def main() -> None:
     rows += [
         (f"aggregation: vectorised BT, {args.prompts:,} prompts x 4 x 3 raters (s)", f"{agg['ours_s']:.3f}",
          f"{agg['iterations']} Newton steps"),
-        ("aggregation: + rater weights (leave-one-rater-out) (s)", f"{agg['weighted_s']:.3f}",
+        ("aggregation: + rater reliability (accuracies vs leave-one-rater-out) (s)", f"{agg['weighted_s']:.3f}",
          f"{agg['weighted_iterations']} iterations"),
         ("baseline: choix.ilsr_pairwise per prompt (s)", f"{agg['choix_s']:.3f}",
          f"vectorised {agg['choix_s'] / agg['ours_s']:.1f}x faster (goal >= 10x)"),
@@ -266,6 +336,7 @@ def main() -> None:
     print(f"{'-' * width}-+-{'-' * 10}-+-{'-' * 40}")
     for name, value, note in rows:
         print(f"{name.ljust(width)} | {value:>10} | {note}")
+    print_reliability(reliability, args.reliability_seeds)
 
 
 if __name__ == "__main__":

@@ -480,3 +480,41 @@ async def test_a_second_instance_follows_events_written_by_the_first(harness, pr
         assert len(found) == 1
     finally:
         await b.runtime.stop(grace=0)
+
+
+async def test_rater_statistics_report_weights_with_uncertainty_and_gold(harness, prompt):
+    async with aio.insecure_channel(harness.target) as ch:
+        stub = preference_pb2_grpc.PreferenceServiceStub(ch)
+        for rater, ranks in (("alice", [1, 2, 3, 4]), ("bob", [1, 2, 3, 4]), ("carol", [4, 3, 2, 1])):
+            await stub.SubmitRanking(ranking(prompt, ranks, rater=rater), metadata=auth(harness.tokens[rater]))
+        admin = auth(harness.tokens["admin"])
+        stats = await stub.GetRaterStatistics(preference_pb2.GetRaterStatisticsRequest(), metadata=admin)
+        assert stats.converged and stats.reliability and stats.num_prompts == 1 and stats.iterations > 0
+        by = {r.rater_id: r for r in stats.raters}
+        assert set(by) == {"alice", "bob", "carol"}
+        for r in by.values():
+            assert -1 < r.weight < 1 and 0 < r.weight_stderr < 1 and r.accuracy == pytest.approx((1 + r.weight) / 2)
+            assert r.judgements == pytest.approx(6 * 0.5)  # a ranking of 4: six pairs of weight 2/4
+        assert by["carol"].weight < by["alice"].weight  # carol contradicts the two others
+
+        own = await stub.GetRaterStatistics(preference_pb2.GetRaterStatisticsRequest(rater_ids=["alice"]),
+                                            metadata=auth(harness.tokens["alice"]))
+        assert [r.rater_id for r in own.raters] == ["alice"]
+        for asked in (["bob"], []):
+            with pytest.raises(aio.AioRpcError) as err:
+                await stub.GetRaterStatistics(preference_pb2.GetRaterStatisticsRequest(rater_ids=asked),
+                                              metadata=auth(harness.tokens["alice"]))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        # the workbench's gold hook: carol got 2 of 20 known-answer items right
+        engine = harness.service.servicer.engine
+        engine.set_gold_counts({"carol": (2, 20)})
+        assert engine.stale
+        await asyncio.to_thread(engine.refresh)
+        after = await stub.GetRaterStatistics(preference_pb2.GetRaterStatisticsRequest(rater_ids=["carol"]),
+                                              metadata=admin)
+        [carol] = after.raters
+        assert (carol.gold_correct, carol.gold_total) == (2, 20)
+        assert carol.weight < by["carol"].weight - 0.3 and carol.weight_stderr < by["carol"].weight_stderr
+        with pytest.raises(ValueError, match="correct <= total"):
+            engine.set_gold_counts({"carol": (3, 2)})

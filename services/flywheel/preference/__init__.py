@@ -8,6 +8,8 @@ Modules, top to bottom:
                   preferences -> events), with offsets kept in the same transaction.
 - `validation.py` field-level validation and normalisation of submitted events.
 - `aggregation.py` vectorised Bradley–Terry/Davidson fit with crowd-BT rater reliability.
+- `engine.py`     the global fit (rater weights, gold counts) and per-prompt consensus from the store.
+- `rater_mixes.py` synthetic rater pools with a hidden truth (reliability tests and benchmark).
 - `export.py`     JSONL/Parquet datasets for reward-model training and SFT.
 - `service.py`    the gRPC servicer; `app.py` wires it into the shared runtime.
 - `simulated_rater.py` VADER-ground-truth raters (honest, noisy, random, adversarial).

@@ -7,14 +7,15 @@ Model (per prompt, responses i with log-strengths s_i):
   when ties were observed and 0 otherwise (then this is exactly Bradley–Terry).
 * Rankings are broken into all their pairs with weight 2/k (k-1 comparisons per ranking, the
   information of a Plackett–Luce ranking); see `store.derive`.
-* Rater reliability as a weight on each rater's evidence: rater r judges with P(i ≻ j) computed at
-  β_r (s_i - s_j). β_r ≈ 1 is an average rater, β_r ≈ 0 a random one (its judgements carry no
-  weight), β_r < 0 an adversarial one (its judgements count reversed) -- the discrimination
-  parameter of item response theory, a continuous relative of crowd-BT's flip probability
-  (Chen et al., WSDM 2013). Fitted by block-coordinate ascent: Newton steps on the scores for the
-  current weights, then a damped Newton step on every β_r (N(1, 1/τ) prior) against
-  leave-one-rater-out scores, so no rater can vouch for itself; weights are normalised so the
-  median rater has weight 1.
+* Rater reliability (crowd-BT, Chen et al., WSDM 2013): rater r reports the true outcome of a
+  comparison with probability η_r (its accuracy) and the reversed one otherwise; ties are never
+  reversed. η ≈ 1 careful, 0.5 random, < 0.5 adversarial; reported as the weight w_r = 2η_r - 1
+  in [-1, 1]. Beta prior on η_r (`reliability_prior_strength` pseudo-judgements at
+  `reliability_prior_accuracy`), plus optional known-answer (gold) counts as Binomial evidence.
+  Fitted by alternating (1) a Newton step of the scores for the current accuracies with a
+  backtracking line search on the log posterior (monotone), (2) each accuracy's exact maximum
+  against leave-one-rater-out scores (a rater cannot vouch for itself). Bounded by construction:
+  η stays inside (0, 1), so nothing can diverge.
 * Regularisation: independent Gamma(λ+1, λ) priors on the strengths π_i = e^{s_i}, i.e. the
   penalty λ Σ (e^{s_i} - s_i). It keeps sparse/separable prompts finite, needs no gauge fixing,
   and its MAP is exactly the fixed point of choix's `ilsr_pairwise(alpha = λ / n_responses)`
@@ -29,21 +30,77 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-_MAX_STEP = 3.0
+_MAX_STEP = 3.0          # largest change of one log-strength in one Newton step
+_MAX_HALVINGS = 40       # backtracking line search: step sizes 1, 1/2, ... 2^-40
+_ETA_FLOOR = 1e-9        # accuracies stay inside (0, 1): the Beta prior keeps them there, this guards rounding
 
 
 @dataclass(frozen=True)
 class FitOptions:
     prior_strength: float = 0.5
     reliability: bool = True
-    reliability_prior_strength: float = 4.0  # τ: precision of the N(1, 1/τ) prior on each rater weight
+    # Beta prior on each rater's accuracy η (probability a judgement is not reversed): `reliability_prior_strength`
+    # pseudo-judgements, `reliability_prior_accuracy` of them correct. Its mode is the prior accuracy.
+    reliability_prior_strength: float = 4.0
+    reliability_prior_accuracy: float = 0.95
     max_iterations: int = 500
     tolerance: float = 1e-6
     ties: bool = True  # estimate Davidson's ν when ties are present; False: ties count half a win each way
+
+    def __post_init__(self) -> None:
+        _check("prior_strength", self.prior_strength, 0.0, 1e6, low_open=True)
+        _check("reliability_prior_strength", self.reliability_prior_strength, 0.0, 1e9, low_open=True)
+        _check("reliability_prior_accuracy", self.reliability_prior_accuracy, 0.5, 1.0, low_open=True, high_open=True)
+        _check("max_iterations", self.max_iterations, 1, MAX_ITERATIONS)
+        _check("tolerance", self.tolerance, 0.0, 1.0, low_open=True, high_open=True)
+
+
+MAX_ITERATIONS = 10_000
+
+
+def _check(name: str, value: float, low: float, high: float, *, low_open: bool = False,
+           high_open: bool = False) -> None:
+    above = low < value if low_open else low <= value
+    below = value < high if high_open else value <= high
+    ok = math.isfinite(value) and above and below
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"FitOptions.{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GoldEvidence:
+    """Known-answer (gold) items per rater, aligned with `Problem.rater_ids`: `correct` of `total` answered right.
+
+    Gold items have a clear answer, so a right answer means the judgement was not reversed: the counts
+    enter the Beta posterior of the rater's accuracy like `total` extra judgements, `correct` of them honest.
+    """
+
+    correct: np.ndarray
+    total: np.ndarray
+
+    @staticmethod
+    def for_problem(problem: "Problem", counts: Mapping[str, tuple[float, float]]) -> "GoldEvidence":
+        """Align {rater_id: (correct, total)} with a problem's raters (raters without gold get 0 of 0)."""
+        correct = np.zeros(problem.n_raters)
+        total = np.zeros(problem.n_raters)
+        for r, rater_id in enumerate(problem.rater_ids):
+            if rater_id in counts:
+                correct[r], total[r] = counts[rater_id]
+        return GoldEvidence(correct, total)
+
+    def validated(self, n_raters: int) -> tuple[np.ndarray, np.ndarray]:
+        c = np.asarray(self.correct, dtype=np.float64)
+        n = np.asarray(self.total, dtype=np.float64)
+        if c.shape != (n_raters,) or n.shape != (n_raters,):
+            raise ValueError(f"GoldEvidence needs one count per rater ({n_raters}), got {c.shape} and {n.shape}")
+        if not (np.isfinite(c).all() and np.isfinite(n).all() and (c >= 0).all() and (c <= n).all()):
+            raise ValueError("GoldEvidence counts must be finite with 0 <= correct <= total")
+        return c, n
 
 
 @dataclass
@@ -128,69 +185,210 @@ class FitResult:
     scores: np.ndarray       # (P, K) log-strengths centred per prompt; NaN for padding
     stderr: np.ndarray       # (P, K) standard error of the centred scores (Laplace approximation)
     confidence: np.ndarray   # (P,) in [0, 1]: mean over adjacent responses of 2 Φ(Δ/σ_Δ) - 1
-    reliability: np.ndarray  # (R,) rater weights β_r (median 1; ≈0 random, <0 adversarial; 1 when not estimated)
+    reliability: np.ndarray  # (R,) rater weights w_r = 2η_r - 1 in [-1, 1]: 1 never reversed, 0 random, <0 adversarial
     tie_parameter: float     # Davidson's ν
     iterations: int
     converged: bool
+    reliability_stderr: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) 0 where not estimated
+    rater_judgements: np.ndarray = field(default_factory=lambda: np.zeros(0))    # (R,) weighted non-tie judgements
+    objective: float = 0.0   # log posterior of the scores at the estimate, given the accuracies (up to a constant)
 
 
-def _terms(x: np.ndarray, A: np.ndarray, B: np.ndarray, T: np.ndarray, nu: float):
-    """Davidson terms at x = β (s_first - s_second): d loglik/dx, -d² loglik/dx², P(tie), total weight.
+def _terms(pw: np.ndarray, pl: np.ndarray, A: np.ndarray, B: np.ndarray, T: np.ndarray):
+    """Davidson terms in x = s_first - s_second: d loglik/dx and -d² loglik/dx² of each judgement.
 
-    A, B, T: weight on "first wins", "second wins", "tie" of each judgement.
+    pw, pl: P(first wins), P(second wins); A, B, T: weight on "first wins", "second wins", "tie".
     """
-    x = np.clip(x, -60.0, 60.0)
-    ep, em = np.exp(0.5 * x), np.exp(-0.5 * x)
-    Z = ep + em + nu
-    pw, pl, pt = ep / Z, em / Z, nu / Z
     m = A + B + T
     gd = 0.5 * (A - B) - 0.5 * m * (pw - pl)
     h = 0.25 * m * ((pw + pl) - (pw - pl) ** 2)
-    return gd, h, pt, m
+    return gd, h
 
 
-def _update_rater_weights(S, eta, H, A, B, T, nu, tau, n_r, fw, fl, lw, ll, rater, combo, combo_prompt,
-                          P, K, R, lam, validf, diag, damping):
-    """One Newton step for every rater's weight β_r, judged against the other raters (leave-one-rater-out).
+def _probabilities(x: np.ndarray, nu: float):
+    """Davidson's P(first wins), P(second wins), P(tie) at score difference x."""
+    ep = np.exp(0.5 * np.clip(x, -60.0, 60.0))
+    em = 1.0 / ep
+    Z = ep + em + nu
+    return ep / Z, em / Z, nu / Z
 
-    Fitting β_r on scores that rater r itself shaped lets a rater vouch for itself (with few raters
-    per prompt the scores follow whichever rater has the largest weight, which then looks even more
-    consistent). So each rater's judgements are compared with the scores the *other* raters imply:
-    for every (prompt, rater) cell, one Newton step from the current optimum with that rater's
-    gradient and Hessian removed, solved for all cells in one batched call. β_r is then a
-    one-parameter logistic regression on those held-out score differences, with a N(1, 1/τ) prior,
-    and the weights are rescaled so the median rater has weight 1 (scores are on a typical rater's scale).
+
+class _Model:
+    """The kept judgements in the (P, K) grid layout: objective, responsibilities and Newton steps.
+
+    Each judgement carries masses a ("first wins"), b ("second wins"), t ("tie"). Rater r reports the
+    true outcome with probability η_r and the reversed one otherwise (ties are never reversed), so
+    P(first wins | r) = η_r p_w + (1 - η_r) p_l with Davidson's p_w, p_l at s_first - s_second.
     """
-    C = len(combo_prompt)
-    beta = eta[rater]
-    d = S[fw] - S[fl]
-    gd, h, _, _ = _terms(beta * d, A, B, T, nu)
-    bg, bh = beta * gd, beta * beta * h
-    g_all = np.bincount(fw, bg, P * K) - np.bincount(fl, bg, P * K)
-    es = np.exp(S)
-    g_all += np.where(validf, lam * (1.0 - es), 0.0)
-    cw, cl = combo * K + lw, combo * K + ll
-    g_r = np.bincount(cw, bg, C * K) - np.bincount(cl, bg, C * K)
-    cb = combo * K * K
-    h_r = np.bincount(cb + lw * K + lw, -bh, C * K * K) + np.bincount(cb + ll * K + ll, -bh, C * K * K) \
-        + np.bincount(cb + lw * K + ll, bh, C * K * K) + np.bincount(cb + ll * K + lw, bh, C * K * K)
-    h_loo = H[combo_prompt] - h_r.reshape(C, K, K)
-    g_loo = g_all.reshape(P, K)[combo_prompt] - g_r.reshape(C, K)
-    shift = np.linalg.solve(-h_loo, g_loo[..., None])[..., 0].ravel()
-    d_loo = d + shift[cw] - shift[cl]
-    gd, h, _, _ = _terms(beta * d_loo, A, B, T, nu)
-    # Only prompts that someone else judged too say anything about a rater; elsewhere the held-out
-    # scores are just the prior, and the prior alone decides (β_r stays near 1 without overlap).
-    shared = (np.bincount(combo_prompt, minlength=P) >= 2)[combo_prompt][combo]
-    g_b = np.bincount(rater, np.where(shared, d_loo * gd, 0.0), R) - tau * (eta - 1.0)
-    h_b = -np.bincount(rater, np.where(shared, d_loo * d_loo * h, 0.0), R) - tau
-    new = eta - damping * np.clip(g_b / h_b, -1.0, 1.0)
-    # Gauge: only β·s is identified. The median rater has weight 1 (robust to a minority of random or
-    # adversarial raters, however many judgements they submit).
-    scale = float(np.median(new[n_r > 0]))
-    if scale > 1e-3:
-        new = new / scale
-    return new, float(np.abs(new - eta).max())
+
+    def __init__(self, problem: Problem, keep: np.ndarray, options: FitOptions) -> None:
+        P, K = problem.n_prompts, problem.K
+        self.P, self.K, self.R = P, K, problem.n_raters
+        self.valid = problem.valid()
+        self.validf = self.valid.ravel()
+        loc, pr = problem.item_local, problem.item_prompt
+        winner, loser = problem.winner[keep], problem.loser[keep]
+        prompt = pr[winner]
+        lw, ll = loc[winner], loc[loser]
+        self.fw, self.fl = prompt * K + lw, prompt * K + ll   # flat (P*K) index of first / second response
+        pair = np.minimum(lw, ll) * K + np.maximum(lw, ll)  # unordered pair of responses, in a K×K grid
+        self.pair_of_prompt = prompt * K * K + pair
+        tie, w = problem.tie[keep], problem.weight[keep]
+        self.rater = problem.rater[keep]
+        if options.ties:
+            self.a, self.b, self.t = np.where(tie, 0.0, w), np.zeros_like(w), np.where(tie, w, 0.0)
+        else:  # a tie counts as half a win for each side
+            self.a, self.b, self.t = np.where(tie, 0.5 * w, w), np.where(tie, 0.5 * w, 0.0), np.zeros_like(w)
+        self.has_ties = bool(self.t.any())
+        self.lam = float(options.prior_strength)
+        # (prompt, rater) cells, for the leave-one-rater-out scores
+        cell_key, self.cell = np.unique(prompt * self.R + self.rater, return_inverse=True)
+        self.cell = self.cell.ravel()
+        self.pair_of_cell = self.cell * K * K + pair
+        self.cell_prompt = cell_key // self.R
+        self.lw, self.ll = lw, ll
+        # Evidence on a rater's accuracy: its non-tie judgements (a tie reads the same reversed) on prompts
+        # someone else judged too (elsewhere the held-out scores are the prior's, and say nothing).
+        self.shared = np.flatnonzero((np.bincount(self.cell_prompt, minlength=P) >= 2)[prompt] & (self.a + self.b > 0))
+        mass = (self.a + self.b)[self.shared]
+        self.rater_mass = np.bincount(self.rater[self.shared], mass, self.R).astype(np.float64)
+        self._cached: tuple | None = None
+
+    def probabilities(self, S: np.ndarray, nu: float):
+        """Davidson probabilities of every judgement at scores S (the last evaluation is reused)."""
+        if self._cached is not None and self._cached[0] is S and self._cached[1] == nu:
+            return self._cached[2]
+        probabilities = _probabilities(S[self.fw] - S[self.fl], nu)
+        self._cached = (S, nu, probabilities)
+        return probabilities
+
+    @staticmethod
+    def responsibilities(pw, pl, eta_j):
+        """P(judgement not reversed | its outcome) for the a and b masses, and the outcome likelihoods.
+
+        eta_j None: nobody reverses (reliability off), the plain Davidson model.
+        """
+        if eta_j is None:
+            return 1.0, 1.0, pw, pl
+        fa = eta_j * pw + (1.0 - eta_j) * pl
+        fb = eta_j * pl + (1.0 - eta_j) * pw
+        return eta_j * pw / fa, eta_j * pl / fb, fa, fb
+
+    def objective(self, S: np.ndarray, nu: float, eta_j: np.ndarray | None) -> float:
+        """Log likelihood (reversals summed out) + log Gamma prior of the strengths."""
+        pw, pl, pt = self.probabilities(S, nu)
+        _, _, fa, fb = self.responsibilities(pw, pl, eta_j)
+        # elementwise sums, not `@`: a BLAS dot product can be slowed badly by threads on a busy machine
+        ll = float((self.a * np.log(fa)).sum() + (self.b * np.log(fb)).sum())
+        if self.has_ties:
+            ll += float((self.t * np.log(pt)).sum())
+        prior = -self.lam * float(np.where(self.validf, np.exp(np.minimum(S, 700.0)) - S, 0.0).sum())
+        return ll + prior
+
+    def hessian(self, S: np.ndarray, curvature: np.ndarray) -> np.ndarray:
+        """(P, K, K) Hessian of the log posterior in S, given -d²/dx² of each judgement's log likelihood."""
+        H = _likelihood_hessian(self.pair_of_prompt, self.P, self.K, curvature)
+        diag = np.where(self.validf, -self.lam * np.exp(np.minimum(S, 700.0)), -1.0)  # padding: -1
+        H[:, np.arange(self.K), np.arange(self.K)] += diag.reshape(self.P, self.K)
+        return H
+
+    def newton_direction(self, S: np.ndarray, A: np.ndarray, B: np.ndarray, missing, nu: float) -> np.ndarray:
+        """Newton step of the log posterior in the scores for fixed accuracies.
+
+        A, B: the judgements split into honest/reversed by their responsibilities (the EM surrogate,
+        whose gradient is the objective's). Curvature: the surrogate's minus the information lost to
+        not knowing which judgements were reversed (`missing`, a·ρ(1-ρ) per judgement), floored at 0
+        per judgement so the Hessian stays negative definite (the prior adds -λ e^s on the diagonal):
+        an ascent direction always, the exact Newton step wherever the objective is locally concave.
+        """
+        PK = self.P * self.K
+        pw, pl, _ = self.probabilities(S, nu)
+        gd, h = _terms(pw, pl, A, B, self.t)
+        g = np.bincount(self.fw, gd, PK) - np.bincount(self.fl, gd, PK)
+        g += np.where(self.validf, self.lam * (1.0 - np.exp(np.minimum(S, 700.0))), 0.0)
+        H = self.hessian(S, h if missing is None else np.clip(h - missing, 0.0, None))
+        step = np.linalg.solve(-H, g.reshape(self.P, self.K, 1))[..., 0].ravel()
+        return np.clip(step, -_MAX_STEP, _MAX_STEP) * self.validf
+
+    def held_out_differences(self, S: np.ndarray, A: np.ndarray, B: np.ndarray, nu: float) -> np.ndarray:
+        """s_first - s_second of every judgement as the *other* raters of its prompt put it.
+
+        For every (prompt, rater) cell, one Newton step from the current scores with that rater's
+        gradient and Hessian removed, all cells in one batched solve. A rater's accuracy is judged
+        against these, so it cannot vouch for itself: with a few raters per prompt the joint scores
+        follow each rater's own judgements, and even a random rater would look accurate.
+        """
+        P, K, C = self.P, self.K, len(self.cell_prompt)
+        d = S[self.fw] - S[self.fl]
+        pw, pl, _ = self.probabilities(S, nu)
+        gd, h = _terms(pw, pl, A, B, self.t)
+        g_all = np.bincount(self.fw, gd, P * K) - np.bincount(self.fl, gd, P * K)
+        g_all += np.where(self.validf, self.lam * (1.0 - np.exp(np.minimum(S, 700.0))), 0.0)
+        cw, cl = self.cell * K + self.lw, self.cell * K + self.ll
+        g_r = np.bincount(cw, gd, C * K) - np.bincount(cl, gd, C * K)
+        h_loo = self.hessian(S, h)[self.cell_prompt] - _likelihood_hessian(self.pair_of_cell, C, K, h)
+        g_loo = g_all.reshape(P, K)[self.cell_prompt] - g_r.reshape(C, K)
+        shift = np.linalg.solve(-h_loo, g_loo[..., None])[..., 0]
+        shift = np.clip(shift, -_MAX_STEP, _MAX_STEP).ravel()
+        return d + shift[cw] - shift[cl]
+
+    def accuracies(self, d_held_out: np.ndarray, nu: float, eta: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
+                   max_steps: int = 60):
+        """Each rater's MAP accuracy against the held-out scores, and its observed information there
+        (`max_steps=0`: only the information at `eta`).
+
+        The log posterior Σ a log(η p_w + (1-η) p_l) + b log(η p_l + (1-η) p_w) + α log η + β log(1-η)
+        is concave in η with α, β > 0, so a safeguarded Newton iteration (bisection fallback inside
+        the bracket it keeps) finds the unique maximum in (0, 1).
+        """
+        idx, R = self.shared, self.R
+        pw, pl, _ = _probabilities(d_held_out[idx], nu)
+        diff, a, b, rater = pw - pl, self.a[idx], self.b[idx], self.rater[idx]
+        two_sided = bool(b.any())  # b > 0 only for ties counted as half wins (ties=False)
+        lo, hi = np.full(R, _ETA_FLOOR), np.full(R, 1.0 - _ETA_FLOOR)
+        x = np.clip(eta, lo, hi)
+        for steps in range(max_steps + 1):
+            xj = x[rater]
+            ua = diff / (xj * pw + (1.0 - xj) * pl)
+            # (float: np.bincount of no judgements at all is an integer array)
+            g = np.bincount(rater, a * ua, R).astype(np.float64)
+            info = np.bincount(rater, a * ua * ua, R).astype(np.float64)
+            if two_sided:
+                ub = diff / (xj * pl + (1.0 - xj) * pw)
+                g -= np.bincount(rater, b * ub, R)
+                info += np.bincount(rater, b * ub * ub, R)
+            g += alpha / x - beta / (1.0 - x)
+            info += alpha / x ** 2 + beta / (1.0 - x) ** 2
+            step = g / info
+            if steps == max_steps or float(np.abs(step).max()) < 1e-12:
+                break
+            lo, hi = np.where(g > 0, x, lo), np.where(g > 0, hi, x)
+            new = x + step
+            x = np.where((new >= lo) & (new <= hi), new, 0.5 * (lo + hi))
+        return x, info
+
+
+def _likelihood_hessian(group_pair: np.ndarray, groups: int, K: int, curvature: np.ndarray) -> np.ndarray:
+    """(groups, K, K) Hessian of Σ log-likelihood over judgements, each a function of s_i - s_j.
+
+    A judgement of (i, j) with curvature c adds +c at (i, j) and (j, i) and -c at (i, i) and (j, j):
+    sum c per unordered pair (one bincount), then the diagonal is minus the row sums.
+    """
+    W = np.bincount(group_pair, curvature, groups * K * K).reshape(groups, K, K)
+    W = W + W.transpose(0, 2, 1)
+    W[:, np.arange(K), np.arange(K)] = -W.sum(2)
+    return W
+
+
+def _ascend(objective, x, direction, current: float):
+    """Backtracking line search: the longest of x + 2^-k direction that does not lower the objective."""
+    slack = 1e-12 * (1.0 + abs(current))  # rounding: near the optimum exact steps change it by ~1 ulp
+    for k in range(_MAX_HALVINGS + 1):
+        trial = x + direction * 0.5 ** k
+        value = objective(trial)
+        if math.isfinite(value) and value >= current - slack:
+            return trial, value
+    return x, current
 
 
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
@@ -198,100 +396,124 @@ def _normal_cdf(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + erf(np.asarray(z, dtype=np.float64) / math.sqrt(2.0)).astype(np.float64))
 
 
-def fit(problem: Problem, options: FitOptions = FitOptions(), *,
-        fixed_reliability: np.ndarray | None = None) -> FitResult:
-    """MAP scores (and, unless `fixed_reliability` is given, rater weights) for every prompt at once."""
+def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliability: np.ndarray | None = None,
+        gold: GoldEvidence | None = None) -> FitResult:
+    """MAP scores (and, unless `fixed_reliability` is given, rater accuracies) for every prompt at once.
+
+    Each iteration: (1) one EM step of the scores for the current accuracies: a Newton step of the
+    EM surrogate with a backtracking line search on the log posterior itself, so it never decreases;
+    the same for log ν when there are ties; (2) every rater's accuracy set to the exact maximum of
+    its own log posterior against leave-one-rater-out scores (a concave 1-D problem; Beta prior and
+    gold counts included). Converged when the largest change of any parameter, extrapolated by the
+    observed contraction rate, is below `tolerance`; otherwise `converged=False` after
+    `max_iterations`, with finite estimates either way. Judgements whose weight is not a positive
+    finite number are ignored.
+    """
     P, K, R = problem.n_prompts, problem.K, problem.n_raters
-    if P == 0 or len(problem.winner) == 0:
-        empty = np.zeros((P, K))
-        return FitResult(empty, empty, np.zeros(P), np.ones(R), 0.0, 0, True)
-    valid = problem.valid()
-    validf = valid.ravel()
-    loc, pr = problem.item_local, problem.item_prompt
-    w_prompt = pr[problem.winner]
-    lw, ll = loc[problem.winner], loc[problem.loser]
-    fw = w_prompt * K + lw               # flat (P*K) index of the first response
-    fl = w_prompt * K + ll
-    base = w_prompt * K * K
-    h_ww, h_ll, h_wl, h_lw = base + lw * K + lw, base + ll * K + ll, base + lw * K + ll, base + ll * K + lw
-    diag = (np.arange(P * K) // K) * K * K + (np.arange(P * K) % K) * (K + 1)
-    tie = problem.tie
-    strict = ~tie
-    w = problem.weight
-    rater = problem.rater
-    lam = float(options.prior_strength)
-    estimate_eta = options.reliability and fixed_reliability is None
+    estimate = options.reliability and fixed_reliability is None
+    n0, eta0 = options.reliability_prior_strength, options.reliability_prior_accuracy
+    correct, total = gold.validated(R) if gold is not None else (np.zeros(R), np.zeros(R))
+    alpha, beta_ = n0 * eta0 + correct, n0 * (1.0 - eta0) + total - correct  # Beta posterior exponents
     if fixed_reliability is not None:
-        eta = np.asarray(fixed_reliability, dtype=np.float64).copy()
+        fixed = np.asarray(fixed_reliability, dtype=np.float64)
+        if fixed.shape != (R,) or not np.isfinite(fixed).all():
+            raise ValueError(f"fixed_reliability needs {R} finite weights")
+        eta = np.clip((1.0 + fixed) / 2.0, 0.0, 1.0)
+    elif estimate:
+        eta = alpha / (alpha + beta_)  # the prior's mode (with gold): where a rater without shared judgements stays
     else:
         eta = np.ones(R)
-    tau = float(options.reliability_prior_strength)
-    has_ties = bool(tie.any()) and options.ties
-    if options.ties:
-        A, B, T = np.where(strict, w, 0.0), np.zeros_like(w), np.where(tie, w, 0.0)
-    else:  # a tie counts as half a win for each side
-        A, B, T = np.where(strict, w, 0.5 * w), np.where(strict, 0.0, 0.5 * w), np.zeros_like(w)
-    n_r = np.bincount(rater, w, R)
-    combo_key, combo = np.unique(w_prompt * R + rater, return_inverse=True)  # (prompt, rater) cells
-    combo_prompt = combo_key // R
-    tie_frac = float(T.sum() / w.sum()) if has_ties else 0.0
+    keep = np.isfinite(problem.weight) & (problem.weight > 0) & (problem.winner != problem.loser)
+    if P == 0 or not keep.any():
+        empty = np.zeros((P, K))
+        return FitResult(empty, empty, np.zeros(P), 2.0 * eta - 1.0, 0.0, 0, True, np.zeros(R), np.zeros(R), 0.0)
+
+    model = _Model(problem, keep, options)
+    a, b, rater = model.a, model.b, model.rater
+    has_ties = model.has_ties
+    tie_frac = float(model.t.sum() / (model.a + model.b + model.t).sum()) if has_ties else 0.0
     log_nu = math.log(max(2 * tie_frac / max(1 - tie_frac, 1e-6), 1e-3)) if has_ties else -math.inf
 
+    def nu_of(log_nu: float) -> float:
+        return math.exp(log_nu) if has_ties else 0.0
+
+    plain = not estimate and bool((eta == 1.0).all())  # nobody reverses: plain Davidson, no mixture to evaluate
+
+    def per_judgement(eta: np.ndarray) -> np.ndarray | None:
+        return None if plain else eta[rater]
+
+    def split(S: np.ndarray, nu: float, eta_j: np.ndarray | None):
+        """EM surrogate masses ("first wins", "second wins" after the expected reversals) and lost information."""
+        if eta_j is None:
+            return a, b, None
+        pw, pl, _ = model.probabilities(S, nu)
+        ra, rb, _, _ = model.responsibilities(pw, pl, eta_j)
+        missing = a * ra * (1.0 - ra) + b * rb * (1.0 - rb)
+        return a * ra + b * (1.0 - rb), a * (1.0 - ra) + b * rb, missing
+
     S = np.zeros(P * K)
-    eta_delta = math.inf
-    damping = 0.5
+    eta_j = per_judgement(eta)
+    objective = model.objective(S, nu_of(log_nu), eta_j)
+    previous_delta = math.inf
+    coupled = False
+    eta_step, eta_damping, eta_residual = np.zeros(R), 1.0, 0.0
     converged = False
     iterations = 0
-    H = np.zeros((P, K, K))
     for iterations in range(1, options.max_iterations + 1):
-        nu = math.exp(log_nu) if has_ties else 0.0
-        beta = eta[rater]
-        d = S[fw] - S[fl]
-        gd, h, pt, m = _terms(beta * d, A, B, T, nu)
-        g = np.bincount(fw, beta * gd, P * K) - np.bincount(fl, beta * gd, P * K)
-        bh = beta * beta * h
-        hh = np.bincount(h_ww, -bh, P * K * K) + np.bincount(h_ll, -bh, P * K * K) \
-            + np.bincount(h_wl, bh, P * K * K) + np.bincount(h_lw, bh, P * K * K)
-        es = np.exp(S)
-        g += np.where(validf, lam * (1.0 - es), 0.0)
-        hh[diag] += np.where(validf, -lam * es, -1.0)
-        if lam == 0.0:
-            hh[diag] -= 1e-9  # the likelihood alone is shift-invariant; scores are centred below
-        H = hh.reshape(P, K, K)
-        step = np.linalg.solve(-H, g.reshape(P, K, 1))[..., 0].ravel()
-        step = np.clip(step, -_MAX_STEP, _MAX_STEP) * validf
-        S = S + step
-        if lam == 0.0:
-            Sg = S.reshape(P, K)
-            S = (Sg - (Sg * valid).sum(1, keepdims=True) / valid.sum(1, keepdims=True)).ravel() * validf
-        delta = float(np.abs(step).max())
-        d = S[fw] - S[fl]
-        if has_ties:
-            _, _, pt, m = _terms(beta * d, A, B, T, nu)
-            g_nu = float((T - m * pt).sum())
+        S_old, log_nu_old = S, log_nu
+        nu = nu_of(log_nu)
+        A, B, missing = split(S, nu, eta_j)
+        S, objective = _ascend(lambda s: model.objective(s, nu, eta_j), S,
+                               model.newton_direction(S, A, B, missing, nu), objective)
+        if has_ties:  # Newton step on log ν (its own line search), bounded to [e^-12, e^6]
+            _, _, pt = model.probabilities(S, nu)
+            m = model.a + model.b + model.t
+            g_nu = float((model.t - m * pt).sum())
             h_nu = float(-(m * pt * (1.0 - pt)).sum())
-            new = log_nu - g_nu / h_nu if h_nu < 0 else log_nu
-            new = min(max(new, log_nu - 2.0, -12.0), log_nu + 2.0, 6.0)
-            delta = max(delta, abs(new - log_nu))
-            log_nu = new
-            nu = math.exp(log_nu)
-        if estimate_eta and delta < 1e-3:
-            # Block-coordinate: update the rater weights only once the scores have (nearly) converged
-            # for the current weights; alternating full steps oscillates when raters overlap heavily.
-            eta, d_eta = _update_rater_weights(S, eta, H, A, B, T, nu, tau, n_r, fw, fl, lw, ll, rater, combo,
-                                               combo_prompt, P, K, R, lam, validf, diag, damping)
-            if d_eta > eta_delta:  # not contracting: damp harder (the coupled fixed point can cycle)
-                damping = max(0.05, damping * 0.6)
-            eta_delta = d_eta
-            delta = max(delta, d_eta)
-        elif estimate_eta:
-            delta = max(delta, eta_delta)
-        if delta < options.tolerance:
+            target = log_nu - g_nu / h_nu if h_nu < 0 else log_nu
+            target = min(max(target, log_nu - 2.0, -12.0), log_nu + 2.0, 6.0)
+            log_nu, objective = _ascend(lambda v: model.objective(S, math.exp(v), eta_j), log_nu,
+                                        target - log_nu, objective)
+            nu = nu_of(log_nu)
+        # Accuracies are judged against scores that fit the current ones: not before the first Newton
+        # steps from zero have (nearly) settled, then every iteration.
+        coupled = coupled or (estimate and float(np.abs(S - S_old).max()) < 1e-2)
+        if coupled:
+            A, B, _ = split(S, nu, eta_j)
+            target, _ = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_)
+            # All raters move at once; when that overshoots (the step turns back on the previous one,
+            # a 2-cycle when raters contradict each other), move only part of the way: same fixed points.
+            step = target - eta
+            turned_back = float(step @ eta_step) < -0.5 * float(np.linalg.norm(step) * np.linalg.norm(eta_step))
+            eta_damping = max(0.05, 0.5 * eta_damping) if turned_back else min(1.0, 1.5 * eta_damping)
+            eta_step = eta_damping * step
+            eta = eta + eta_step
+            eta_residual = float(np.abs(step).max()) if R else 0.0  # undamped: how far the fixed point still is
+            eta_j = per_judgement(eta)
+            objective = model.objective(S, nu, eta_j)  # the line searches of the next iteration start here
+        delta = max(float(np.abs(S - S_old).max()), eta_residual, abs(log_nu - log_nu_old) if has_ties else 0.0)
+        # A small step is not convergence when the iteration contracts slowly: bound the distance
+        # still to go by the geometric series of the observed contraction rate.
+        rate = delta / previous_delta if previous_delta > 0 else 0.0
+        remaining = delta * (rate / (1.0 - rate) if rate < 0.999 else 1e3)
+        previous_delta = delta
+        if delta < options.tolerance and remaining < options.tolerance:
             converged = True
             break
 
-    # Laplace approximation at the mode: Cov = (-H)^-1, then centre per prompt.
+    nu = nu_of(log_nu)
+    # Laplace approximation at the mode with the observed (not the EM surrogate's) curvature: not
+    # knowing which judgements were reversed removes information, a·ρ(1-ρ) per judgement.
+    A, B, missing = split(S, nu, eta_j)
+    pw, pl, _ = model.probabilities(S, nu)
+    _, h = _terms(pw, pl, a, b, model.t)
+    H = model.hessian(S, h if missing is None else np.clip(h - missing, 0.0, None))
+    if estimate:  # the information of each accuracy at its final value, against the final held-out scores
+        A, B, _ = split(S, nu, eta_j)
+        _, weight_info = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_, max_steps=0)
+    weight_stderr = 2.0 / np.sqrt(weight_info) if estimate else np.zeros(R)
     cov = np.linalg.inv(-H)
+    valid = model.valid
     vmask = valid[:, :, None] & valid[:, None, :]
     cov = np.where(vmask, cov, 0.0)
     n_valid = valid.sum(1).astype(np.float64)
@@ -304,8 +526,8 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *,
     centred = np.where(valid, Sg - (Sg * valid).sum(1, keepdims=True) / n_valid[:, None], np.nan)
     stderr = np.where(valid, np.sqrt(np.clip(np.einsum("pkk->pk", ccov), 0.0, None)), np.nan)
     confidence = _confidence(centred, ccov, valid)
-    return FitResult(centred, stderr, confidence, eta,
-                     math.exp(log_nu) if has_ties else 0.0, iterations, converged)
+    return FitResult(centred, stderr, confidence, 2.0 * eta - 1.0, nu, iterations, converged,
+                     weight_stderr, model.rater_mass, objective)
 
 
 def _confidence(scores: np.ndarray, cov: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ def fit_options(settings: PreferenceSettings) -> FitOptions:
     return FitOptions(
         prior_strength=settings.preference_prior_strength, reliability=settings.preference_reliability,
         reliability_prior_strength=settings.preference_reliability_prior_strength,
+        reliability_prior_accuracy=settings.preference_reliability_prior_accuracy,
         max_iterations=settings.preference_max_iterations, tolerance=settings.preference_tolerance)
 
 
@@ -114,7 +115,7 @@ def build_service(settings: PreferenceSettings, *,
     producer = TypedProducer(settings.bootstrap_servers, client_id=f"{settings.kafka_client_id}-{settings.service_name}",
                              security_protocol=settings.kafka_security_protocol, linger_ms=1000,
                              batch_size=512 * 1024)
-    engine = ConsensusEngine(store, fit_options(settings))
+    engine = ConsensusEngine(store, fit_options(settings), max_rater_series=settings.preference_max_rater_series)
     servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine,
                                   after_produce=after_produce)
     runtime = ServiceRuntime(settings)

@@ -272,6 +272,33 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
             raise NotFound(f"no comparisons or rankings for prompt {clip(request.prompt_id)!r}")
         return agg
 
+    async def GetRaterStatistics(self, request, context):
+        """Rater weights with their uncertainty from the last global fit (the background refresh keeps it
+        within FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S of new events; fitted now when there is none yet)."""
+        from flywheel.runtime import PermissionDenied
+
+        principal = self._principal(context)
+        self._check_ready()
+        wanted = list(request.rater_ids)
+        if principal is not None and not principal.is_admin and wanted != [principal.rater_id]:
+            AUTH_FAILURES.labels("permission_denied").inc()
+            raise PermissionDenied("a rater token may only ask for its own rater_ids; all raters need an admin token")
+        fitted = self.engine.last_fit()
+        if fitted is None:
+            fitted = await asyncio.to_thread(self.engine.refresh)
+        stats = self.engine.rater_stats
+        response = preference_pb2.RaterStatistics(
+            converged=fitted.result.converged, iterations=fitted.result.iterations,
+            num_prompts=fitted.problem.n_prompts, reliability=self.settings.preference_reliability)
+        response.fitted_at.FromNanoseconds(int(fitted.fitted_at * 1e9))
+        for rater_id in wanted or sorted(stats):
+            s = stats.get(rater_id)
+            if s is not None:
+                response.raters.add(rater_id=rater_id, weight=s.weight, weight_stderr=s.weight_stderr,
+                                    accuracy=s.accuracy, judgements=s.judgements, gold_correct=s.gold_correct,
+                                    gold_total=s.gold_total)
+        return response
+
     async def ExportDataset(self, request, context):
         principal = self._principal(context)
         self.auth.require_admin(principal, "ExportDataset")

@@ -40,15 +40,26 @@ class PreferenceSettings(ServiceSettings):
         default_factory=list, description="Remote `scheme://host` locations an output_uri may name (JSON list, "
         "e.g. [\"s3://datasets\"]); none by default, so no request makes the service connect anywhere.")
     preference_prior_strength: float = Field(
-        0.5, ge=0, description="Gamma(λ+1, λ) prior on each response's strength, λ pseudo-comparisons per response "
-        "(regularises sparse prompts; the MAP equals choix.ilsr_pairwise with alpha = λ / responses).")
+        0.5, gt=0, le=1e6, description="Gamma(λ+1, λ) prior on each response's strength, λ pseudo-comparisons per "
+        "response (regularises sparse prompts; the MAP equals choix.ilsr_pairwise with alpha = λ / responses). "
+        "Must be > 0: without it a response that wins every comparison has an infinite score.")
     preference_reliability: bool = Field(
-        True, description="Estimate each rater's reliability weight (leave-one-rater-out) and weight judgements by it.")
+        True, description="Estimate each rater's accuracy (probability a judgement is not reversed, against "
+        "leave-one-rater-out scores) and weight judgements by it.")
     preference_reliability_prior_strength: float = Field(
-        4.0, gt=0, description="Precision τ of the N(1, 1/τ) prior on each rater's weight (higher: trust the "
-        "average until a rater has more judgements).")
-    preference_max_iterations: int = Field(500, gt=0, description="Most Newton/weight iterations of one fit.")
-    preference_tolerance: float = Field(1e-6, gt=0, description="Fit convergence tolerance (max score change).")
+        4.0, gt=0, le=1e9, description="Beta prior on each rater's accuracy: this many pseudo-judgements (higher: a "
+        "rater needs more judgements to move away from the prior accuracy).")
+    preference_reliability_prior_accuracy: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Prior accuracy of a rater (the Beta prior's mode): weight 2·accuracy - 1 "
+        "for a rater with little evidence.")
+    preference_max_iterations: int = Field(
+        500, gt=0, le=10_000, description="Most iterations of one fit; a fit that stops here reports converged=false "
+        "(log line and flywheel_preference_fit_not_converged_total) with finite estimates.")
+    preference_tolerance: float = Field(
+        1e-6, gt=0, lt=1, description="Convergence: largest parameter change, extrapolated by the contraction rate.")
+    preference_max_rater_series: int = Field(
+        1000, ge=0, le=100_000, description="Per-rater weight gauges exported at most (bounds metric cardinality; "
+        "GetRaterStatistics reports every rater).")
     preference_refresh_interval_s: float = Field(
         30.0, gt=0, description="Refit rater reliabilities over all prompts at most this often when new events arrived.")
     preference_replay_timeout_s: float = Field(

@@ -22,29 +22,36 @@ _sym_db = _symbol_database.Default()
 
 
 from flywheel.v1 import common_pb2 as flywheel_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66lywheel/v1/preference.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/common.proto\"0\n\tSubmitAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"D\n\x14PreferenceEventBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.flywheel.v1.PreferenceEvent\"B\n\x07\x42ulkAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tevent_ids\x18\x03 \x03(\t\"(\n\x13GetConsensusRequest\x12\x11\n\tprompt_id\x18\x01 \x01(\t\"{\n\x14\x45xportDatasetRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.flywheel.v1.DatasetFormat\x12\x12\n\noutput_uri\x18\x02 \x01(\t\x12\x12\n\nmin_margin\x18\x03 \x01(\x01\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"\xa3\x01\n\x15\x45xportDatasetResponse\x12\x17\n\x0f\x64\x61taset_version\x18\x01 \x01(\t\x12\x11\n\tpairs_uri\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65monstrations_uri\x18\x03 \x01(\t\x12\x11\n\tnum_pairs\x18\x04 \x01(\x03\x12\x1a\n\x12num_demonstrations\x18\x05 \x01(\x03\x12\x13\n\x0bnum_prompts\x18\x06 \x01(\x03*e\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x41TASET_FORMAT_JSONL\x10\x01\x12\x1a\n\x16\x44\x41TASET_FORMAT_PARQUET\x10\x02\x32\xa3\x04\n\x11PreferenceService\x12I\n\x13SubmitDemonstration\x12\x1a.flywheel.v1.Demonstration\x1a\x16.flywheel.v1.SubmitAck\x12\x43\n\x10SubmitComparison\x12\x17.flywheel.v1.Comparison\x1a\x16.flywheel.v1.SubmitAck\x12=\n\rSubmitRanking\x12\x14.flywheel.v1.Ranking\x1a\x16.flywheel.v1.SubmitAck\x12\x42\n\nSubmitBulk\x12\x1c.flywheel.v1.PreferenceEvent\x1a\x14.flywheel.v1.BulkAck(\x01\x12N\n\x11SubmitBulkBatched\x12!.flywheel.v1.PreferenceEventBatch\x1a\x14.flywheel.v1.BulkAck(\x01\x12S\n\x0cGetConsensus\x12 .flywheel.v1.GetConsensusRequest\x1a!.flywheel.v1.AggregatedPreference\x12V\n\rExportDataset\x12!.flywheel.v1.ExportDatasetRequest\x1a\".flywheel.v1.ExportDatasetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66lywheel/v1/preference.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"0\n\tSubmitAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"D\n\x14PreferenceEventBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.flywheel.v1.PreferenceEvent\"B\n\x07\x42ulkAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tevent_ids\x18\x03 \x03(\t\"(\n\x13GetConsensusRequest\x12\x11\n\tprompt_id\x18\x01 \x01(\t\"{\n\x14\x45xportDatasetRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.flywheel.v1.DatasetFormat\x12\x12\n\noutput_uri\x18\x02 \x01(\t\x12\x12\n\nmin_margin\x18\x03 \x01(\x01\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"\xa3\x01\n\x15\x45xportDatasetResponse\x12\x17\n\x0f\x64\x61taset_version\x18\x01 \x01(\t\x12\x11\n\tpairs_uri\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65monstrations_uri\x18\x03 \x01(\t\x12\x11\n\tnum_pairs\x18\x04 \x01(\x03\x12\x1a\n\x12num_demonstrations\x18\x05 \x01(\x03\x12\x13\n\x0bnum_prompts\x18\x06 \x01(\x03\".\n\x19GetRaterStatisticsRequest\x12\x11\n\trater_ids\x18\x01 \x03(\t\"\x99\x01\n\x0eRaterStatistic\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x15\n\rweight_stderr\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x12\n\njudgements\x18\x05 \x01(\x01\x12\x14\n\x0cgold_correct\x18\x06 \x01(\x01\x12\x12\n\ngold_total\x18\x07 \x01(\x01\"\xbe\x01\n\x0fRaterStatistics\x12+\n\x06raters\x18\x01 \x03(\x0b\x32\x1b.flywheel.v1.RaterStatistic\x12\x11\n\tconverged\x18\x02 \x01(\x08\x12\x12\n\niterations\x18\x03 \x01(\x03\x12\x13\n\x0bnum_prompts\x18\x04 \x01(\x03\x12\x13\n\x0breliability\x18\x05 \x01(\x08\x12-\n\tfitted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*e\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x41TASET_FORMAT_JSONL\x10\x01\x12\x1a\n\x16\x44\x41TASET_FORMAT_PARQUET\x10\x02\x32\xff\x04\n\x11PreferenceService\x12I\n\x13SubmitDemonstration\x12\x1a.flywheel.v1.Demonstration\x1a\x16.flywheel.v1.SubmitAck\x12\x43\n\x10SubmitComparison\x12\x17.flywheel.v1.Comparison\x1a\x16.flywheel.v1.SubmitAck\x12=\n\rSubmitRanking\x12\x14.flywheel.v1.Ranking\x1a\x16.flywheel.v1.SubmitAck\x12\x42\n\nSubmitBulk\x12\x1c.flywheel.v1.PreferenceEvent\x1a\x14.flywheel.v1.BulkAck(\x01\x12N\n\x11SubmitBulkBatched\x12!.flywheel.v1.PreferenceEventBatch\x1a\x14.flywheel.v1.BulkAck(\x01\x12S\n\x0cGetConsensus\x12 .flywheel.v1.GetConsensusRequest\x1a!.flywheel.v1.AggregatedPreference\x12V\n\rExportDataset\x12!.flywheel.v1.ExportDatasetRequest\x1a\".flywheel.v1.ExportDatasetResponse\x12Z\n\x12GetRaterStatistics\x12&.flywheel.v1.GetRaterStatisticsRequest\x1a\x1c.flywheel.v1.RaterStatisticsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flywheel.v1.preference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATASETFORMAT']._serialized_start=592
-  _globals['_DATASETFORMAT']._serialized_end=693
-  _globals['_SUBMITACK']._serialized_start=71
-  _globals['_SUBMITACK']._serialized_end=119
-  _globals['_PREFERENCEEVENTBATCH']._serialized_start=121
-  _globals['_PREFERENCEEVENTBATCH']._serialized_end=189
-  _globals['_BULKACK']._serialized_start=191
-  _globals['_BULKACK']._serialized_end=257
-  _globals['_GETCONSENSUSREQUEST']._serialized_start=259
-  _globals['_GETCONSENSUSREQUEST']._serialized_end=299
-  _globals['_EXPORTDATASETREQUEST']._serialized_start=301
-  _globals['_EXPORTDATASETREQUEST']._serialized_end=424
-  _globals['_EXPORTDATASETRESPONSE']._serialized_start=427
-  _globals['_EXPORTDATASETRESPONSE']._serialized_end=590
-  _globals['_PREFERENCESERVICE']._serialized_start=696
-  _globals['_PREFERENCESERVICE']._serialized_end=1243
+  _globals['_DATASETFORMAT']._serialized_start=1022
+  _globals['_DATASETFORMAT']._serialized_end=1123
+  _globals['_SUBMITACK']._serialized_start=104
+  _globals['_SUBMITACK']._serialized_end=152
+  _globals['_PREFERENCEEVENTBATCH']._serialized_start=154
+  _globals['_PREFERENCEEVENTBATCH']._serialized_end=222
+  _globals['_BULKACK']._serialized_start=224
+  _globals['_BULKACK']._serialized_end=290
+  _globals['_GETCONSENSUSREQUEST']._serialized_start=292
+  _globals['_GETCONSENSUSREQUEST']._serialized_end=332
+  _globals['_EXPORTDATASETREQUEST']._serialized_start=334
+  _globals['_EXPORTDATASETREQUEST']._serialized_end=457
+  _globals['_EXPORTDATASETRESPONSE']._serialized_start=460
+  _globals['_EXPORTDATASETRESPONSE']._serialized_end=623
+  _globals['_GETRATERSTATISTICSREQUEST']._serialized_start=625
+  _globals['_GETRATERSTATISTICSREQUEST']._serialized_end=671
+  _globals['_RATERSTATISTIC']._serialized_start=674
+  _globals['_RATERSTATISTIC']._serialized_end=827
+  _globals['_RATERSTATISTICS']._serialized_start=830
+  _globals['_RATERSTATISTICS']._serialized_end=1020
+  _globals['_PREFERENCESERVICE']._serialized_start=1126
+  _globals['_PREFERENCESERVICE']._serialized_end=1765
 # @@protoc_insertion_point(module_scope)

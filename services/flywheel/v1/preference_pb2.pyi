@@ -7,6 +7,7 @@ from collections import abc as _abc
 from flywheel.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -191,3 +192,109 @@ class ExportDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportDatasetResponse: _TypeAlias = ExportDatasetResponse  # noqa: Y015
+
+@_typing.final
+class GetRaterStatisticsRequest(_message.Message):
+    """---- Rater reliability (GetRaterStatistics) -------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATER_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rater_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these raters (unknown ids are left out); empty: every rater. A rater token may only ask for
+        its own rater id; an admin token for anyone.
+        """
+
+    def __init__(
+        self,
+        *,
+        rater_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rater_ids", b"rater_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRaterStatisticsRequest: _TypeAlias = GetRaterStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class RaterStatistic(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATER_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    WEIGHT_STDERR_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    JUDGEMENTS_FIELD_NUMBER: _builtins.int
+    GOLD_CORRECT_FIELD_NUMBER: _builtins.int
+    GOLD_TOTAL_FIELD_NUMBER: _builtins.int
+    rater_id: _builtins.str
+    weight: _builtins.float
+    """2 * accuracy - 1, in [-1, 1]: 1 never reverses a judgement, 0 judges at random, < 0 adversarial."""
+    weight_stderr: _builtins.float
+    """Standard error of the weight (Laplace approximation); 0 when reliability is not estimated."""
+    accuracy: _builtins.float
+    """Probability that one of this rater's judgements is not reversed."""
+    judgements: _builtins.float
+    """Weighted non-tie judgements on prompts that other raters judged too: the evidence behind the weight."""
+    gold_correct: _builtins.float
+    """Known-answer (gold) items given to the fit: answered right, answered in all."""
+    gold_total: _builtins.float
+    def __init__(
+        self,
+        *,
+        rater_id: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        weight_stderr: _builtins.float = ...,
+        accuracy: _builtins.float = ...,
+        judgements: _builtins.float = ...,
+        gold_correct: _builtins.float = ...,
+        gold_total: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "gold_correct", b"gold_correct", "gold_total", b"gold_total", "judgements", b"judgements", "rater_id", b"rater_id", "weight", b"weight", "weight_stderr", b"weight_stderr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaterStatistic: _TypeAlias = RaterStatistic  # noqa: Y015
+
+@_typing.final
+class RaterStatistics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATERS_FIELD_NUMBER: _builtins.int
+    CONVERGED_FIELD_NUMBER: _builtins.int
+    ITERATIONS_FIELD_NUMBER: _builtins.int
+    NUM_PROMPTS_FIELD_NUMBER: _builtins.int
+    RELIABILITY_FIELD_NUMBER: _builtins.int
+    FITTED_AT_FIELD_NUMBER: _builtins.int
+    converged: _builtins.bool
+    """False when the fit stopped at FLYWHEEL_PREFERENCE_MAX_ITERATIONS (estimates are finite but not final)."""
+    iterations: _builtins.int
+    num_prompts: _builtins.int
+    reliability: _builtins.bool
+    """False when FLYWHEEL_PREFERENCE_RELIABILITY is off (every weight is 1)."""
+    @_builtins.property
+    def raters(self) -> _containers.RepeatedCompositeFieldContainer[Global___RaterStatistic]: ...
+    @_builtins.property
+    def fitted_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        raters: _abc.Iterable[Global___RaterStatistic] | None = ...,
+        converged: _builtins.bool = ...,
+        iterations: _builtins.int = ...,
+        num_prompts: _builtins.int = ...,
+        reliability: _builtins.bool = ...,
+        fitted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fitted_at", b"fitted_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["converged", b"converged", "fitted_at", b"fitted_at", "iterations", b"iterations", "num_prompts", b"num_prompts", "raters", b"raters", "reliability", b"reliability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaterStatistics: _TypeAlias = RaterStatistics  # noqa: Y015

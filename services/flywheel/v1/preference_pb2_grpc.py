@@ -70,6 +70,11 @@ class PreferenceServiceStub:
                 request_serializer=flywheel_dot_v1_dot_preference__pb2.ExportDatasetRequest.SerializeToString,
                 response_deserializer=flywheel_dot_v1_dot_preference__pb2.ExportDatasetResponse.FromString,
                 _registered_method=True)
+        self.GetRaterStatistics = channel.unary_unary(
+                '/flywheel.v1.PreferenceService/GetRaterStatistics',
+                request_serializer=flywheel_dot_v1_dot_preference__pb2.GetRaterStatisticsRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_preference__pb2.RaterStatistics.FromString,
+                _registered_method=True)
 
 
 class PreferenceServiceServicer:
@@ -122,6 +127,13 @@ class PreferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRaterStatistics(self, request, context):
+        """Each rater's weight with its uncertainty, from the fit over all prompts (rater reliability).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +171,11 @@ def add_PreferenceServiceServicer_to_server(servicer, server):
                     servicer.ExportDataset,
                     request_deserializer=flywheel_dot_v1_dot_preference__pb2.ExportDatasetRequest.FromString,
                     response_serializer=flywheel_dot_v1_dot_preference__pb2.ExportDatasetResponse.SerializeToString,
+            ),
+            'GetRaterStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRaterStatistics,
+                    request_deserializer=flywheel_dot_v1_dot_preference__pb2.GetRaterStatisticsRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_preference__pb2.RaterStatistics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +367,33 @@ class PreferenceService:
             '/flywheel.v1.PreferenceService/ExportDataset',
             flywheel_dot_v1_dot_preference__pb2.ExportDatasetRequest.SerializeToString,
             flywheel_dot_v1_dot_preference__pb2.ExportDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRaterStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.PreferenceService/GetRaterStatistics',
+            flywheel_dot_v1_dot_preference__pb2.GetRaterStatisticsRequest.SerializeToString,
+            flywheel_dot_v1_dot_preference__pb2.RaterStatistics.FromString,
             options,
             channel_credentials,
             insecure,

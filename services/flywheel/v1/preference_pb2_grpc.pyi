@@ -45,6 +45,8 @@ class PreferenceServiceStub:
     """Bradley–Terry consensus of all raters for one prompt."""
     ExportDataset: _grpc.UnaryUnaryMultiCallable[_preference_pb2.ExportDatasetRequest, _preference_pb2.ExportDatasetResponse]
     """Export the training datasets (pairs for the reward model, demonstrations for SFT)."""
+    GetRaterStatistics: _grpc.UnaryUnaryMultiCallable[_preference_pb2.GetRaterStatisticsRequest, _preference_pb2.RaterStatistics]
+    """Each rater's weight with its uncertainty, from the fit over all prompts (rater reliability)."""
 
 @_typing.type_check_only
 class PreferenceServiceAsyncStub(PreferenceServiceStub):
@@ -62,6 +64,8 @@ class PreferenceServiceAsyncStub(PreferenceServiceStub):
     """Bradley–Terry consensus of all raters for one prompt."""
     ExportDataset: _aio.UnaryUnaryMultiCallable[_preference_pb2.ExportDatasetRequest, _preference_pb2.ExportDatasetResponse]  # type: ignore[assignment]
     """Export the training datasets (pairs for the reward model, demonstrations for SFT)."""
+    GetRaterStatistics: _aio.UnaryUnaryMultiCallable[_preference_pb2.GetRaterStatisticsRequest, _preference_pb2.RaterStatistics]  # type: ignore[assignment]
+    """Each rater's weight with its uncertainty, from the fit over all prompts (rater reliability)."""
 
 class PreferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -118,5 +122,13 @@ class PreferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_preference_pb2.ExportDatasetResponse, _abc.Awaitable[_preference_pb2.ExportDatasetResponse]]:
         """Export the training datasets (pairs for the reward model, demonstrations for SFT)."""
+
+    @_abc_1.abstractmethod
+    def GetRaterStatistics(
+        self,
+        request: _preference_pb2.GetRaterStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preference_pb2.RaterStatistics, _abc.Awaitable[_preference_pb2.RaterStatistics]]:
+        """Each rater's weight with its uncertainty, from the fit over all prompts (rater reliability)."""
 
 def add_PreferenceServiceServicer_to_server(servicer: PreferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
