@@ -17,6 +17,7 @@ from flywheel.policy.service import PolicyServicer
 from flywheel.policy.settings import PolicySettings
 from flywheel.policy.worker import RolloutWorker
 from flywheel.runtime import ServiceRuntime
+from flywheel.runtime.tls import TlsFiles
 from flywheel.v1 import common_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
     if settings.policy_http_enabled:
         parts.http = TGIHttpApi(backend, defaults, host=settings.host, port=settings.policy_http_port,
                                 max_concurrent_requests=settings.policy_max_queue,
-                                max_input_tokens=settings.policy_max_input_tokens)
+                                max_input_tokens=settings.policy_max_input_tokens,
+                                ssl_context=TlsFiles.from_settings(settings).http_server_context())
         runtime.add_worker(parts.http)
 
     reload = settings.policy_reload_enabled and isinstance(backend, LocalBackend)

@@ -35,6 +35,7 @@ def train(
     from google.protobuf.json_format import MessageToDict
 
     from flywheel.reward.training import RewardTrainingConfig, load_pairs_from_topic, train_reward_model
+    from flywheel.runtime.config import ServiceSettings
 
     sources = sum([data is not None, from_topic, sentiment_demo])
     if sources != 1:
@@ -43,11 +44,11 @@ def train(
         data=data, base_model=base_model, version=version, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, eval_fraction=eval_fraction,
         center_rewards_coefficient=center_rewards, use_margin=not no_margin, seed=seed, publish=publish,
-        bootstrap_servers=bootstrap_servers)
+        bootstrap_servers=bootstrap_servers, kafka_config=ServiceSettings().kafka_client_config())
     if output_dir is not None:
         config.output_dir = output_dir
     if from_topic:
-        config.pairs = load_pairs_from_topic(bootstrap_servers)
+        config.pairs = load_pairs_from_topic(bootstrap_servers, **config.kafka_config)
     if sentiment_demo:
         from flywheel.reward.datasets import sentiment_pairs
 

@@ -286,8 +286,8 @@ class RemoteScorer(Scorer):
     """
 
     def __init__(self, target: str, *, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.1,
-                 max_backoff_s: float = 2.0) -> None:
-        from flywheel.runtime.client import insecure_channel
+                 max_backoff_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None) -> None:
+        from flywheel.runtime.client import blocking_channel
         from flywheel.v1 import reward_pb2_grpc
 
         if not target:
@@ -298,7 +298,7 @@ class RemoteScorer(Scorer):
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         # Retries are ours (deadline per attempt), not the channel's.
-        self._channel = insecure_channel(target, retries=False)
+        self._channel = blocking_channel(target, credentials, retries=False)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
         self._lock = threading.Lock()
         self._name = "remote"
@@ -449,8 +449,11 @@ def _single(kind: str, settings: "RewardSettings") -> Scorer:
     if kind == "vader":
         return VaderScorer()
     if kind == "remote":
+        from flywheel.runtime.tls import TlsFiles
+
         return RemoteScorer(settings.reward_remote_target, timeout_s=settings.reward_remote_timeout_s,
-                            retries=settings.reward_remote_retries)
+                            retries=settings.reward_remote_retries,
+                            credentials=TlsFiles.from_settings(settings).grpc_channel_credentials())
     raise ValueError(f"unknown scorer {kind!r} (transformer, vader, remote, ensemble)")
 
 

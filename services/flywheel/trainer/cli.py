@@ -144,7 +144,8 @@ def sft(data: Optional[Path] = typer.Option(None, help="JSONL of {prompt_text, r
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (data is None) == (not from_topic):
         raise typer.BadParameter("give exactly one of --data or --from-topic")
-    demos = load_demonstrations_file(data) if data else load_demonstrations_from_topic(settings.kafka_bootstrap_servers)
+    demos = load_demonstrations_file(data) if data else load_demonstrations_from_topic(
+        settings.kafka_bootstrap_servers, **settings.kafka_client_config())
     typer.echo(f"{len(demos)} demonstrations")
     store = CheckpointStore(settings.checkpoint_root())
     mv = run_sft(demos, store=store, base_model_path=base_model_path(settings),

@@ -70,12 +70,13 @@ class RewardJobRunner:
 
     def __init__(self, *, default_dataset_uri: str | None, output_dir: str | Path | None, default_epochs: int,
                  bootstrap_servers: str | None, model_versions_topic: str | None,
-                 train: Callable[..., object] | None = None) -> None:
+                 train: Callable[..., object] | None = None, kafka_config: dict[str, object] | None = None) -> None:
         self.default_dataset_uri = default_dataset_uri
         self.output_dir = output_dir
         self.default_epochs = default_epochs
         self.bootstrap_servers = bootstrap_servers
         self.model_versions_topic = model_versions_topic
+        self.kafka_config = kafka_config or {}
         self._train = train
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model-training")
         self._jobs: dict[str, RewardJob] = {}
@@ -108,7 +109,8 @@ class RewardJobRunner:
             kwargs: dict[str, object] = dict(epochs=job.epochs, progress=False,
                                              publish=bool(self.bootstrap_servers),
                                              bootstrap_servers=self.bootstrap_servers,
-                                             model_versions_topic=self.model_versions_topic)
+                                             model_versions_topic=self.model_versions_topic,
+                                             kafka_config=self.kafka_config)
             if self.output_dir is not None:
                 kwargs["output_dir"] = self.output_dir
             if job.dataset_uri:
@@ -116,7 +118,7 @@ class RewardJobRunner:
             else:
                 if not self.bootstrap_servers:
                     raise ValueError("no dataset_uri given and no Kafka to read aggregated preferences from")
-                kwargs["pairs"] = load_pairs_from_topic(self.bootstrap_servers)
+                kwargs["pairs"] = load_pairs_from_topic(self.bootstrap_servers, **self.kafka_config)
             train = self._train or train_reward_model
             result = train(RewardTrainingConfig(**kwargs))
             job.model_version = result.model_version  # type: ignore[attr-defined]
