@@ -28,6 +28,11 @@ from flywheel.runtime.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
+# Health name that is SERVING from the moment the server listens until shutdown, whatever the
+# service's readiness: liveness and startup probes ask about it, so a long start-up (the
+# preference service replaying its topics) keeps the pod alive while readiness stays false.
+LIVENESS_SERVICE = "flywheel.liveness"
+
 
 class BackgroundWorker(Protocol):
     """Something that runs beside the gRPC server (a Kafka consumer loop, a trainer loop)."""
@@ -121,6 +126,7 @@ class ServiceRuntime:
         if self.grpc_port == 0:
             raise RuntimeError(f"could not bind gRPC server to {address}")
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         if settings.metrics_enabled:
             self._metrics_server = metrics.MetricsServer(settings.host, settings.metrics_port,
