@@ -157,13 +157,16 @@ default
 {{- end -}}
 
 {{/* Workload annotations recording the security-scan decisions (checkov skip annotations need a
-     reason): dict "digest" <image digest or ""> "pullPolicy" <policy>. */}}
+     reason): dict "digest" <image digest or ""> "pullPolicy" <policy> ["secretEnv" <Secrets as env>]. */}}
 {{- define "flywheel.scanAnnotations" -}}
 {{- if ne .pullPolicy "Always" }}
 checkov.io/skip1: CKV_K8S_15=Images are immutable release tags or digests; Always would re-contact the registry for multi-GB images on every pod start
 {{- end }}
 {{- if not .digest }}
 checkov.io/skip2: CKV_K8S_43=Pinned by release tag because no digest was configured; set <component>.image.digest to pin by digest
+{{- end }}
+{{- if .secretEnv }}
+checkov.io/skip3: CKV_K8S_35=Settings are read from the environment (pydantic-settings); the Secret values reach only this container's environment, never a ConfigMap or the image
 {{- end }}
 {{- end -}}
 
