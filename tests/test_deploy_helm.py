@@ -565,6 +565,25 @@ def test_values_in_docs_deploy_md_render(helm, tmp_path) -> None:
     assert "registry.example.com/flywheel/flywheel-reward:0.1.0" in images
 
 
+def test_secure_values_in_docs_deploy_md_render(helm, tmp_path) -> None:
+    """The secure-install walk-through: TLS, auth Secret, SASL_SSL and per-service clients render."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    for name in ("flywheel-values", "flywheel-secure"):
+        block = re.search(rf"cat > {name}.yaml <<'YAML'\n(.*?)\nYAML\n", text, re.S).group(1)
+        (tmp_path / f"{name}.yaml").write_text(block)
+    docs = [d for d in yaml.safe_load_all(run_helm(
+        helm, "template", "flywheel", str(CHART), "-n", "flywheel", "-f", str(tmp_path / "flywheel-values.yaml"),
+        "-f", str(tmp_path / "flywheel-secure.yaml"), "--api-versions", "cert-manager.io/v1/Certificate").stdout) if d]
+    assert by_kind(docs, "Certificate")["flywheel-tls"]["spec"]["secretName"] == "flywheel-tls"
+    for doc, spec in pod_specs(docs):
+        if component(doc) in SERVICES:
+            container = spec["containers"][0]
+            assert "exec" in container["readinessProbe"], component(doc)  # TLS: the probe script
+            assert {"secretRef": {"name": "flywheel-auth"}} in container["envFrom"]
+    policy = by_kind(docs, "NetworkPolicy")["flywheel-trainer"]
+    assert len(policy["spec"]["ingress"][0]["from"]) == 1  # the release's own pods only
+
+
 def test_versions_agree_with_the_package() -> None:
     import tomllib
 
