@@ -647,3 +647,85 @@ def test_in_chart_kraft_config_boots_a_real_broker(rendered, tmp_path) -> None:
             broker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             broker.kill()
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_in_chart_sasl_ssl_broker_boots_and_admits_only_its_users(helm, tmp_path) -> None:
+    """kafka.securityProtocol=SASL_SSL on the in-chart broker: the container's own start script and
+    server.properties, run with the Kafka jars (the image's two launcher scripts become two-line
+    wrappers) and a test-made CA; the Secret's user then creates Flywheel's topics over SASL_SSL
+    with SCRAM-SHA-512 and with PLAIN, and a wrong password is refused."""
+    from conftest import KAFKA_SH, free_port
+    from kafka.admin import KafkaAdminClient
+    from tls_certs import make_pki
+
+    from flywheel.bus import ensure_topics_for
+    from flywheel.runtime.config import ServiceSettings
+
+    docs = render(helm, "kafka-internal", "--set", "kafka.securityProtocol=SASL_SSL", "--set",
+                  "kafka.sasl.existingSecret=kafka-user", "--set", "kafka.internal.tlsSecret=kafka-tls")
+    props = by_kind(docs, "ConfigMap")["rel-flywheel-kafka"]["data"]["server.properties"]
+    container = by_kind(docs, "StatefulSet")["rel-flywheel-kafka"]["spec"]["template"]["spec"]["containers"][0]
+    assert "PLAINTEXT://0.0.0.0" not in props  # clients reach only the SASL_SSL listener
+
+    pki = make_pki(tmp_path / "pki", dns_names=("rel-flywheel-kafka.ml.svc",))
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    for src, dst in (("server.crt", "tls.crt"), ("server.key", "tls.key"), ("ca.crt", "ca.crt")):
+        (tls_dir / dst).write_bytes((pki / src).read_bytes())
+    port, cport, iport = free_port(), free_port(), free_port()
+    local = (props.replace("0.0.0.0:9092", f"127.0.0.1:{port}").replace("127.0.0.1:9093", f"127.0.0.1:{cport}")
+             .replace("127.0.0.1:9094", f"127.0.0.1:{iport}")
+             .replace("rel-flywheel-kafka.ml.svc:9092", f"127.0.0.1:{port}")
+             .replace("/var/lib/kafka/data", str(tmp_path / "data")).replace("/tmp/", f"{tmp_path}/run/"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "server.properties").write_text(local)
+    libs = Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel")) / "kafka-4.1.1" / "libs"
+    if not (libs / ".complete").exists():
+        subprocess.run([str(KAFKA_SH), "fetch"], check=False, capture_output=True, timeout=600)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for script, main in (("kafka-storage.sh", "kafka.tools.StorageTool"), ("kafka-server-start.sh", "kafka.Kafka")):
+        (bin_dir / script).write_text(f'#!/bin/sh\nexec java -Xmx384m -Dkafka.logs.dir={tmp_path}/run '
+                                      f'-cp "{libs}/*" {main} "$@"\n')
+        (bin_dir / script).chmod(0o755)
+    start = (container["args"][0].replace("/opt/kafka/bin/", f"{bin_dir}/")
+             .replace("/etc/flywheel-kafka-tls/", f"{tls_dir}/").replace("/etc/flywheel-kafka/", f"{tmp_path}/config/")
+             .replace("/tmp/", f"{tmp_path}/run/"))
+    env = {**os.environ, "KAFKA_CLUSTER_ID": "Zmx5d2hlZWwta3JhZnQtMQ", "KAFKA_SASL_USERNAME": "flywheel",
+           "KAFKA_SASL_PASSWORD": "s3cret-pw"}
+    log = open(tmp_path / "broker.log", "w")
+    broker = subprocess.Popen(["/bin/bash", "-ec", start], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+
+    def settings(mechanism: str, password: str = "s3cret-pw") -> ServiceSettings:
+        return ServiceSettings(kafka_bootstrap_servers=f"127.0.0.1:{port}", kafka_security_protocol="SASL_SSL",
+                               kafka_sasl_mechanism=mechanism, kafka_sasl_username="flywheel",
+                               kafka_sasl_password=password, kafka_ssl_cafile=tls_dir / "ca.crt",
+                               kafka_topic_partitions=1)
+    try:
+        deadline = time.monotonic() + 240
+        created = None
+        while created is None:
+            assert broker.poll() is None, (tmp_path / "broker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-3000:]
+            try:
+                created = ensure_topics_for(settings("SCRAM-SHA-512"))
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(2)
+        assert "flywheel.prompts.v1.dlq" in created
+        assert ensure_topics_for(settings("PLAIN")) == []  # the same user over PLAIN: all exist already
+        bad = settings("SCRAM-SHA-512", password="wrong")
+        with pytest.raises(Exception):
+            KafkaAdminClient(bootstrap_servers=bad.bootstrap_servers, bootstrap_timeout_ms=5000,
+                             **bad.kafka_client_config()).list_topics()
+        assert "s3cret-pw" not in props  # the password reaches the broker from the Secret, not the ConfigMap
+    finally:
+        os.killpg(broker.pid, 15)
+        try:
+            broker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(broker.pid, 9)
+            broker.wait(timeout=30)
