@@ -169,3 +169,19 @@ def test_kafka_client_config_carries_sasl_and_ssl_to_every_client(tmp_path: Path
         ServiceSettings(kafka_security_protocol="SASL_PLAINTEXT")
     with pytest.raises(ValidationError, match="kafka_security_protocol"):
         ServiceSettings(kafka_security_protocol="SASL")
+
+
+async def test_cli_channel_dials_with_the_pods_own_tls_settings(pki, settings_factory, serve, monkeypatch) -> None:
+    """`kubectl exec ... flywheel trainer status` inside a TLS pod: the CLI presents the pod's certificate."""
+    from flywheel.runtime.client import cli_channel
+
+    _, target = await start(settings_factory, serve, tls_cert_file=pki / "server.crt",
+                            tls_key_file=pki / "server.key", tls_client_ca_file=pki / "ca.crt")
+    monkeypatch.setenv("FLYWHEEL_TLS_CA_FILE", str(pki / "ca.crt"))
+    monkeypatch.setenv("FLYWHEEL_TLS_CERT_FILE", str(pki / "client.crt"))
+    monkeypatch.setenv("FLYWHEEL_TLS_KEY_FILE", str(pki / "client.key"))
+    with cli_channel(target) as channel:
+        assert await check(channel) == health_pb2.HealthCheckResponse.SERVING
+    monkeypatch.delenv("FLYWHEEL_TLS_CA_FILE")
+    with cli_channel(target) as channel, pytest.raises(grpc.RpcError):
+        await check(channel)  # plaintext against a TLS port

@@ -66,10 +66,10 @@ def score(
     timeout_s: float = typer.Option(10.0),
 ) -> None:
     """Score responses with a running reward service."""
-    from flywheel.runtime.client import insecure_channel
+    from flywheel.runtime.client import cli_channel
     from flywheel.v1 import reward_pb2, reward_pb2_grpc
 
-    with insecure_channel(target) as channel:
+    with cli_channel(target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         reply = stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=prompt, response=r)
                                                           for i, r in enumerate(response)]), timeout=timeout_s)

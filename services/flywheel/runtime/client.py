@@ -42,6 +42,18 @@ def insecure_channel(target: str, *, retries: bool = True) -> grpc.Channel:
     return grpc.insecure_channel(target, options=channel_options(retries=retries))
 
 
+def cli_channel(target: str) -> grpc.Channel:
+    """A CLI's channel: TLS (mutual, with a certificate) when the FLYWHEEL_TLS_* environment says so.
+
+    Inside a pod (`kubectl exec ... flywheel trainer status`) that is the pod's own TLS settings;
+    the chart's certificate names localhost and 127.0.0.1 for exactly this.
+    """
+    from flywheel.runtime.config import ServiceSettings
+    from flywheel.runtime.tls import TlsFiles
+
+    return blocking_channel(target, TlsFiles.from_settings(ServiceSettings()).grpc_channel_credentials())
+
+
 def blocking_channel(target: str, credentials: grpc.ChannelCredentials | None, *, retries: bool = True,
                      server_name: str | None = None) -> grpc.Channel:
     """A blocking channel: TLS with `credentials` (TlsFiles.grpc_channel_credentials()), else plaintext.

@@ -15,10 +15,10 @@ TARGET = typer.Option("127.0.0.1:50054", "--target", envvar="FLYWHEEL_TRAINER_TA
 
 
 def _stub(target: str):  # noqa: ANN202
-    from flywheel.runtime.client import insecure_channel
+    from flywheel.runtime.client import cli_channel
     from flywheel.v1 import trainer_pb2_grpc
 
-    return trainer_pb2_grpc.TrainerServiceStub(insecure_channel(target))
+    return trainer_pb2_grpc.TrainerServiceStub(cli_channel(target))
 
 
 def _state_name(state: int) -> str:
