@@ -87,7 +87,8 @@ def test_rendered_two_node_trainer_runs_a_ppo_step(helm, kafka_bootstrap, unique
             return "\n".join(f"--- pod {i}\n{log.read_text()[-3000:]}" for i, (_, log) in enumerate(pods))
 
         # pod 0's readiness probe, as rendered (its non-zero pods answer "ready" without a server)
-        probe = container["readinessProbe"]["exec"]["command"]
+        probe = [part.replace("/opt/flywheel/bin/grpc_health_check.py", str(HEALTH_CHECK))  # where the image has it
+                 for part in container["readinessProbe"]["exec"]["command"]]
         deadline = time.monotonic() + 420
         while True:
             for proc, _ in pods:
