@@ -157,8 +157,8 @@ def dashboard() -> dict:
            ("timeseries", "Entropy", [(f"avg by (job) (flywheel_trainer_entropy{{{SEL}}})", "entropy")], "short",
             "Mean per-token policy entropy (alert: below 0.05 for 30 min)."),
            ("timeseries", "Reward-model jobs", [(f"sum by (state) (increase(flywheel_trainer_reward_model_jobs_total"
-                                                 f"{{{SEL}}}[$__range]))", "{{state}}")], "short",
-            "TriggerRewardModelTraining jobs over the dashboard range, by final state."))
+                                                 f"{{{SEL}}}[24h]))", "{{state}}")], "short",
+            "TriggerRewardModelTraining jobs finished in the last 24 hours, by final state."))
     variable_query = "label_values(flywheel_service_serving, namespace)"
     job_query = 'label_values(flywheel_service_serving{namespace=~"$namespace"}, job)'
     return {
