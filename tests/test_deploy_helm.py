@@ -675,10 +675,11 @@ def test_in_chart_sasl_ssl_broker_boots_and_admits_only_its_users(helm, tmp_path
     for src, dst in (("server.crt", "tls.crt"), ("server.key", "tls.key"), ("ca.crt", "ca.crt")):
         (tls_dir / dst).write_bytes((pki / src).read_bytes())
     port, cport, iport = free_port(), free_port(), free_port()
-    local = (props.replace("0.0.0.0:9092", f"127.0.0.1:{port}").replace("127.0.0.1:9093", f"127.0.0.1:{cport}")
-             .replace("127.0.0.1:9094", f"127.0.0.1:{iport}")
+    # "/tmp/" first: the local paths substituted after it live under /tmp themselves
+    local = (props.replace("/tmp/", f"{tmp_path}/run/").replace("0.0.0.0:9092", f"127.0.0.1:{port}")
+             .replace("127.0.0.1:9093", f"127.0.0.1:{cport}").replace("127.0.0.1:9094", f"127.0.0.1:{iport}")
              .replace("rel-flywheel-kafka.ml.svc:9092", f"127.0.0.1:{port}")
-             .replace("/var/lib/kafka/data", str(tmp_path / "data")).replace("/tmp/", f"{tmp_path}/run/"))
+             .replace("/var/lib/kafka/data", str(tmp_path / "data")))
     (tmp_path / "run").mkdir()
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "server.properties").write_text(local)
@@ -691,9 +692,8 @@ def test_in_chart_sasl_ssl_broker_boots_and_admits_only_its_users(helm, tmp_path
         (bin_dir / script).write_text(f'#!/bin/sh\nexec java -Xmx384m -Dkafka.logs.dir={tmp_path}/run '
                                       f'-cp "{libs}/*" {main} "$@"\n')
         (bin_dir / script).chmod(0o755)
-    start = (container["args"][0].replace("/opt/kafka/bin/", f"{bin_dir}/")
-             .replace("/etc/flywheel-kafka-tls/", f"{tls_dir}/").replace("/etc/flywheel-kafka/", f"{tmp_path}/config/")
-             .replace("/tmp/", f"{tmp_path}/run/"))
+    start = (container["args"][0].replace("/tmp/", f"{tmp_path}/run/").replace("/opt/kafka/bin/", f"{bin_dir}/")
+             .replace("/etc/flywheel-kafka-tls/", f"{tls_dir}/").replace("/etc/flywheel-kafka/", f"{tmp_path}/config/"))
     env = {**os.environ, "KAFKA_CLUSTER_ID": "Zmx5d2hlZWwta3JhZnQtMQ", "KAFKA_SASL_USERNAME": "flywheel",
            "KAFKA_SASL_PASSWORD": "s3cret-pw"}
     log = open(tmp_path / "broker.log", "w")
@@ -723,7 +723,8 @@ def test_in_chart_sasl_ssl_broker_boots_and_admits_only_its_users(helm, tmp_path
                              **bad.kafka_client_config()).list_topics()
         assert "s3cret-pw" not in props  # the password reaches the broker from the Secret, not the ConfigMap
     finally:
-        os.killpg(broker.pid, 15)
+        if broker.poll() is None:
+            os.killpg(broker.pid, 15)
         try:
             broker.wait(timeout=60)
         except subprocess.TimeoutExpired:
