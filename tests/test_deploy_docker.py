@@ -231,6 +231,27 @@ def test_service_target(dockerfile, service: str) -> None:
     assert re.search(r"--start-period=\d+s", health.args)
 
 
+@pytest.mark.parametrize("service", ["policy", "reward", "trainer"])
+def test_cuda_target_is_the_cpu_target_with_cuda_torch(dockerfile, service: str) -> None:
+    args, stages = dockerfile
+    cuda = stages[f"{service}-cuda"]
+    assert cuda.base == service  # same user, ports, health check and command as the CPU image
+    (copy,) = cuda.all("COPY")
+    assert copy.args == "--from=build-cuda /opt/flywheel/venv /opt/flywheel/venv"
+    install = " ".join(i.args for i in stages["build-cuda"].all("RUN"))
+    assert 'torch==${TORCH_VERSION}' in install and "sed -n 's/^torch==//p' docker/constraints.txt" in install
+    index = next(i.args for i in stages["build-cuda"].all("ARG") if i.args.startswith("TORCH_CUDA_INDEX="))
+    assert re.fullmatch(r"TORCH_CUDA_INDEX=https://download\.pytorch\.org/whl/cu\d+", index)
+    cpu = " ".join(i.args for i in stages["build"].all("RUN"))
+    assert "https://download.pytorch.org/whl/cpu" in cpu
+
+
+def test_cpu_stays_the_default_target(dockerfile) -> None:
+    _, stages = dockerfile
+    last = list(stages)[-1]  # `docker build` without --target builds the last stage
+    assert not last.endswith("-cuda") and last in SERVICES
+
+
 def test_runtime_is_read_only_root_filesystem_friendly(dockerfile) -> None:
     _, stages = dockerfile
     env = env_of(stages, "reward")

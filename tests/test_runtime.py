@@ -305,3 +305,23 @@ def test_uri_policy_confines_locations(tmp_path) -> None:
         with pytest.raises(InvalidArgument) as err:
             check_uri(uri, policy)
         assert err.value.field == "dataset_uri"
+
+
+async def test_liveness_is_serving_while_the_service_is_not_ready(settings_factory, serve) -> None:
+    """Probes: liveness/startup ask about flywheel.liveness, readiness about the service, so a long
+    start-up (a replay) is NOT ready but alive, and the kubelet never restarts it for that."""
+    from flywheel.runtime.server import LIVENESS_SERVICE
+
+    runtime, _ = build(settings_factory())
+    target = await serve(runtime, ready=False)
+    async with aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        async def status(name: str) -> int:
+            return (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+
+        assert await status(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        for name in ("", SERVICE):
+            assert await status(name) == health_pb2.HealthCheckResponse.NOT_SERVING
+        await runtime.set_serving(True)
+        assert await status(SERVICE) == health_pb2.HealthCheckResponse.SERVING

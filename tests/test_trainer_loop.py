@@ -44,14 +44,14 @@ def produce(bootstrap: str, topic: Topic, messages: list[common_pb2.ScoredRollou
         producer.close()
 
 
-def read_versions(bootstrap: str, topic: Topic, unique: str, expect: int, timeout_s: float = 120) -> list[
-        common_pb2.ModelVersion]:
+def read_versions(bootstrap: str, topic: Topic, unique: str, expect: int, timeout_s: float = 120,
+                  done=None) -> list[common_pb2.ModelVersion]:
     consumer = TypedConsumer(topic, bootstrap_servers=bootstrap, group_id=f"reader-{unique}-{time.time()}",
                              dead_letters=TypedProducer(bootstrap))
     out: list[common_pb2.ModelVersion] = []
     deadline = time.monotonic() + timeout_s
     try:
-        while len(out) < expect and time.monotonic() < deadline:
+        while not (done(out) if done else len(out) >= expect) and time.monotonic() < deadline:
             out.extend(d.value for d in consumer.poll(timeout_ms=500))
     finally:
         consumer.close()

@@ -4,6 +4,8 @@
 #   kafka.sh fetch                                   download jars into the cache (once per machine)
 #   kafka.sh start --data-dir DIR [--port 9092] [--controller-port PORT] [--heap 512m]
 #                                                    format storage if new, start, wait until ready
+#          [--sasl-ssl-port PORT --tls-dir DIR --plain-user U:P... --scram-user U:P...]
+#                                                    ...plus a SASL_SSL listener (see security_* below)
 #   kafka.sh stop  --data-dir DIR                    SIGTERM, wait, SIGKILL if it will not go
 #   kafka.sh status --data-dir DIR                   exit 0 when running
 #
@@ -35,6 +37,55 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
+# ---- SASL_SSL listener (optional) -------------------------------------------------------------
+# --sasl-ssl-port PORT adds a SASL_SSL listener beside the PLAINTEXT one (which stays for
+# readiness and inter-broker traffic). --tls-dir holds PEM ca.crt, server.crt and server.key
+# (PKCS#8, unencrypted); --plain-user and --scram-user (repeatable, NAME:PASSWORD) are the
+# PLAIN users (JAAS) and the SCRAM-SHA-512 users (stored by `kafka-storage format --add-scram`,
+# so they are created when the storage is first formatted).
+SASL_SSL_PORT="" TLS_DIR="" PLAIN_USERS=() SCRAM_USERS=()
+
+security_option() {
+  case "$1" in
+    --sasl-ssl-port) SASL_SSL_PORT="$2" ;;
+    --tls-dir) TLS_DIR="$(cd "$2" && pwd)" ;;
+    --plain-user) PLAIN_USERS+=("$2") ;;
+    --scram-user) SCRAM_USERS+=("$2") ;;
+  esac
+}
+
+# Appended to server.properties: later keys win, so the listener lines are redefined here.
+security_properties() {
+  local data_dir="$1" port="$2" cport="$3"
+  [[ -n "$SASL_SSL_PORT" ]] || return 0
+  [[ -f "$TLS_DIR/server.crt" && -f "$TLS_DIR/server.key" && -f "$TLS_DIR/ca.crt" ]] \
+    || die "--tls-dir needs ca.crt, server.crt and server.key"
+  cat "$TLS_DIR/server.key" "$TLS_DIR/server.crt" >"$data_dir/keystore.pem"
+  chmod 600 "$data_dir/keystore.pem"
+  local jaas="org.apache.kafka.common.security.plain.PlainLoginModule required" user
+  for user in "${PLAIN_USERS[@]}"; do jaas+=" user_${user%%:*}=\"${user#*:}\""; done
+  cat <<PROPS
+listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$SASL_SSL_PORT,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_SSL://127.0.0.1:$SASL_SSL_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512
+listener.name.sasl_ssl.plain.sasl.jaas.config=$jaas;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location=$data_dir/keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.crt
+PROPS
+}
+
+# Extra `kafka-storage format` arguments: one --add-scram per SCRAM user.
+security_format_args() {
+  local user
+  for user in "${SCRAM_USERS[@]}"; do
+    printf '%s\n' --add-scram "SCRAM-SHA-512=[name=${user%%:*},password=${user#*:}]"
+  done
+}
+
 running() {
   local pid_file="$1/kafka.pid"
   [[ -f "$pid_file" ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null
@@ -49,6 +100,7 @@ start() {
       --controller-port) cport="$2"; shift 2 ;;
       --heap) heap="$2"; shift 2 ;;
       --timeout) timeout="$2"; shift 2 ;;
+      --sasl-ssl-port|--tls-dir|--plain-user|--scram-user) security_option "$1" "$2"; shift 2 ;;
       *) die "unknown option $1" ;;
     esac
   done
@@ -80,6 +132,7 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 PROPS
+  security_properties "$data_dir" "$port" "$cport" >>"$data_dir/server.properties"
   cat >"$data_dir/log4j2.properties" <<PROPS
 status = warn
 appender.file.type = File
@@ -95,8 +148,10 @@ PROPS
     rm -rf "$data_dir/data" && mkdir -p "$data_dir/data"
     local cluster_id
     cluster_id="$("$JAVA" -cp "$LIBS/*" kafka.tools.StorageTool random-uuid)"
+    local -a extra=()
+    mapfile -t extra < <(security_format_args)
     "$JAVA" -cp "$LIBS/*" kafka.tools.StorageTool format --standalone -t "$cluster_id" \
-      -c "$data_dir/server.properties" >"$data_dir/logs/format.log" 2>&1 \
+      -c "$data_dir/server.properties" "${extra[@]}" >"$data_dir/logs/format.log" 2>&1 \
       || { cat "$data_dir/logs/format.log" >&2; die "storage format failed"; }
     echo "$cport" >"$data_dir/controller.port"
   fi

@@ -111,6 +111,26 @@ def dashboard() -> dict:
             "short", ""),
            ("timeseries", "Scored rollouts/s", [(rate("flywheel_reward_scored_rollouts_total", "job"), "{{job}}")],
             "ops", ""))
+    g.line(("timeseries", "Policy latency", [(quantile(0.99, "flywheel_policy_request_latency_seconds", "job"), "p99"),
+                                             (quantile(0.5, "flywheel_policy_request_latency_seconds", "job"), "p50")],
+            "s", "Submit to completion of one generation request."),
+           ("timeseries", "Time to first token", [(quantile(0.99, "flywheel_policy_time_to_first_token_seconds",
+                                                            "job"), "p99"),
+                                                  (quantile(0.5, "flywheel_policy_time_to_first_token_seconds",
+                                                            "job"), "p50")],
+            "s", "Submit to first sampled token (alert: p99 > 5 s)."),
+           ("timeseries", "Reward load shedding", [(rate("flywheel_reward_rejected_total", "reason"), "{{reason}}")],
+            "reqps", "Scoring requests refused or dropped (queue full, deadline): alert above 1/s for 10 min."))
+    g.row("Lag and access")
+    g.line(("timeseries", "Preference replay lag", [(f"max by (instance, topic) (flywheel_preference_replay_lag{{{SEL}}})",
+                                                     "{{instance}} {{topic}}")], "short",
+            "Records not yet applied to the preference store; the service is unready until 0."),
+           ("timeseries", "Trainer consumer lag", [(f'sum by (topic) (flywheel_bus_consumer_lag{{{SEL}, job="flywheel-trainer"}})',
+                                                    "{{topic}}")], "short",
+            "Scored rollouts waiting for the trainer (it cannot scale out; late ones go stale)."),
+           ("timeseries", "Auth failures", [(rate("flywheel_preference_auth_failures_total", "job, reason"),
+                                             "{{job}} {{reason}}")], "reqps",
+            "Refused calls: missing/bad token (unauthenticated) or missing scope (permission_denied)."))
     g.row("Training")
     g.line(("timeseries", "Mean reward-model score", [(f"avg by (job) (flywheel_trainer_mean_score{{{SEL}}})",
                                                        "score"),
@@ -127,6 +147,18 @@ def dashboard() -> dict:
                                           "{{job}}")], "short", ""),
            ("timeseries", "Rollouts by outcome", [(rate("flywheel_trainer_rollouts_total", "outcome"),
                                                    "{{outcome}}")], "ops", "trained, stale, duplicate, ..."))
+    g.row("PPO health")
+    g.line(("timeseries", "Gradient norm", [(f"max by (job) (flywheel_trainer_grad_norm{{{SEL}}})", "grad norm")],
+            "short", "Mean gradient norm before clipping: spikes precede divergence."),
+           ("timeseries", "Approx KL and clip fraction",
+            [(f"max by (job) (flywheel_trainer_approx_kl{{{SEL}}})", "approx KL"),
+             (f"max by (job) (flywheel_trainer_clipfrac{{{SEL}}})", "clip fraction")], "short",
+            "Size of each update (alert: approx KL > 0.1 or clip fraction > 0.3 for 30 min)."),
+           ("timeseries", "Entropy", [(f"avg by (job) (flywheel_trainer_entropy{{{SEL}}})", "entropy")], "short",
+            "Mean per-token policy entropy (alert: below 0.05 for 30 min)."),
+           ("timeseries", "Reward-model jobs", [(f"sum by (state) (increase(flywheel_trainer_reward_model_jobs_total"
+                                                 f"{{{SEL}}}[24h]))", "{{state}}")], "short",
+            "TriggerRewardModelTraining jobs finished in the last 24 hours, by final state."))
     variable_query = "label_values(flywheel_service_serving, namespace)"
     job_query = 'label_values(flywheel_service_serving{namespace=~"$namespace"}, job)'
     return {

@@ -63,8 +63,12 @@ def create_topics(bootstrap_servers: str = typer.Option("127.0.0.1:9092", envvar
                   partitions: int = 3, replication_factor: int = 1) -> None:
     """Create every Flywheel topic and its dead-letter topic (idempotent)."""
     from flywheel.bus import ensure_topics
+    from flywheel.runtime.config import ServiceSettings
 
-    created = ensure_topics(bootstrap_servers, partitions=partitions, replication_factor=replication_factor)
+    # Security (FLYWHEEL_KAFKA_SECURITY_PROTOCOL, _SASL_*, _SSL_*) from the environment, as the services read it.
+    security = ServiceSettings().kafka_client_config()
+    created = ensure_topics(bootstrap_servers, partitions=partitions, replication_factor=replication_factor,
+                            **security)
     typer.echo("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
 
 

@@ -11,6 +11,9 @@ metadata:
     {{- end }}
   annotations:
     checksum/config: {{ include "flywheel.configData" . | sha256sum }}
+    {{- if include "flywheel.torchrun" . }}
+    kubectl.kubernetes.io/default-container: {{ $name }}
+    {{- end }}
     {{- with $c.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -32,15 +35,47 @@ spec:
     - name: {{ $name }}
       image: {{ include "flywheel.image" . }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- if include "flywheel.torchrun" . }}
+      {{- $d := $c.distributed }}
+      # One torchrun job over `distributed.nodes` pods: static rendezvous on pod 0 (node rank =
+      # the pod's ordinal, so global rank 0, which runs the service, is always on pod 0).
+      command: ["/bin/sh", "-ec"]
+      args:
+        - >-
+          exec python -m torch.distributed.run
+          --nnodes {{ $d.nodes }} --nproc-per-node {{ $d.procsPerNode }}
+          --node-rank "${HOSTNAME##*-}"
+          --master-addr {{ include "flywheel.componentName" . }}-0.{{ include "flywheel.componentName" . }}-ranks.{{ $root.Release.Namespace }}.svc
+          --master-port {{ $d.port }}
+          --max-restarts 0
+          -m flywheel.trainer
+      {{- else }}
       args: ["serve", {{ $name | quote }}]
+      {{- end }}
       envFrom:
         - configMapRef:
             name: {{ include "flywheel.componentName" . }}
+        {{- with $root.Values.auth.existingSecret }}
+        - secretRef:
+            name: {{ . }}
+        {{- end }}
       env:
         - name: FLYWHEEL_KAFKA_CLIENT_ID
           valueFrom:
             fieldRef:
               fieldPath: metadata.name
+        {{- if include "flywheel.kafkaSasl" $root }}
+        - name: FLYWHEEL_KAFKA_SASL_USERNAME
+          valueFrom:
+            secretKeyRef:
+              name: {{ $root.Values.kafka.sasl.existingSecret }}
+              key: username
+        - name: FLYWHEEL_KAFKA_SASL_PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ $root.Values.kafka.sasl.existingSecret }}
+              key: password
+        {{- end }}
         {{- with $root.Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -59,30 +94,28 @@ spec:
           containerPort: {{ .port }}
           protocol: TCP
         {{- end }}
-      # Native gRPC probes (grpc.health.v1). Startup and liveness ask about the server as a
-      # whole; readiness asks about this service, which reports NOT_SERVING while loading models
-      # and during graceful shutdown.
+        {{- if include "flywheel.torchrun" . }}
+        - name: rendezvous
+          containerPort: {{ $c.distributed.port }}
+          protocol: TCP
+        {{- end }}
+      # gRPC health probes. Startup and liveness ask about flywheel.liveness, SERVING from the
+      # moment the server listens: a long start-up (model load, the preference replay) never
+      # restarts the pod. Readiness asks about this service, which reports NOT_SERVING while it
+      # loads or replays and during graceful shutdown.
       startupProbe:
-        grpc:
-          port: {{ $c.grpcPort }}
-        periodSeconds: {{ $c.probes.startup.periodSeconds }}
-        failureThreshold: {{ $c.probes.startup.failureThreshold }}
-        timeoutSeconds: {{ $c.probes.startup.timeoutSeconds }}
+        {{- include "flywheel.probe" (dict "ctx" . "service" "flywheel.liveness" "timing" $c.probes.startup) | nindent 8 }}
       livenessProbe:
-        grpc:
-          port: {{ $c.grpcPort }}
-        periodSeconds: {{ $c.probes.liveness.periodSeconds }}
-        failureThreshold: {{ $c.probes.liveness.failureThreshold }}
-        timeoutSeconds: {{ $c.probes.liveness.timeoutSeconds }}
+        {{- include "flywheel.probe" (dict "ctx" . "service" "flywheel.liveness" "timing" $c.probes.liveness) | nindent 8 }}
       readinessProbe:
-        grpc:
-          port: {{ $c.grpcPort }}
-          service: {{ include "flywheel.grpcService" $name }}
-        periodSeconds: {{ $c.probes.readiness.periodSeconds }}
-        failureThreshold: {{ $c.probes.readiness.failureThreshold }}
-        timeoutSeconds: {{ $c.probes.readiness.timeoutSeconds }}
+        {{- include "flywheel.probe" (dict "ctx" . "service" (include "flywheel.grpcService" $name) "timing" $c.probes.readiness) | nindent 8 }}
+      {{- $resources := deepCopy $c.resources }}
+      {{- if gt (int $c.gpus) 0 }}
+      {{- $_ := set $resources.limits $root.Values.gpu.resourceName (int $c.gpus) }}
+      {{- $_ := set $resources.requests $root.Values.gpu.resourceName (int $c.gpus) }}
+      {{- end }}
       resources:
-        {{- toYaml $c.resources | nindent 8 }}
+        {{- toYaml $resources | nindent 8 }}
       securityContext:
         {{- toYaml $root.Values.securityContext | nindent 8 }}
       volumeMounts:
@@ -94,6 +127,20 @@ spec:
         - name: checkpoints
           mountPath: /var/lib/flywheel/shared
           readOnly: {{ ne $name "trainer" }}
+        {{- end }}
+        {{- if $root.Values.tls.enabled }}
+        - name: tls
+          mountPath: /etc/flywheel/tls
+          readOnly: true
+        {{- end }}
+        {{- if include "flywheel.kafkaCaSecret" $root }}
+        - name: kafka-tls
+          mountPath: /etc/flywheel/kafka-tls
+          readOnly: true
+        {{- end }}
+        {{- if include "flywheel.torchrun" . }}
+        - name: shm
+          mountPath: /dev/shm
         {{- end }}
   volumes:
     {{- if and (eq $name "preference") $c.persistence.enabled }}
@@ -107,26 +154,71 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 1Gi
+    {{- if $root.Values.tls.enabled }}
+    - name: tls
+      secret:
+        secretName: {{ include "flywheel.tlsSecret" $root }}
+        defaultMode: 0440
+    {{- end }}
+    {{- with include "flywheel.kafkaCaSecret" $root }}
+    - name: kafka-tls
+      secret:
+        secretName: {{ . }}
+        items:
+          - {key: ca.crt, path: ca.crt}
+    {{- end }}
+    {{- if include "flywheel.torchrun" . }}
+    # Collective communication (gloo, NCCL) uses shared memory beyond the runtime's 64 MiB default.
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: 2Gi
+    {{- end }}
     {{- if and $root.Values.checkpoints.shared.enabled (has $name (list "policy" "reward" "trainer")) }}
     - name: checkpoints
       persistentVolumeClaim:
         claimName: {{ $root.Values.checkpoints.shared.existingClaim | default (printf "%s-checkpoints" (include "flywheel.fullname" $root)) }}
         readOnly: {{ ne $name "trainer" }}
     {{- end }}
-  {{- with $c.nodeSelector }}
+  {{- $gpu := gt (int $c.gpus) 0 }}
+  {{- $nodeSelector := $c.nodeSelector | default dict }}
+  {{- if $gpu }}{{ $nodeSelector = merge (deepCopy $nodeSelector) $root.Values.gpu.nodeSelector }}{{ end }}
+  {{- with $nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $c.affinity }}
+  {{- $spread := $root.Values.scheduling.spreadByDefault }}
+  {{- if $c.affinity }}
   affinity:
-    {{- toYaml . | nindent 4 }}
+    {{- toYaml $c.affinity | nindent 4 }}
+  {{- else if $spread }}
+  # Default: replicas prefer different nodes (soft, so a small cluster still schedules them).
+  affinity:
+    podAntiAffinity:
+      preferredDuringSchedulingIgnoredDuringExecution:
+        - weight: 100
+          podAffinityTerm:
+            topologyKey: kubernetes.io/hostname
+            labelSelector:
+              matchLabels:
+                {{- include "flywheel.selectorLabels" . | nindent 16 }}
   {{- end }}
-  {{- with $c.tolerations }}
+  {{- $tolerations := $c.tolerations | default list }}
+  {{- if $gpu }}{{ $tolerations = concat $tolerations $root.Values.gpu.tolerations }}{{ end }}
+  {{- with $tolerations }}
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $c.topologySpreadConstraints }}
+  {{- if $c.topologySpreadConstraints }}
   topologySpreadConstraints:
-    {{- toYaml . | nindent 4 }}
+    {{- toYaml $c.topologySpreadConstraints | nindent 4 }}
+  {{- else if $spread }}
+  topologySpreadConstraints:
+    - maxSkew: 1
+      topologyKey: topology.kubernetes.io/zone
+      whenUnsatisfiable: ScheduleAnyway
+      labelSelector:
+        matchLabels:
+          {{- include "flywheel.selectorLabels" . | nindent 10 }}
   {{- end }}
 {{- end -}}

@@ -15,14 +15,18 @@ log = logging.getLogger(__name__)
 
 def ensure_topics(bootstrap_servers: Sequence[str] | str, topics: Iterable[Topic] = ALL_TOPICS, *,
                   partitions: int = 3, replication_factor: int = 1, with_dlq: bool = True,
-                  client_id: str = "flywheel-admin") -> list[str]:
-    """Create missing topics (idempotent). Returns the names that were created."""
+                  client_id: str = "flywheel-admin", **kafka_config: object) -> list[str]:
+    """Create missing topics (idempotent). Returns the names that were created.
+
+    `kafka_config` is the security configuration (ServiceSettings.kafka_client_config()): the admin
+    client connects exactly as the service's producers and consumers do.
+    """
     wanted: list[str] = []
     for topic in topics:
         wanted.append(topic.name)
         if with_dlq:
             wanted.append(topic.dlq)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id=client_id)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id=client_id, **kafka_config)
     try:
         existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]

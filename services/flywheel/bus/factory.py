@@ -17,7 +17,7 @@ def producer_for(settings: ServiceSettings) -> TypedProducer:
     return TypedProducer(
         settings.bootstrap_servers,
         client_id=f"{settings.kafka_client_id}-{settings.service_name}",
-        security_protocol=settings.kafka_security_protocol,
+        **settings.kafka_client_config(),
     )
 
 
@@ -30,7 +30,7 @@ def consumer_for(settings: ServiceSettings, topic: Topic, group_id: str,
         dead_letters=dead_letters,
         client_id=f"{settings.kafka_client_id}-{settings.service_name}",
         max_poll_records=settings.kafka_max_poll_records,
-        security_protocol=settings.kafka_security_protocol,
+        **settings.kafka_client_config(),
     )
 
 
@@ -48,4 +48,6 @@ def ensure_topics_for(settings: ServiceSettings, topics: Iterable[Topic] = ALL_T
     if not settings.kafka_create_topics:
         return []
     return ensure_topics(settings.bootstrap_servers, topics, partitions=settings.kafka_topic_partitions,
-                         replication_factor=settings.kafka_replication_factor)
+                         replication_factor=settings.kafka_replication_factor,
+                         client_id=f"{settings.kafka_client_id}-{settings.service_name}-admin",
+                         **settings.kafka_client_config())

@@ -20,14 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def read_topic(bootstrap_servers: str | Sequence[str], topic: Topic, *, topic_name: str | None = None,
-               timeout_s: float = 30.0) -> Iterator[tuple[int, int, Message]]:
+               timeout_s: float = 30.0, **kafka_config: object) -> Iterator[tuple[int, int, Message]]:
     """Yield (partition, offset, message) for every decodable record up to the current end offsets.
 
     Undecodable records are logged and skipped (a snapshot reader does not own the DLQ).
-    Raises TimeoutError if the end is not reached within `timeout_s`.
+    Raises TimeoutError if the end is not reached within `timeout_s`. `kafka_config`: security
+    settings (ServiceSettings.kafka_client_config()).
     """
     name = topic_name or topic.name
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None,
+                             **kafka_config)
     try:
         partitions = [TopicPartition(name, p) for p in (consumer.partitions_for_topic(name) or [])]
         if not partitions:

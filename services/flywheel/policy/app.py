@@ -19,6 +19,7 @@ from flywheel.policy.settings import PolicySettings
 from flywheel.policy.worker import RolloutWorker
 from flywheel.runtime import ServiceRuntime
 from flywheel.runtime.auth import SCOPE_GENERATE, AuthInterceptor, Guard, http_middleware
+from flywheel.runtime.tls import TlsFiles
 from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
         parts.http = TGIHttpApi(backend, defaults, host=settings.host, port=settings.policy_http_port,
                                 max_concurrent_requests=settings.policy_max_queue,
                                 max_input_tokens=settings.policy_max_input_tokens,
-                                max_body_bytes=settings.policy_http_max_body_bytes)
+                                max_body_bytes=settings.policy_http_max_body_bytes,
+                                ssl_context=TlsFiles.from_settings(settings).http_server_context())
         # TGI routes generate one sequence per request (best_of = 1).
         parts.http.app.middlewares.append(http_middleware(
             guard, _tgi_scope, items_for=lambda r: 0 if _tgi_scope(r) is None or r.method != "POST" else 1))

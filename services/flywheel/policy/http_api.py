@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -140,8 +141,9 @@ def tgi_sampling(parameters: Any, defaults: SamplingDefaults) -> tuple[SamplingC
 class TGIHttpApi:
     def __init__(self, backend: Backend, defaults: SamplingDefaults, *, host: str = "0.0.0.0", port: int = 8080,
                  max_concurrent_requests: int = 512, max_input_tokens: int = 2048,
-                 max_body_bytes: int = 2_000_000) -> None:
+                 max_body_bytes: int = 2_000_000, ssl_context: ssl.SSLContext | None = None) -> None:
         self.backend = backend
+        self.ssl_context = ssl_context  # HTTPS (TlsFiles.http_server_context()) when set
         self.defaults = defaults
         self.host = host
         self.requested_port = port
@@ -165,11 +167,11 @@ class TGIHttpApi:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port)
+        site = web.TCPSite(self._runner, self.host, self.requested_port, ssl_context=self.ssl_context)
         await site.start()
         server = site._server  # aiohttp exposes the bound sockets only here
         self.port = server.sockets[0].getsockname()[1] if server and server.sockets else self.requested_port
-        log.info("TGI-compatible HTTP API on %s:%s", self.host, self.port)
+        log.info("TGI-compatible HTTP%s API on %s:%s", "S" if self.ssl_context else "", self.host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

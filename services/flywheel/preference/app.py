@@ -113,7 +113,7 @@ def build_service(settings: PreferenceSettings, *,
     # Events are sent in chunks and flushed explicitly: a long linger and large batches mean one
     # produce request per partition per chunk instead of one sender wake-up every few records.
     producer = TypedProducer(settings.bootstrap_servers, client_id=f"{settings.kafka_client_id}-{settings.service_name}",
-                             security_protocol=settings.kafka_security_protocol, linger_ms=1000,
+                             linger_ms=1000, **settings.kafka_client_config(),
                              batch_size=512 * 1024)
     engine = ConsensusEngine(store, fit_options(settings), max_rater_series=settings.preference_max_rater_series)
     servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine,

@@ -72,14 +72,14 @@ def export(target: str = typer.Option("127.0.0.1:50053", help="Preference servic
            min_margin: float = typer.Option(0.0, help="Drop pairs with a smaller consensus margin."),
            publish: bool = typer.Option(False, help="Also publish to flywheel.aggregated-preferences.v1.")) -> None:
     """Ask the service to export the reward-model pairs and SFT demonstrations."""
-    import grpc
-
     from flywheel.v1 import preference_pb2, preference_pb2_grpc
 
     formats = {"jsonl": preference_pb2.DATASET_FORMAT_JSONL, "parquet": preference_pb2.DATASET_FORMAT_PARQUET}
     if fmt not in formats:
         raise typer.BadParameter("--format must be jsonl or parquet")
-    with grpc.insecure_channel(target) as channel:
+    from flywheel.runtime.client import cli_channel
+
+    with cli_channel(target) as channel:
         resp = preference_pb2_grpc.PreferenceServiceStub(channel).ExportDataset(
             preference_pb2.ExportDatasetRequest(format=formats[fmt], output_uri=output_uri, min_margin=min_margin,
                                                 publish=publish),

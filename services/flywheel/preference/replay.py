@@ -79,7 +79,7 @@ class TopicFollower:
         return KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers, client_id=f"{s.kafka_client_id}-{s.service_name}-follower",
             group_id=self._group_id, enable_auto_commit=False, auto_offset_reset="earliest",
-            security_protocol=s.kafka_security_protocol, max_poll_records=self._max_records)
+            max_poll_records=self._max_records, **s.kafka_client_config())
 
     def _run(self) -> None:
         backoff = self.settings.kafka_retry_backoff_s

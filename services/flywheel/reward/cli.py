@@ -45,6 +45,7 @@ def train(
     from google.protobuf.json_format import MessageToDict
 
     from flywheel.reward.training import RewardTrainingConfig, load_pairs_from_topic, train_reward_model
+    from flywheel.runtime.config import ServiceSettings
     from flywheel.runtime.process import configure_process
 
     sources = sum([data is not None, from_topic, sentiment_demo])
@@ -55,12 +56,13 @@ def train(
         data=data, base_model=base_model, version=version, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, eval_fraction=eval_fraction,
         center_rewards_coefficient=center_rewards, use_margin=not no_margin, seed=seed, publish=publish,
-        bootstrap_servers=bootstrap_servers, model_versions_topic=model_versions_topic)
+        bootstrap_servers=bootstrap_servers, model_versions_topic=model_versions_topic,
+        kafka_config=ServiceSettings().kafka_client_config())  # the launching trainer's FLYWHEEL_KAFKA_*
     if output_dir is not None:
         config.output_dir = output_dir
     try:
         if from_topic:
-            config.pairs = load_pairs_from_topic(bootstrap_servers)
+            config.pairs = load_pairs_from_topic(bootstrap_servers, **config.kafka_config)
         if sentiment_demo:
             from flywheel.reward.datasets import sentiment_pairs
 
@@ -85,11 +87,11 @@ def score(
     timeout_s: float = typer.Option(10.0),
 ) -> None:
     """Score responses with a running reward service."""
-    from flywheel.runtime.client import insecure_channel, with_api_key
+    from flywheel.runtime.client import cli_channel
     from flywheel.v1 import reward_pb2, reward_pb2_grpc
 
-    with insecure_channel(target) as channel:
-        stub = reward_pb2_grpc.RewardServiceStub(with_api_key(channel))  # $FLYWHEEL_API_KEY
+    with cli_channel(target) as channel:  # TLS and $FLYWHEEL_API_KEY from the environment
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
         reply = stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=prompt, response=r)
                                                           for i, r in enumerate(response)]), timeout=timeout_s)
     typer.echo(f"scorer {reply.scorer} {reply.scorer_version}")

@@ -79,6 +79,8 @@ class RewardTrainingConfig:
     publish: bool = False
     bootstrap_servers: str | None = None
     model_versions_topic: str | None = None
+    # Kafka security (ServiceSettings.kafka_client_config()) for the publishing producer.
+    kafka_config: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,14 +171,14 @@ def _load_remote(uri: str) -> list[common_pb2.PreferencePair]:
 
 
 def load_pairs_from_topic(bootstrap_servers: str | Sequence[str], topic_name: str | None = None,
-                          timeout_s: float = 10.0) -> list[common_pb2.PreferencePair]:
+                          timeout_s: float = 10.0, **kafka_config: object) -> list[common_pb2.PreferencePair]:
     """Every pair of the aggregated-preferences topic, newest AggregatedPreference per prompt wins."""
     from flywheel.bus import topics
     from flywheel.bus.snapshot import read_topic
 
     latest: dict[str, common_pb2.AggregatedPreference] = {}
     for _, _, agg in read_topic(bootstrap_servers, topics.AGGREGATED_PREFERENCES, topic_name=topic_name,
-                                timeout_s=timeout_s):
+                                timeout_s=timeout_s, **kafka_config):
         latest[agg.prompt_id] = agg  # type: ignore[attr-defined]
     name = topic_name or topics.AGGREGATED_PREFERENCES.name
     return [_row_to_pair(p, f"{name}:{a.prompt_id}") for a in latest.values() for p in a.pairs]
@@ -402,7 +404,7 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     for p in pairs:
         data_hash.update(p.SerializeToString(deterministic=True))
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                   if k not in ("pairs", "eval_pairs")}
+                   if k not in ("pairs", "eval_pairs", "kafka_config")}  # kafka_config holds credentials
     (tmp / METADATA_FILE).write_text(json.dumps({
         "kind": "reward", "version": version, "parent_version": parent, "model_name": model_name,
         "base_model": str(config.base_model or scorer.path), "step": step, "created_at": created.ToJsonString(),
@@ -414,12 +416,12 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
              final.get("accuracy", float("nan")), len(held_out), target)
 
     if config.publish:
-        publish_model_version(mv, config.bootstrap_servers, config.model_versions_topic)
+        publish_model_version(mv, config.bootstrap_servers, config.model_versions_topic, **config.kafka_config)
     return RewardTrainingResult(model_version=mv, metrics=metrics, checkpoint_path=target)
 
 
 def publish_model_version(mv: common_pb2.ModelVersion, bootstrap_servers: str | None,
-                          topic_name: str | None = None) -> None:
+                          topic_name: str | None = None, **kafka_config: object) -> None:
     """Produce `mv` to flywheel.model-versions.v1 (key = kind name) and wait for the ack."""
     from flywheel.bus import TypedProducer, topics
     from flywheel.bus.topics import Topic
@@ -427,7 +429,7 @@ def publish_model_version(mv: common_pb2.ModelVersion, bootstrap_servers: str | 
     if not bootstrap_servers:
         raise ValueError("publishing needs bootstrap_servers")
     topic = Topic(topic_name, common_pb2.ModelVersion) if topic_name else topics.MODEL_VERSIONS
-    producer = TypedProducer(bootstrap_servers, client_id="flywheel-reward-trainer")
+    producer = TypedProducer(bootstrap_servers, client_id="flywheel-reward-trainer", **kafka_config)
     try:
         # Key: the kind without its enum prefix ("REWARD"), as the trainer keys "POLICY".
         producer.send_and_wait(topic, mv, key=common_pb2.ModelKind.Name(mv.kind).removeprefix("MODEL_KIND_"))

@@ -42,6 +42,34 @@ def insecure_channel(target: str, *, retries: bool = True) -> grpc.Channel:
     return grpc.insecure_channel(target, options=channel_options(retries=retries))
 
 
+def cli_channel(target: str) -> grpc.Channel:
+    """A CLI's channel: TLS (mutual, with a certificate) when the FLYWHEEL_TLS_* environment says so,
+    sending $FLYWHEEL_API_KEY when set.
+
+    Inside a pod (`kubectl exec ... flywheel trainer status`) that is the pod's own TLS settings;
+    the chart's certificate names localhost and 127.0.0.1 for exactly this.
+    """
+    from flywheel.runtime.config import ServiceSettings
+    from flywheel.runtime.tls import TlsFiles
+
+    return with_api_key(blocking_channel(target, TlsFiles.from_settings(ServiceSettings()).grpc_channel_credentials()))
+
+
+def blocking_channel(target: str, credentials: grpc.ChannelCredentials | None, *, retries: bool = True,
+                     server_name: str | None = None) -> grpc.Channel:
+    """A blocking channel: TLS with `credentials` (TlsFiles.grpc_channel_credentials()), else plaintext.
+
+    `server_name` checks the server certificate against that name instead of the target's host
+    (dialling an address that is not in the certificate, e.g. a probe on 127.0.0.1).
+    """
+    if credentials is None:
+        return insecure_channel(target, retries=retries)
+    options = channel_options(retries=retries)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
 def aio_channel(target: str, *, retries: bool = True, root_certificates: bytes | None = None) -> aio.Channel:
     """An asyncio channel; TLS when root_certificates is given."""
     if root_certificates is not None:

@@ -13,9 +13,9 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FLYWHEEL_"
@@ -46,8 +46,14 @@ class ServiceSettings(BaseSettings):
         2.0, ge=0, description="On SIGTERM: seconds between reporting NOT_SERVING and closing the listener "
         "(lets probes and load balancers route new calls elsewhere).")
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM: seconds in-flight RPCs get to finish.")
-    tls_cert_file: Path | None = Field(None, description="PEM certificate; with tls_key_file enables TLS.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate; with tls_key_file serves TLS on the gRPC, /metrics and HTTP ports "
+        "(and is the client certificate when dialling with tls_ca_file under mutual TLS).")
     tls_key_file: Path | None = Field(None, description="PEM private key for TLS.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it on every port (mutual TLS).")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle trusted when dialling other services (turns on TLS for outgoing calls).")
     log_level: str = Field("INFO", description="Python logging level.")
     auth_enabled: bool = Field(
         True, description="Require an API key (`authorization: Bearer <key>`, issued with `flywheel keys issue`) on "
@@ -70,7 +76,41 @@ class ServiceSettings(BaseSettings):
     kafka_poll_timeout_ms: int = Field(500, gt=0, description="Consumer poll timeout.")
     kafka_max_poll_records: int = Field(64, gt=0, description="Max records per consumer poll (handler batch).")
     kafka_retry_backoff_s: float = Field(1.0, gt=0, description="First backoff after a failed handler (doubles, capped at 30 s).")
-    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (SASL_* protocols only).")
+    kafka_sasl_username: str = Field("", description="SASL user (SASL_* protocols only).")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (SASL_* protocols only).")
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="PEM CA bundle that signed the brokers' certificates (SSL protocols; unset: system CAs).")
+    kafka_ssl_certfile: Path | None = Field(None, description="PEM client certificate for broker mutual TLS.")
+    kafka_ssl_keyfile: Path | None = Field(None, description="PEM private key of kafka_ssl_certfile.")
+    kafka_ssl_check_hostname: bool = Field(True, description="Verify that broker certificates name the broker host.")
+
+    @model_validator(mode="after")
+    def _kafka_credentials_complete(self) -> "ServiceSettings":
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+                self.kafka_sasl_username and self.kafka_sasl_password.get_secret_value()):
+            raise ValueError(f"kafka_security_protocol {self.kafka_security_protocol} needs kafka_sasl_username "
+                             "and kafka_sasl_password")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile must be set together")
+        return self
+
+    def kafka_client_config(self) -> dict[str, object]:
+        """Security keyword arguments for every kafka-python client (producer, consumer, admin)."""
+        config: dict[str, object] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL_"):
+            config.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                          sasl_plain_password=self.kafka_sasl_password.get_secret_value())
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            config["ssl_check_hostname"] = self.kafka_ssl_check_hostname
+            if self.kafka_ssl_cafile:
+                config["ssl_cafile"] = str(self.kafka_ssl_cafile)
+            if self.kafka_ssl_certfile:
+                config.update(ssl_certfile=str(self.kafka_ssl_certfile), ssl_keyfile=str(self.kafka_ssl_keyfile))
+        return config
 
     @field_validator("*", mode="after")
     @classmethod

@@ -45,10 +45,11 @@ SERVICE_UP = Gauge("flywheel_service_serving", "1 while the service reports SERV
 class MetricsServer:
     """The /metrics HTTP endpoint, on its own thread."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, **tls: object) -> None:
+        """`tls`: TlsFiles.metrics_server_kwargs() (certfile, keyfile, client CA) for HTTPS."""
         self._server: WSGIServer
         self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
+        self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY, **tls)  # type: ignore[arg-type]
 
     @property
     def port(self) -> int:

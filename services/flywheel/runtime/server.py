@@ -3,7 +3,8 @@
 A service hands `ServiceRuntime` its servicers and background workers; the runtime gives it a
 grpc.aio server with health checking (per service, NOT_SERVING until the service says it is
 ready), server reflection, message-size and keepalive options, metrics and exception-mapping
-interceptors, a Prometheus /metrics endpoint, and graceful shutdown on SIGTERM/SIGINT:
+interceptors, a Prometheus /metrics endpoint, TLS (or mutual TLS) on both from the settings'
+`tls_*` files (runtime/tls.py), and graceful shutdown on SIGTERM/SIGINT:
 health goes NOT_SERVING first, then in-flight RPCs get `shutdown_grace_s` to finish.
 """
 
@@ -15,7 +16,6 @@ import signal
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -24,8 +24,14 @@ from flywheel import __version__
 from flywheel.runtime import metrics
 from flywheel.runtime.config import ServiceSettings
 from flywheel.runtime.interceptors import ExceptionMappingInterceptor, MetricsInterceptor
+from flywheel.runtime.tls import TlsFiles
 
 log = logging.getLogger(__name__)
+
+# Health name that is SERVING from the moment the server listens until shutdown, whatever the
+# service's readiness: liveness and startup probes ask about it, so a long start-up (the
+# preference service replaying its topics) keeps the pod alive while readiness stays false.
+LIVENESS_SERVICE = "flywheel.liveness"
 
 
 class BackgroundWorker(Protocol):
@@ -116,19 +122,20 @@ class ServiceRuntime:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
         address = f"{settings.host}:{settings.grpc_port}"
-        if settings.tls_cert_file and settings.tls_key_file:
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
-            )
+        tls = TlsFiles.from_settings(settings)
+        credentials = tls.grpc_server_credentials()
+        if credentials is not None:
             self.grpc_port = self._server.add_secure_port(address, credentials)
         else:
             self.grpc_port = self._server.add_insecure_port(address)
         if self.grpc_port == 0:
             raise RuntimeError(f"could not bind gRPC server to {address}")
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         if settings.metrics_enabled:
-            self._metrics_server = metrics.MetricsServer(settings.host, settings.metrics_port)
+            self._metrics_server = metrics.MetricsServer(settings.host, settings.metrics_port,
+                                                         **tls.metrics_server_kwargs())
         for worker in self._workers:
             await worker.start()
         if ready:

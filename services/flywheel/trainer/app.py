@@ -79,7 +79,7 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
     consumer = TypedConsumer(
         scored_topic, bootstrap_servers=settings.bootstrap_servers, group_id=settings.trainer_group_id,
         dead_letters=producer, client_id=f"{settings.kafka_client_id}-{settings.service_name}",
-        max_poll_records=settings.trainer_batch_size, security_protocol=settings.kafka_security_protocol,
+        max_poll_records=settings.trainer_batch_size, **settings.kafka_client_config(),
         max_poll_interval_ms=settings.trainer_max_poll_interval_ms,
         session_timeout_ms=settings.trainer_session_timeout_ms,
         heartbeat_interval_ms=max(1000, settings.trainer_session_timeout_ms // 4))

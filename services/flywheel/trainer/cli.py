@@ -17,10 +17,10 @@ TARGET = typer.Option("127.0.0.1:50054", "--target", envvar="FLYWHEEL_TRAINER_TA
 
 
 def _stub(target: str):  # noqa: ANN202
-    from flywheel.runtime.client import insecure_channel, with_api_key
+    from flywheel.runtime.client import cli_channel
     from flywheel.v1 import trainer_pb2_grpc
 
-    return trainer_pb2_grpc.TrainerServiceStub(with_api_key(insecure_channel(target)))  # $FLYWHEEL_API_KEY
+    return trainer_pb2_grpc.TrainerServiceStub(cli_channel(target))  # TLS and $FLYWHEEL_API_KEY from the environment
 
 
 def _state_name(state: int) -> str:
@@ -146,7 +146,8 @@ def sft(data: Optional[Path] = typer.Option(None, help="JSONL of {prompt_text, r
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (data is None) == (not from_topic):
         raise typer.BadParameter("give exactly one of --data or --from-topic")
-    demos = load_demonstrations_file(data) if data else load_demonstrations_from_topic(settings.kafka_bootstrap_servers)
+    demos = load_demonstrations_file(data) if data else load_demonstrations_from_topic(
+        settings.kafka_bootstrap_servers, **settings.kafka_client_config())
     typer.echo(f"{len(demos)} demonstrations")
     store = CheckpointStore(settings.checkpoint_root())
     mv = run_sft(demos, store=store, base_model_path=base_model_path(settings),

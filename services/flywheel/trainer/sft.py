@@ -163,14 +163,14 @@ def load_demonstrations_file(path: str | Path) -> list[common_pb2.Demonstration]
 
 
 def load_demonstrations_from_topic(bootstrap_servers: str | Sequence[str], topic_name: str | None = None,
-                                   timeout_s: float = 30.0) -> list[common_pb2.Demonstration]:
+                                   timeout_s: float = 30.0, **kafka_config: object) -> list[common_pb2.Demonstration]:
     """Every Demonstration on the preferences topic (read from the beginning to the current end)."""
     from flywheel.bus import topics
     from flywheel.bus.snapshot import read_topic
 
     demos: dict[str, common_pb2.Demonstration] = {}
     for partition, offset, event in read_topic(bootstrap_servers, topics.PREFERENCES, topic_name=topic_name,
-                                               timeout_s=timeout_s):
+                                               timeout_s=timeout_s, **kafka_config):
         if event.WhichOneof("event") == "demonstration":  # type: ignore[attr-defined]
             demo = event.demonstration  # type: ignore[attr-defined]
             demos[demo.event_id or f"{partition}:{offset}"] = demo

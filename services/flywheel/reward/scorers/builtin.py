@@ -87,8 +87,9 @@ class RemoteScorer(Scorer):
     """
 
     def __init__(self, target: str, *, timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 0.1,
-                 max_backoff_s: float = 2.0, api_key: str = "") -> None:
-        from flywheel.runtime.client import insecure_channel
+                 max_backoff_s: float = 2.0, api_key: str = "",
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        from flywheel.runtime.client import blocking_channel
         from flywheel.v1 import reward_pb2_grpc
 
         if not target:
@@ -100,7 +101,7 @@ class RemoteScorer(Scorer):
         self.max_backoff_s = max_backoff_s
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         # Retries are ours (deadline per attempt), not the channel's.
-        self._channel = insecure_channel(target, retries=False)
+        self._channel = blocking_channel(target, credentials, retries=False)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
         self._lock = threading.Lock()
         self._name = "remote"

@@ -120,8 +120,11 @@ def _single(kind: str, settings: "RewardSettings") -> Scorer:
     if kind == "vader":
         return VaderScorer(max_words=settings.reward_vader_max_words)
     if kind == "remote":
+        from flywheel.runtime.tls import TlsFiles
+
         return RemoteScorer(settings.reward_remote_target, timeout_s=settings.reward_remote_timeout_s,
-                            retries=settings.reward_remote_retries, api_key=settings.reward_remote_api_key)
+                            retries=settings.reward_remote_retries, api_key=settings.reward_remote_api_key,
+                            credentials=TlsFiles.from_settings(settings).grpc_channel_credentials())
     return create_plugin(load_plugin(kind), read_plugin_config(settings.reward_plugin_config_file))
 
 
