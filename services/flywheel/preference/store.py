@@ -375,6 +375,33 @@ class PreferenceStore:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
 
+    def rollout_responses(self) -> list[tuple[str, str, str, int]]:
+        """(prompt_id, response_id, policy_version, version_order) of every known rollout (task pool).
+
+        version_order ranks policy versions by when the store first saw them (newest highest).
+        """
+        with self._lock:
+            return self._db.execute(
+                "WITH v AS (SELECT policy_version, min(rowid) AS first FROM responses WHERE source = 'rollout' "
+                "GROUP BY policy_version) SELECT r.prompt_id, r.response_id, r.policy_version, v.first "
+                "FROM responses r JOIN v USING (policy_version) WHERE r.source = 'rollout' "
+                "ORDER BY r.prompt_id, r.rowid").fetchall()
+
+    def answered_keys(self) -> list[tuple[str, str, str]]:
+        """(prompt_id, rater_id, policy_version) of every rollout group a rater judged; demonstrations
+        (which answer a prompt, not a group) come with policy_version '*'."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT DISTINCT j.prompt_id, j.rater_id, r.policy_version FROM judgements j "
+                "JOIN responses r ON r.response_id = j.winner_id "
+                "UNION SELECT DISTINCT prompt_id, rater_id, '*' FROM demonstrations").fetchall()
+
+    def judgements_since(self, since: float) -> list[tuple[str, str, float]]:
+        """(event_id, rater_id, stored_at) of events stored after `since` (unix seconds)."""
+        with self._lock:
+            return self._db.execute("SELECT event_id, rater_id, stored_at FROM events WHERE stored_at > ?",
+                                    (since,)).fetchall()
+
     def content_version(self) -> str:
         """A short digest of the set of stored event ids (names a dataset export)."""
         digest = hashlib.sha256()
