@@ -113,10 +113,14 @@ class TokenStore:
         return [TokenInfo(r[0][:12], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def lookup(self, token: str) -> Principal | None:
+        return self.lookup_hash(hash_token(token))
+
+    def lookup_hash(self, token_sha256: str) -> Principal | None:
+        """The principal of a token known only by its hash (web UI sessions keep no plain token)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT rater_id, scope FROM tokens WHERE token_sha256 = ? AND revoked_at IS NULL",
-                (hash_token(token),)).fetchone()
+                (token_sha256,)).fetchone()
         return Principal(row[0], row[1]) if row else None
 
 
