@@ -43,6 +43,8 @@ env: $(STAMP)
 	@bash deploy/kafka/kafka.sh fetch
 	# Pinned helm, helm-unittest, promtool (go install) and checkov (own venv): once per machine.
 	@bash deploy/tools/install-tools.sh >/dev/null
+	# Debian chromium + chromedriver for the web UI's browser tests (apt where allowed; else they skip).
+	@bash deploy/tools/install-browser.sh
 
 tools:
 	bash deploy/tools/install-tools.sh

@@ -32,7 +32,7 @@ async def service_factory(kafka_bootstrap, settings_factory):
 
     async def make(**overrides):
         base = dict(kafka_bootstrap_servers=kafka_bootstrap, preference_refresh_interval_s=3600.0,
-                    preference_task_refresh_s=0.1, preference_ui_enabled=False, preference_task_random_share=0.0,
+                    preference_task_refresh_s=0.1, preference_task_settle_s=0.0, preference_ui_enabled=False, preference_task_random_share=0.0,
                     preference_task_gold_rate=0.0)
         base.update(overrides)
         settings = settings_factory(PreferenceSettings, **base)
@@ -218,3 +218,26 @@ async def test_flags_release_and_gold(service_factory, kafka_bootstrap, unique, 
                                           metadata=admin)
         rows = [r for r in read_pairs(export.pairs_uri) if r["prompt_id"] == plain[0].prompt_id]
         assert rows and not [r for r in rows if bad in (r["chosen_id"], r["rejected_id"])]
+
+
+async def test_simulated_raters_work_through_leases(service_factory, kafka_bootstrap, unique):
+    from flywheel.preference.simulated_rater import LeasingRaterRunner, RaterClient, SimulatedRater
+
+    service, target, tokens = await service_factory(preference_task_overlap=2)
+    groups = await publish_groups(service, kafka_bootstrap, unique, 3, f"v-{unique}")
+    clients = [(SimulatedRater(r, noise=0.0), RaterClient(target, tokens[r])) for r in ("r0", "r1", "r2")]
+    runner = LeasingRaterRunner(clients, raters_per_prompt=2)
+    try:
+        rated = await asyncio.to_thread(runner.run, max_prompts=3, timeout_s=60)
+    finally:
+        for _, c in clients:
+            c.close()
+    assert rated == 3
+    for g in groups:
+        raters = [e.rater_id for e in service.store.events(
+            [e for e in _event_ids(service, g[0].prompt_id)]).values()]
+        assert sorted(raters) == sorted(set(raters)) and len(raters) == 2  # two raters, never one twice
+
+
+def _event_ids(service, prompt_id: str) -> list[str]:
+    return [r[0] for r in service.store._db.execute("SELECT event_id FROM events WHERE prompt_id = ?", (prompt_id,))]

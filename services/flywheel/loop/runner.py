@@ -128,6 +128,7 @@ class LoopRunner:
         self.config = config
         self.report = LoopReport()
         self.status = LoopStatus()
+        self.human: tuple[str, str] | None = None  # (web UI address, rater token) once the services run
         self._on_status = on_status or (lambda status, report: None)
         self._stop = threading.Event()
         self._start = time.monotonic()
@@ -176,6 +177,9 @@ class LoopRunner:
         if name == "policy":
             env.update(FLYWHEEL_POLICY_HTTP_PORT="0", FLYWHEEL_POLICY_MAX_BATCH_SIZE="32",
                        FLYWHEEL_POLICY_DEFAULT_MAX_NEW_TOKENS=str(c.max_new_tokens))
+        elif name == "preference":  # simulated raters lease tasks: every group to 3 of them, all candidates
+            env.update(FLYWHEEL_PREFERENCE_TASK_OVERLAP="3", FLYWHEEL_PREFERENCE_TASK_MAX_CANDIDATES="16",
+                       FLYWHEEL_PREFERENCE_TASK_RANDOM_SHARE="0", FLYWHEEL_PREFERENCE_TASK_GOLD_RATE="0")
         elif name == "trainer":
             env.update(
                 FLYWHEEL_TRAINER_BATCH_SIZE=str(c.ppo_batch_size),
@@ -209,6 +213,10 @@ class LoopRunner:
             for name in ("policy", "preference", "trainer"):
                 cluster.start_service(name, self.service_env(name))
             raters = self._raters = self._start_raters(bootstrap)
+            from flywheel.loop.raters import human_rater
+
+            self.human = human_rater(cluster)  # (web UI address, rater token) for a person to join
+            self._emit()
             with grpc.insecure_channel(cluster.services["policy"].target) as policy_channel, \
                     grpc.insecure_channel(cluster.services["preference"].target) as preference_channel, \
                     grpc.insecure_channel(cluster.services["trainer"].target) as trainer_channel:
@@ -288,7 +296,7 @@ class LoopRunner:
     def _start_raters(self, bootstrap: str):
         from flywheel.loop.raters import RaterPool
 
-        pool = RaterPool(self.cluster, bootstrap, raters=self.config.raters,
+        pool = RaterPool(self.cluster, raters=self.config.raters,
                          adversarial=self.config.adversarial_raters, noise=self.config.rater_noise,
                          tie_threshold=self.config.rater_tie_threshold)
         pool.start()

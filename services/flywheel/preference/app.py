@@ -154,7 +154,8 @@ def build_service(settings: PreferenceSettings) -> PreferenceService:
     board = TaskBoard(store, task_db, overlap=settings.preference_task_overlap,
                       lease_s=settings.preference_task_lease_s, random_share=settings.preference_task_random_share,
                       gold_rate=settings.preference_task_gold_rate,
-                      max_candidates=settings.preference_task_max_candidates)
+                      max_candidates=settings.preference_task_max_candidates,
+                      settle_s=settings.preference_task_settle_s)
     servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine, board)
     runtime = ServiceRuntime(settings)
     runtime.add_service(SERVICE_NAME,

@@ -63,6 +63,9 @@ class PreferenceSettings(ServiceSettings):
     preference_task_gold_rate: float = Field(
         0.05, ge=0, le=1, description="Chance that a lease serves an unseen gold task (known answer) instead.")
     preference_task_max_candidates: int = Field(4, ge=2, description="Most candidates shown in one task.")
+    preference_task_settle_s: float = Field(
+        2.0, ge=0, description="A new rollout group is offered this long after it appeared, so its candidates "
+        "(published together) are all in it.")
     preference_task_refresh_s: float = Field(
         1.0, gt=0, description="Rebuild the task pool from the store (new rollouts, other instances' answers) "
         "this often.")

@@ -162,7 +162,7 @@ class RaterCounts:
 
 class TaskBoard:
     def __init__(self, store: PreferenceStore, db: TaskDB, *, overlap: int, lease_s: float, random_share: float,
-                 gold_rate: float, max_candidates: int, seed: int | None = None) -> None:
+                 gold_rate: float, max_candidates: int, settle_s: float = 0.0, seed: int | None = None) -> None:
         self.store = store
         self.db = db
         self.overlap = overlap
@@ -170,9 +170,15 @@ class TaskBoard:
         self.random_share = random_share
         self.gold_rate = gold_rate
         self.max_candidates = max_candidates
+        self.settle_s = settle_s  # a group is leasable this long after it appeared (its candidates arrive together)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._groups: dict[tuple[str, str], _Group] = {}
+        self._by_prompt: dict[str, list[tuple[str, str]]] = {}  # prompt -> its group keys
+        self._demonstrated: dict[str, set[str]] = {}           # prompt -> raters who wrote a demonstration
+        self._version_order: dict[str, int] = {}
+        self._response_cursor = self._event_cursor = 0
+        self._built = False
         self._gold: dict[str, dict[str, int]] = db.gold()
         self._flagged: set[str] = db.flagged_response_ids()
         self._seen: dict[str, set[tuple[str, str]]] = {}     # rater -> keys answered or leased
@@ -185,54 +191,60 @@ class TaskBoard:
 
     # -- pool (derived from the store) ---------------------------------------------------------
     def refresh(self, certainty: dict[str, list[tuple[str, float, float]]] | None = None) -> None:
-        """Rebuild the pool from the store (blocking: call off the event loop).
+        """Bring the pool up to date with the store (blocking: call off the event loop).
 
+        Incremental: only rollouts and events stored since the last call are read (rowid cursors);
+        a change of the gold set re-keys groups and rebuilds from the start.
         `certainty` maps prompt_id -> [(response_id, score, stderr)] of fresh consensus fits.
         """
-        rows = self.store.rollout_responses()
-        answered = self.store.answered_keys()
         gold = self.db.gold()
         flagged = self.db.flagged_response_ids()
+        with self._lock:
+            if set(gold) != set(self._gold) or not self._built:
+                self._groups, self._response_cursor, self._event_cursor = {}, 0, 0
+                self._version_order, self._by_prompt, self._demonstrated = {}, {}, {}
+            self._gold, self._flagged = gold, flagged
+            response_cursor, event_cursor = self._response_cursor, self._event_cursor
+        rows = self.store.rollout_responses(response_cursor)
+        answered = self.store.answered_keys(event_cursor)
         now = time.time()
         with self._lock:
-            self._gold, self._flagged = gold, flagged
-            groups: dict[tuple[str, str], _Group] = {}
-            for prompt_id, response_id, version, order in rows:
+            self._built = True
+            groups = self._groups
+            for rowid, prompt_id, response_id, version in rows:
+                order = self._version_order.setdefault(version, rowid)
                 key = (prompt_id, GOLD if prompt_id in gold else version)
                 g = groups.get(key)
                 if g is None:
-                    old = self._groups.get(key)
-                    g = groups[key] = _Group(key, order, [], old.first_seen if old else now,
-                                             z=old.z if old else 0.0, pair=old.pair if old else None)
+                    g = groups[key] = _Group(key, order, [], now)
+                    g.active = sum(1 for lease in self._leases.values() if lease.key == key)
+                    g.done.update(r for k, r in self._answered if k == key)
+                    self._by_prompt.setdefault(prompt_id, []).append(key)
+                    for rater in self._demonstrated.get(prompt_id, ()):
+                        self._seen.setdefault(rater, set()).add(key)
                 g.response_ids.append(response_id)
-            by_prompt: dict[str, list[tuple[str, str]]] = {}
-            for key in groups:
-                by_prompt.setdefault(key[0], []).append(key)
-            for prompt_id, rater_id, version in answered:
+                self._response_cursor = rowid
+            for rowid, prompt_id, rater_id, version in answered:
+                self._event_cursor = rowid
                 seen = self._seen.setdefault(rater_id, set())
                 if version == "*":  # a demonstration answers the prompt: none of its groups again
-                    seen.update(by_prompt.get(prompt_id, ()))
+                    self._demonstrated.setdefault(prompt_id, set()).add(rater_id)
+                    seen.update(self._by_prompt.get(prompt_id, ()))
                     continue
                 key = (prompt_id, GOLD if prompt_id in gold else version)
                 if key in groups:
                     groups[key].done.add(rater_id)
                 seen.add(key)
-            for key, rater_id in self._answered:
-                if key in groups:
-                    groups[key].done.add(rater_id)
-            for lease in self._leases.values():
-                if lease.key in groups:
-                    groups[lease.key].active += 1
             for prompt_id, fits in (certainty or {}).items():
-                self._apply_certainty(groups, prompt_id, fits)
-            self._groups = groups
+                self._apply_certainty(groups, self._by_prompt.get(prompt_id, ()), fits)
             self._export_gauges(now)
 
     @staticmethod
-    def _apply_certainty(groups, prompt_id: str, fits: list[tuple[str, float, float]]) -> None:
+    def _apply_certainty(groups, keys, fits: list[tuple[str, float, float]]) -> None:
         by_id = {rid: (score, se) for rid, score, se in fits}
-        for key, g in groups.items():
-            if key[0] != prompt_id:
+        for key in keys:
+            g = groups.get(key)
+            if g is None:
                 continue
             known = sorted((by_id[r] + (r,) for r in g.response_ids if r in by_id), reverse=True)
             best: tuple[float, tuple[str, str] | None] = (0.0, None)
@@ -307,8 +319,9 @@ class TaskBoard:
             seen = self._seen.setdefault(rater_id, set())
             need = 1 if kind == preference_pb2.TASK_KIND_DEMONSTRATE else 2
             eligible, gold = [], []
+            settled = now - self.settle_s
             for g in self._groups.values():
-                if g.key in seen or len(self._candidates(g)) < need:
+                if g.key in seen or g.first_seen > settled or len(self._candidates(g)) < need:
                     continue
                 if g.key[1] == GOLD:
                     gold.append(g)
