@@ -105,7 +105,7 @@ class _TaskPoolLoop:
     def refresh(self) -> None:
         svc = self._service
         certainty = {}
-        for prompt_id in svc.board.dirty_prompts()[:500]:  # a few hundred refits per round at most
+        for prompt_id in svc.board.dirty_prompts(limit=200):  # a few hundred refits per round at most
             agg = svc.engine.prompt(prompt_id)
             if agg is not None:
                 certainty[prompt_id] = [(r.response_id, r.score, r.stderr) for r in agg.responses]

@@ -56,8 +56,13 @@ GOLD_ACCURACY = Gauge("flywheel_preference_rater_gold_accuracy", "Share of gold 
                       ("rater",))
 FLAGS = Counter("flywheel_preference_flags_total", "Responses flagged by raters, by reason.", ("reason",))
 
+for _outcome in ("leased", "completed", "completed_late", "unknown_lease", "expired", "released"):
+    TASKS.labels(_outcome)  # exported from the start, so rates and alerts see 0 rather than nothing
+
 FLAG_REASONS = {preference_pb2.FLAG_REASON_UNSAFE: "unsafe", preference_pb2.FLAG_REASON_NONSENSE: "nonsense",
                 preference_pb2.FLAG_REASON_CANNOT_JUDGE: "cannot_judge"}
+for _reason in FLAG_REASONS.values():
+    FLAGS.labels(_reason)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gold (
@@ -254,10 +259,15 @@ class TaskBoard:
                     best = (z, (r1, r2))
             g.z, g.pair = best if best[1] is not None else (0.0, None)
 
-    def dirty_prompts(self) -> list[str]:
-        """Prompts answered since the last call (their certainty needs a refit)."""
+    def dirty_prompts(self, limit: int = 200) -> list[str]:
+        """Prompts answered since the last call that still have open slots (their certainty needs a
+        refit; full groups are never leased again, so refitting them would be wasted work)."""
         with self._lock:
-            out, self._dirty = list(self._dirty), set()
+            open_prompts = [p for p in self._dirty if any(
+                len(self._groups[k].done) + self._groups[k].active < self.overlap
+                for k in self._by_prompt.get(p, ()) if k in self._groups)]
+            out = open_prompts[:limit]
+            self._dirty -= set(self._dirty if len(open_prompts) <= limit else out)
         return out
 
     def _export_gauges(self, now: float) -> None:
@@ -320,13 +330,14 @@ class TaskBoard:
             need = 1 if kind == preference_pb2.TASK_KIND_DEMONSTRATE else 2
             eligible, gold = [], []
             settled = now - self.settle_s
-            for g in self._groups.values():
-                if g.key in seen or g.first_seen > settled or len(self._candidates(g)) < need:
+            for g in self._groups.values():  # cheapest tests first: this scan is most of a lease's cost
+                is_gold = g.key[1] == GOLD
+                if (not is_gold and len(g.done) + g.active >= self.overlap) or g.key in seen \
+                        or g.first_seen > settled or len(g.response_ids) < need:
                     continue
-                if g.key[1] == GOLD:
-                    gold.append(g)
-                elif len(g.done) + g.active < self.overlap:
-                    eligible.append(g)
+                if self._flagged and len(self._candidates(g)) < need:
+                    continue
+                (gold if is_gold else eligible).append(g)
             if gold and need == 2 and self._rng.random() < self.gold_rate:
                 chosen = self._rng.choice(gold)
             elif not eligible:
