@@ -213,8 +213,10 @@ class WebUI:
 
         return wrapped
 
-    def _cookie(self, response: web.Response, value: str, max_age: float) -> None:
-        response.set_cookie(COOKIE, value, max_age=int(max_age), httponly=True, secure=self.tls, samesite="Strict",
+    def _cookie(self, request: web.Request, response: web.Response, value: str, max_age: float) -> None:
+        # Secure whenever the browser speaks HTTPS: TLS here, or terminated by an ingress in front
+        secure = self.tls or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+        response.set_cookie(COOKIE, value, max_age=int(max_age), httponly=True, secure=secure, samesite="Strict",
                             path="/")
 
     # -- session -------------------------------------------------------------------------------
@@ -232,13 +234,13 @@ class WebUI:
         except ValueError as exc:
             return _error(InvalidArgument("body", f"not valid JSON ({exc})"))
         response = web.json_response({"rater_id": principal.rater_id, "scope": principal.scope, "csrf": csrf})
-        self._cookie(response, session_id, self.sessions.ttl_s)
+        self._cookie(request, response, session_id, self.sessions.ttl_s)
         return response
 
     async def _logout(self, principal, body, request) -> web.Response:
         self.sessions.delete(request.cookies.get(COOKIE, ""))
         response = web.json_response({"signed_out": True})
-        self._cookie(response, "", 0)
+        self._cookie(request, response, "", 0)
         return response
 
     async def _me(self, principal: Principal, body, request) -> dict:
