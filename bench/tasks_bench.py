@@ -190,7 +190,8 @@ def server_latency(metrics_port: int) -> dict[str, float]:
                 buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
         buckets.sort()
         total = buckets[-1][1] if buckets else 0
-        out[method] = next((1000 * le for le, n in buckets if n >= 0.99 * total), float("nan")) if total else float("nan")
+        out[method] = next((1000 * le for le, n in buckets if n >= 0.99 * total), float("nan")) \
+            if total else float("nan")
     return out
 
 
@@ -227,7 +228,7 @@ def bench_load(args, tmp: Path) -> list[tuple[str, str, str]]:
            "FLYWHEEL_LOG_LEVEL": "WARNING", "FLYWHEEL_SHUTDOWN_DELAY_S": "0",
            "FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S": "3600", "FLYWHEEL_PREFERENCE_UI_ENABLED": "false",
            "FLYWHEEL_PREFERENCE_TASK_OVERLAP": "1", "FLYWHEEL_PREFERENCE_TASK_SETTLE_S": "0",
-           "FLYWHEEL_PREFERENCE_TASK_GOLD_RATE": "0", **dict(kv.split("=", 1) for kv in os.environ.get("BENCH_EXTRA_ENV", "").split() if kv)}
+           "FLYWHEEL_PREFERENCE_TASK_GOLD_RATE": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env)
     try:
         wait_serving(f"127.0.0.1:{port}", proc)

@@ -32,7 +32,8 @@ async def service_factory(kafka_bootstrap, settings_factory):
 
     async def make(**overrides):
         base = dict(kafka_bootstrap_servers=kafka_bootstrap, preference_refresh_interval_s=3600.0,
-                    preference_task_refresh_s=0.1, preference_task_settle_s=0.0, preference_ui_enabled=False, preference_task_random_share=0.0,
+                    preference_task_refresh_s=0.1, preference_task_settle_s=0.0, preference_ui_enabled=False,
+                    preference_task_random_share=0.0,
                     preference_task_gold_rate=0.0)
         base.update(overrides)
         settings = settings_factory(PreferenceSettings, **base)
@@ -167,7 +168,8 @@ async def test_flags_release_and_gold(service_factory, kafka_bootstrap, unique, 
         stub = preference_pb2_grpc.PreferenceServiceStub(ch)
         admin = auth(tokens["admin"])
         with pytest.raises(aio.AioRpcError) as err:
-            await stub.MarkGold(preference_pb2.MarkGoldRequest(prompt_id=gold[0].prompt_id), metadata=auth(tokens["r0"]))
+            await stub.MarkGold(preference_pb2.MarkGoldRequest(prompt_id=gold[0].prompt_id),
+                                metadata=auth(tokens["r0"]))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(aio.AioRpcError) as err:
             await stub.MarkGold(preference_pb2.MarkGoldRequest(prompt_id=gold[0].prompt_id,

@@ -113,7 +113,8 @@ async def ui_service(kafka_bootstrap, settings_factory):
 
     async def make(**overrides):
         base = dict(kafka_bootstrap_servers=kafka_bootstrap, preference_refresh_interval_s=3600.0,
-                    preference_task_refresh_s=0.1, preference_task_settle_s=0.0, preference_task_random_share=0.0, preference_task_gold_rate=0.0,
+                    preference_task_refresh_s=0.1, preference_task_settle_s=0.0, preference_task_random_share=0.0,
+                    preference_task_gold_rate=0.0,
                     preference_ui_port=free_port())
         base.update(overrides)
         service, target, tokens = await start_service(settings_factory(PreferenceSettings, **base),

@@ -286,8 +286,8 @@ class PreferenceStore:
     def record_rollouts(self, rollouts: Iterable[common_pb2.Rollout], *, topic: str | None = None,
                         offsets: dict[int, int] | None = None) -> int:
         # held-out (eval split) rollouts are known responses but never handed to raters as tasks
-        rows = [(r.rollout_id, r.prompt_id, r.response_text, r.policy_version, "eval" if r.split == "eval" else "rollout")
-                for r in rollouts]
+        rows = [(r.rollout_id, r.prompt_id, r.response_text, r.policy_version,
+                 "eval" if r.split == "eval" else "rollout") for r in rollouts]
         prompts = [(r.prompt_id, r.raw_prompt or r.prompt_text) for r in rollouts if (r.raw_prompt or r.prompt_text)]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
