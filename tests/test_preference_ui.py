@@ -230,6 +230,8 @@ async def test_rater_ranks_writes_and_is_protected(browser, ui_service, kafka_bo
 
 async def test_expiry_two_raters_and_admin_page(browser, ui_service, kafka_bootstrap, unique):
     service, target, tokens, base = await ui_service(preference_task_overlap=1, preference_task_lease_s=3.0)
+    [pair_group] = groups_for("ab" + unique, f"ab-{unique}", 1)  # older: alice's second task, in A/B mode
+    await publish(service, kafka_bootstrap, [pair_group])
     [group] = groups_for(unique, f"v-{unique}", 1)
     await publish(service, kafka_bootstrap, [group])
     driver = browser
@@ -256,10 +258,24 @@ async def test_expiry_two_raters_and_admin_page(browser, ui_service, kafka_boots
                 return None
             return t.lease_id
         assert await wait_until_async(bob_gets_it, timeout_s=10, what="the expired task leased again")
-    # alice's late ranking is still accepted, and counted late
+    # alice's late ranking is still accepted, and counted late; her next task comes in A/B mode
+    await asyncio.to_thread(lambda: driver.find_element("css selector", "#mode option[value=compare]").click())
+    driver.execute_script("document.querySelector('#candidates .card').focus()")
     await rank_with_keyboard(driver, [1, 2, 3, 4])
     await poll(driver, lambda: "late" in text_of(driver, "notice"), "the late notice")
     assert service.board.counts["alice"].late == 1
+    await poll(driver, "return !!state.task && state.task.kind === 'compare'", "an A/B task")
+    assert driver.execute_script("return state.task.prompt_id") == pair_group[0].prompt_id
+    assert len(driver.find_elements("css selector", "#candidates .card")) == 2
+    shot(driver, "task-compare")
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    await asyncio.to_thread(lambda: ActionChains(driver).send_keys("b").perform())
+    await poll(driver, f"return !state.task || state.task.prompt_id !== '{pair_group[0].prompt_id}'", "A/B sent")
+    [event] = [e for e in service.store.events(
+        [r[0] for r in service.store._db.execute("SELECT event_id FROM events WHERE prompt_id = ?",
+                                                 (pair_group[0].prompt_id,))]).values()]
+    assert (event.kind, event.rater_id) == ("comparison", "alice")
 
     # the admin page
     await asyncio.to_thread(lambda: driver.find_element("id", "logout").click())
