@@ -42,6 +42,8 @@ lock: | $(UV)
 
 env: $(STAMP)
 	@bash deploy/kafka/kafka.sh fetch
+	# Debian chromium + chromedriver for the web UI's browser tests (apt where allowed; else they skip).
+	@bash deploy/tools/install-browser.sh
 
 # Pinned helm, helm-unittest, promtool (go install) and checkov (own venv): once per machine.
 tools:

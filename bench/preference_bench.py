@@ -168,7 +168,7 @@ def bench_ingestion(args, tmp: Path) -> dict[str, float]:
     env = {**os.environ, "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FLYWHEEL_HOST": "127.0.0.1",
            "FLYWHEEL_GRPC_PORT": str(port), "FLYWHEEL_METRICS_ENABLED": "false", "FLYWHEEL_HOME": str(home),
            "FLYWHEEL_LOG_LEVEL": "WARNING", "FLYWHEEL_SHUTDOWN_DELAY_S": "0",
-           "FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S": "3600"}
+           "FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S": "3600", "FLYWHEEL_PREFERENCE_UI_ENABLED": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env)
     try:
         wait_serving(f"127.0.0.1:{port}", proc)

@@ -94,7 +94,7 @@ def settings_factory(tmp_path: Path):
 
         cls = cls or ServiceSettings
         base = dict(host="127.0.0.1", grpc_port=0, metrics_port=0, home=tmp_path / "home", shutdown_grace_s=1.0,
-                    shutdown_delay_s=0.0)
+                    shutdown_delay_s=0.0, preference_ui_port=0)
         base.update(overrides)
         return cls(**base)
 

@@ -256,6 +256,7 @@ def service_metrics(kafka_bootstrap, tmp_path_factory) -> dict[str, set[str]]:
         home = tmp_path_factory.mktemp(f"{service}-home")
         grpc_port, metrics_port = free_port(), free_port()
         env = {**os.environ, "FLYWHEEL_HOST": "127.0.0.1", "FLYWHEEL_GRPC_PORT": str(grpc_port),
+               "FLYWHEEL_PREFERENCE_UI_PORT": "0",
                "FLYWHEEL_METRICS_PORT": str(metrics_port), "FLYWHEEL_HOME": str(home),
                "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "FLYWHEEL_LOG_LEVEL": "WARNING",
                "FLYWHEEL_SHUTDOWN_DELAY_S": "0", "FLYWHEEL_SHUTDOWN_GRACE_S": "1"}

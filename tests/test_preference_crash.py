@@ -72,6 +72,7 @@ def test_kill_between_produce_and_ack_then_retry_yields_exactly_one_event(kafka_
     target = f"127.0.0.1:{port}"
     env = {**os.environ, "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "FLYWHEEL_HOST": "127.0.0.1",
            "FLYWHEEL_GRPC_PORT": str(port), "FLYWHEEL_METRICS_ENABLED": "false", "FLYWHEEL_HOME": str(home),
+           "FLYWHEEL_PREFERENCE_UI_PORT": "0",
            "FLYWHEEL_SHUTDOWN_DELAY_S": "0"}
     tokens = TokenStore(home / "preference" / "auth.sqlite")
     token = tokens.issue("alice")

@@ -159,6 +159,24 @@ def dashboard() -> dict:
            ("timeseries", "Reward-model jobs", [(f"sum by (state) (increase(flywheel_trainer_reward_model_jobs_total"
                                                  f"{{{SEL}}}[24h]))", "{{state}}")], "short",
             "TriggerRewardModelTraining jobs finished in the last 24 hours, by final state."))
+    g.row("Raters")
+    g.line(("timeseries", "Tasks by outcome", [(rate("flywheel_preference_tasks_total", "outcome"), "{{outcome}}")],
+            "ops", "Leases handed out and how they ended: completed (on time / late), expired, released (skipped)."),
+           ("timeseries", "Seconds per judgement", [(quantile(0.5, "flywheel_preference_judgement_seconds", "job"),
+                                                     "p50"),
+                                                    (quantile(0.9, "flywheel_preference_judgement_seconds", "job"),
+                                                     "p90")], "s", "From lease to submission."),
+           ("timeseries", "Open task slots by policy version",
+            [(f"sum by (policy_version) (flywheel_preference_task_queue_depth{{{SEL}}})", "{{policy_version}}")],
+            "short", "Rater slots still open per policy version (the queue raters work through)."))
+    g.line(("timeseries", "Newest version waiting unrated",
+            [(f"max by (job) (flywheel_preference_newest_version_unrated_seconds{{{SEL}}})", "{{job}}")], "s",
+            "Age of the oldest task of the newest policy version nobody answered (alert: > 1 h for 10 min)."),
+           ("timeseries", "Gold accuracy per rater",
+            [(f"min by (rater) (flywheel_preference_rater_gold_accuracy{{{SEL}}})", "{{rater}}")], "percentunit",
+            "Share of known-answer pairs each rater ordered correctly."),
+           ("timeseries", "Flags", [(rate("flywheel_preference_flags_total", "reason"), "{{reason}}")], "ops",
+            "Responses flagged unsafe / nonsense / cannot judge (left out of exports)."))
     variable_query = "label_values(flywheel_service_serving, namespace)"
     job_query = 'label_values(flywheel_service_serving{namespace=~"$namespace"}, job)'
     return {

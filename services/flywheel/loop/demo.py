@@ -96,9 +96,18 @@ def demo(
         # A live table on a terminal; plain status lines when output goes to a file or CI log.
         live = Live(console=console, refresh_per_second=2) if console.is_terminal else None
         plain = _PlainStatus()
+        invited = []
+
+        def on_status(s, r) -> None:
+            if runner.human and not invited:  # once: how a person joins the running loop
+                invited.append(True)
+                url, token = runner.human
+                console.print(f"[bold]Rate alongside the simulated raters[/]: open {url} and sign in with "
+                              f"the rater token {token}", markup=True, highlight=False)
+            live.update(_render(s, r, runner.minutes(), minutes)) if live else plain.update(s, runner.minutes())
+
         with live or _nothing():
-            runner = LoopRunner(cluster, config, on_status=lambda s, r: (
-                live.update(_render(s, r, runner.minutes(), minutes)) if live else plain.update(s, runner.minutes())))
+            runner = LoopRunner(cluster, config, on_status=on_status)
             try:
                 report = runner.run()
             except KeyboardInterrupt:

@@ -147,6 +147,8 @@ class LocalCluster:
         full_env = self.base_env()
         full_env.update(FLYWHEEL_SERVICE_NAME=name, FLYWHEEL_GRPC_PORT=str(grpc_port),
                         FLYWHEEL_METRICS_PORT=str(metrics_port))
+        if name == "preference":  # the rater web UI
+            full_env["FLYWHEEL_PREFERENCE_UI_PORT"] = str(free_port())
         full_env.update(env or {})
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_file = open(log_path, "ab")

@@ -1,15 +1,15 @@
-"""The loop's simulated raters: a pool of `SimulatedRater`s (some adversarial) that consume policy
-rollouts and submit rankings to the preference service over authenticated gRPC, on a thread."""
+"""The loop's simulated raters: a pool of `SimulatedRater`s (some adversarial) that lease tasks from
+the preference service and submit rankings over authenticated gRPC, on a thread - exactly the path
+a human rating team takes through the web UI."""
 
 from __future__ import annotations
 
 import threading
 
-from flywheel.bus import TypedConsumer, TypedProducer, topics
 from flywheel.loop.local import LocalCluster
 from flywheel.preference.auth import SCOPE_ADMIN, TokenStore
 from flywheel.preference.settings import PreferenceSettings
-from flywheel.preference.simulated_rater import RaterClient, SimulatedRaterRunner, make_pool
+from flywheel.preference.simulated_rater import LeasingRaterRunner, RaterClient, make_pool
 
 
 def preference_tokens(cluster: LocalCluster) -> TokenStore:
@@ -28,8 +28,20 @@ def admin_metadata(cluster: LocalCluster, label: str = "flywheel-loop") -> tuple
     return (("authorization", f"Bearer {token}"),)
 
 
+def human_rater(cluster: LocalCluster, rater_id: str = "you") -> tuple[str, str]:
+    """The web UI address of the cluster's preference service and a fresh rater token: a person can
+    join the running loop next to the simulated raters."""
+    port = cluster.services["preference"].env["FLYWHEEL_PREFERENCE_UI_PORT"]
+    tokens = preference_tokens(cluster)
+    try:
+        token = tokens.issue(rater_id, label="demo: a human rater")
+    finally:
+        tokens.close()
+    return f"http://127.0.0.1:{port}/", token
+
+
 class RaterPool:
-    def __init__(self, cluster: LocalCluster, bootstrap: str, *, raters: int, adversarial: int, noise: float,
+    def __init__(self, cluster: LocalCluster, *, raters: int, adversarial: int, noise: float,
                  tie_threshold: float = 0.0, raters_per_prompt: int = 3) -> None:
         pool = make_pool(raters, adversarial_fraction=adversarial / max(1, raters), noise=noise,
                          tie_threshold=tie_threshold)
@@ -39,11 +51,7 @@ class RaterPool:
                        for rater in pool]
         finally:
             tokens.close()
-        self._producer = TypedProducer(bootstrap, client_id="flywheel-loop-raters")
-        consumer = TypedConsumer(topics.ROLLOUTS, bootstrap_servers=bootstrap, group_id="flywheel-loop-raters",
-                                 dead_letters=self._producer, max_poll_records=256)
-        self.runner = SimulatedRaterRunner(consumer, clients, raters_per_prompt=raters_per_prompt,
-                                           max_wait_s=30.0, accept=lambda r: r.split != "eval")
+        self.runner = LeasingRaterRunner(clients, raters_per_prompt=raters_per_prompt)
         self._clients = [c for _, c in clients]
         self._thread = threading.Thread(target=self._run, name="simulated-raters", daemon=True)
         self.error: BaseException | None = None
@@ -71,7 +79,5 @@ class RaterPool:
     def stop(self) -> None:
         self.runner.stop()
         self._thread.join(timeout=30)
-        self.runner.consumer.close()
         for client in self._clients:
             client.close()
-        self._producer.close()

@@ -28,6 +28,7 @@ from flywheel.loop.local import LocalCluster
 from flywheel.loop.prompts import CorpusPrompt, load_prompts, to_proto
 from flywheel.loop.report import LoopReport, VersionRecord
 from flywheel.policy.settings import PolicySettings
+from flywheel.preference.settings import PreferenceSettings
 from flywheel.runtime.config import ServiceSettings, settings_env
 from flywheel.trainer.settings import TrainerSettings
 from flywheel.v1 import (
@@ -133,6 +134,7 @@ class LoopRunner:
         self.config = config
         self.report = LoopReport()
         self.status = LoopStatus()
+        self.human: tuple[str, str] | None = None  # (web UI address, rater token) once the services run
         self._on_status = on_status or (lambda status, report: None)
         self._stop = threading.Event()
         self._start = time.monotonic()
@@ -181,6 +183,9 @@ class LoopRunner:
         if name == "policy":
             env.update(settings_env(PolicySettings, policy_http_port=0, policy_max_batch_size=32,
                                     policy_default_max_new_tokens=c.max_new_tokens))
+        elif name == "preference":  # simulated raters lease tasks: every group to 3 of them, all candidates
+            env.update(settings_env(PreferenceSettings, preference_task_overlap=3, preference_task_max_candidates=16,
+                                    preference_task_random_share=0, preference_task_gold_rate=0))
         elif name == "trainer":
             env.update(settings_env(
                 TrainerSettings, trainer_batch_size=c.ppo_batch_size, trainer_mini_batch_size=c.ppo_mini_batch_size,
@@ -209,6 +214,10 @@ class LoopRunner:
             for name in ("policy", "preference", "trainer"):
                 cluster.start_service(name, self.service_env(name))
             self._raters = self._start_raters(bootstrap)
+            from flywheel.loop.raters import human_rater
+
+            self.human = human_rater(cluster)  # (web UI address, rater token) for a person to join
+            self._emit()
             self._run_phases(producer)
         finally:
             self._record_counters()
@@ -308,7 +317,7 @@ class LoopRunner:
     def _start_raters(self, bootstrap: str):
         from flywheel.loop.raters import RaterPool
 
-        pool = RaterPool(self.cluster, bootstrap, raters=self.config.raters,
+        pool = RaterPool(self.cluster, raters=self.config.raters,
                          adversarial=self.config.adversarial_raters, noise=self.config.rater_noise,
                          tie_threshold=self.config.rater_tie_threshold)
         pool.start()

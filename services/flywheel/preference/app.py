@@ -22,6 +22,7 @@ from flywheel.preference.replay import TopicFollower
 from flywheel.preference.service import SERVICE_NAME, PreferenceServicer
 from flywheel.preference.settings import PreferenceSettings
 from flywheel.preference.store import PreferenceStore
+from flywheel.preference.tasks import TaskBoard, TaskDB
 from flywheel.runtime import ServiceRuntime
 from flywheel.v1 import preference_pb2_grpc
 
@@ -93,6 +94,47 @@ class _RefreshLoop:
             self._task.cancel()
 
 
+class _TaskPoolLoop:
+    """Rebuilds the task pool from the store and refits the certainty of prompts answered since."""
+
+    def __init__(self, service: "PreferenceService") -> None:
+        self._service = service
+        self._task: asyncio.Task | None = None
+        self._gold: dict[str, tuple[int, int]] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def refresh(self) -> None:
+        svc = self._service
+        certainty = {}
+        for prompt_id in svc.board.dirty_prompts(limit=200):  # a few hundred refits per round at most
+            agg = svc.engine.prompt(prompt_id)
+            if agg is not None:
+                certainty[prompt_id] = [(r.response_id, r.score, r.stderr) for r in agg.responses]
+        svc.board.refresh(certainty)
+        # Raters' accuracy on known-answer tasks is evidence on their reliability weights: hand it to
+        # the estimator when it changed (the next global fit uses it).
+        gold = svc.board.gold_counts()
+        if gold != self._gold:
+            svc.engine.set_gold_counts(gold)
+            self._gold = gold
+
+    async def _run(self) -> None:
+        svc = self._service
+        while True:
+            if svc.servicer.ready:
+                try:
+                    await asyncio.to_thread(self.refresh)
+                except Exception:  # noqa: BLE001 - keep the last pool; try again next round
+                    log.exception("task pool refresh failed")
+            await asyncio.sleep(svc.settings.preference_task_refresh_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 @dataclass
 class PreferenceService:
     settings: PreferenceSettings
@@ -102,6 +144,9 @@ class PreferenceService:
     engine: ConsensusEngine
     producer: TypedProducer
     followers: list[TopicFollower]
+    board: TaskBoard
+    tokens: TokenStore | None = None
+    ui: object | None = None  # flywheel.preference.ui.WebUI when enabled
 
 
 def build_service(settings: PreferenceSettings, *,
@@ -116,7 +161,13 @@ def build_service(settings: PreferenceSettings, *,
                              linger_ms=1000, **settings.kafka_client_config(),
                              batch_size=512 * 1024)
     engine = ConsensusEngine(store, fit_options(settings), max_rater_series=settings.preference_max_rater_series)
-    servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine,
+    task_db = TaskDB(settings.tasks_db_path())
+    board = TaskBoard(store, task_db, overlap=settings.preference_task_overlap,
+                      lease_s=settings.preference_task_lease_s, random_share=settings.preference_task_random_share,
+                      gold_rate=settings.preference_task_gold_rate,
+                      max_candidates=settings.preference_task_max_candidates,
+                      settle_s=settings.preference_task_settle_s)
+    servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine, board,
                                   after_produce=after_produce)
     runtime = ServiceRuntime(settings)
     runtime.add_service(SERVICE_NAME,
@@ -130,15 +181,23 @@ def build_service(settings: PreferenceSettings, *,
                                                                           offsets=offsets),
         lambda: store.offsets(PREFERENCES.name), producer, group_id=PREFERENCES_GROUP,
         live_interval_s=settings.preference_follow_interval_s)
-    service = PreferenceService(settings, runtime, servicer, store, engine, producer, [rollouts, preferences])
+    service = PreferenceService(settings, runtime, servicer, store, engine, producer, [rollouts, preferences], board,
+                                tokens)
     runtime.add_worker(rollouts)
     runtime.add_worker(preferences)
     runtime.add_worker(_ReadinessGate(service))
     runtime.add_worker(_RefreshLoop(service))
+    runtime.add_worker(_TaskPoolLoop(service))
+    if settings.preference_ui_enabled:
+        from flywheel.preference.ui import WebUI
+
+        service.ui = WebUI(service)
+        runtime.add_worker(service.ui)
 
     async def close() -> None:
         await asyncio.to_thread(producer.close)
         store.close()
+        task_db.close()
         if tokens is not None:
             tokens.close()
 

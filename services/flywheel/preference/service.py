@@ -29,6 +29,7 @@ from flywheel.preference.engine import ConsensusEngine
 from flywheel.preference.export import write_dataset
 from flywheel.preference.settings import PreferenceSettings
 from flywheel.preference.store import PreferenceStore, event_body
+from flywheel.preference.tasks import TaskBoard
 from flywheel.preference.validation import Validator
 from flywheel.runtime import InvalidArgument, NotFound, NotReady, require
 from flywheel.runtime.errors import FailedPrecondition, PermissionDenied, clip
@@ -59,9 +60,10 @@ def trace_id(event_id: str) -> str:
 
 class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
     def __init__(self, settings: PreferenceSettings, store: PreferenceStore, auth: Authenticator,
-                 producer: TypedProducer, engine: ConsensusEngine, *,
+                 producer: TypedProducer, engine: ConsensusEngine, board: TaskBoard | None = None, *,
                  after_produce: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
+        self.board = board
         # fault hook for tests: runs after the broker acknowledged, before storing and acking
         self._after_produce = after_produce
         self.store = store
@@ -100,6 +102,11 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
             raise
         bodies = [event_body(e)[1] for e in prepared]
         ids = [b.event_id for b in bodies]
+        if self.board is not None:
+            for body, prefix, event in zip(bodies, prefixes, prepared):
+                if body.lease_id:
+                    field = f"{prefix}{event.WhichOneof('event')}.lease_id" if prefix else "lease_id"
+                    self.board.check(body.lease_id, body.rater_id, body.prompt_id, field)
         stored = await asyncio.to_thread(self.store.events, ids)
         outcome: list[bool] = []  # duplicate?
         fresh: list[int] = []
@@ -145,6 +152,10 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
                 self._inflight.pop(event_id, None)
         for f in waits:
             await f  # a concurrent submit of the same id: acknowledge once it is durable
+        if self.board is not None:
+            for i in fresh:
+                if bodies[i].lease_id:
+                    self.board.complete(bodies[i].lease_id, bodies[i].rater_id, bodies[i].prompt_id)
         counts: dict[tuple[str, str], int] = {}
         for event, dup in zip(prepared, outcome):
             key = (event.WhichOneof("event"), "duplicate" if dup else "accepted")
@@ -330,8 +341,10 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         version = self.store.content_version()
         fitted = self.engine.refresh()
         messages = self.engine.messages(fitted.problem, fitted.result, dataset_version=version)
-        for m in messages:  # published pairs obey the same margin filter as the files
-            kept = [p for p in m.pairs if p.margin >= min_margin]
+        flagged = self.board.flagged() if self.board is not None else set()
+        for m in messages:  # published pairs obey the same margin and flag filters as the files
+            kept = [p for p in m.pairs if p.margin >= min_margin and p.chosen_id not in flagged
+                    and p.rejected_id not in flagged]
             del m.pairs[:]
             m.pairs.extend(kept)
         export = write_dataset(output, version, messages, self.store.demonstrations(), fmt=fmt, min_margin=min_margin)
@@ -347,3 +360,68 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
                 f.get(timeout=timeout)
 
         await asyncio.to_thread(wait)
+
+    # -- task assignment ---------------------------------------------------------------------
+    def _board(self) -> TaskBoard:
+        if self.board is None:
+            raise NotFound("task assignment is not enabled on this instance")
+        return self.board
+
+    def lease_task(self, principal: Principal | None, rater_id: str, kind: int) -> preference_pb2.Task:
+        """LeaseTask for `principal` (shared by gRPC and the web UI)."""
+        board = self._board()
+        self._check_ready()
+        if not rater_id and principal is not None:
+            rater_id = principal.rater_id
+        require(bool(rater_id), "rater_id", "required")
+        Authenticator.check_rater(principal, rater_id)
+        require(kind in preference_pb2.TaskKind.values(), "kind", f"unknown task kind {kind}")
+        lease, remaining = board.lease(rater_id, kind)
+        if lease is None:
+            return preference_pb2.Task()
+        known = self.store.responses(list(lease.response_ids))
+        task = preference_pb2.Task(
+            lease_id=lease.lease_id, kind=lease.kind, prompt_id=lease.prompt_id,
+            prompt_text=self.store.prompt_texts([lease.prompt_id]).get(lease.prompt_id, ""), remaining=remaining)
+        for rid in lease.response_ids:
+            hit = known.get(rid)
+            task.candidates.add(response_id=rid, text=hit.text if hit else "",
+                                policy_version=hit.policy_version if hit else "")
+        task.policy_version = task.candidates[0].policy_version if task.candidates else ""
+        task.lease_expires_at.FromNanoseconds(int(lease.expires_at * 1e9))
+        return task
+
+    async def LeaseTask(self, request, context):
+        return self.lease_task(self._principal(context), request.rater_id, request.kind)
+
+    async def ReleaseTask(self, request, context):
+        principal = self._principal(context)
+        require(bool(request.lease_id), "lease_id", "required")
+        self._board().release(request.lease_id, principal.rater_id if principal else None)
+        return preference_pb2.ReleaseTaskResponse()
+
+    async def FlagResponse(self, request, context):
+        principal = self._principal(context)
+        require(bool(request.lease_id), "lease_id", "required")
+        require(bool(request.response_id), "response_id", "required")
+        lease = self._board().lease_of(request.lease_id, principal.rater_id if principal else None)
+        flag_id = await asyncio.to_thread(self._board().flag, request.lease_id, lease.rater_id, request.response_id,
+                                          request.reason, request.note)
+        return preference_pb2.FlagResponseAck(flag_id=flag_id)
+
+    async def MarkGold(self, request, context):
+        principal = self._principal(context)
+        self.auth.require_admin(principal, "MarkGold")
+        self._check_ready()
+        await asyncio.to_thread(self._board().mark_gold, request.prompt_id, list(request.response_ids),
+                                list(request.ranks))
+        return preference_pb2.MarkGoldResponse()
+
+    async def GetGoldAccuracy(self, request, context):
+        principal = self._principal(context)
+        self.auth.require_admin(principal, "GetGoldAccuracy")
+        counts = await asyncio.to_thread(self._board().gold_counts)
+        out = preference_pb2.GoldAccuracy()
+        for rater, (correct, total) in sorted(counts.items()):
+            out.raters.add(rater_id=rater, correct=correct, total=total)
+        return out

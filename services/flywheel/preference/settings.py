@@ -67,12 +67,38 @@ class PreferenceSettings(ServiceSettings):
     preference_follow_interval_s: float = Field(
         0.5, ge=0, description="Once caught up, poll the preferences topic for other instances' events this often "
         "(records this instance stored itself are skipped, not re-read).")
+    preference_tasks_db_path: Path | None = Field(
+        None, description="SQLite file with gold orderings, flags and web UI sessions (default "
+        "<home>/preference/tasks.sqlite). Not derived from Kafka: back it up.")
+    preference_task_overlap: int = Field(3, ge=1, description="Raters per task (prompt x policy version).")
+    preference_task_lease_s: float = Field(
+        600.0, gt=0, description="A leased task returns to the pool after this long (a later submission is "
+        "still accepted and counted as late).")
+    preference_task_random_share: float = Field(
+        0.1, ge=0, le=1, description="Share of tasks drawn uniformly at random instead of by informativeness "
+        "(an unbiased evaluation sample).")
+    preference_task_gold_rate: float = Field(
+        0.05, ge=0, le=1, description="Chance that a lease serves an unseen gold task (known answer) instead.")
+    preference_task_max_candidates: int = Field(4, ge=2, description="Most candidates shown in one task.")
+    preference_task_settle_s: float = Field(
+        2.0, ge=0, description="A new rollout group is offered this long after it appeared, so its candidates "
+        "(published together) are all in it.")
+    preference_task_refresh_s: float = Field(
+        1.0, gt=0, description="Rebuild the task pool from the store (new rollouts, other instances' answers) "
+        "this often.")
+    preference_ui_enabled: bool = Field(True, description="Serve the rater/admin web UI.")
+    preference_ui_port: int = Field(8053, ge=0, le=65535, description="Web UI HTTP(S) port; 0 picks a free port.")
+    preference_ui_session_ttl_s: float = Field(
+        12 * 3600.0, gt=0, description="A web UI session ends this long after sign-in.")
 
     def store_path(self) -> Path:
         return self.preference_store_path or self.home / "preference" / "store.sqlite"
 
     def auth_db_path(self) -> Path:
         return self.preference_auth_db_path or self.home / "preference" / "auth.sqlite"
+
+    def tasks_db_path(self) -> Path:
+        return self.preference_tasks_db_path or self.home / "preference" / "tasks.sqlite"
 
     def export_dir(self) -> Path:
         return self.preference_export_dir or self.home / "preference" / "exports"

@@ -8,8 +8,10 @@ The hidden truth of a response is its VADER compound sentiment score (in [-1, 1]
 * ``random``      ranks uniformly at random (a low-quality rater).
 
 `SimulatedRater.rate(prompt_id, prompt_text, candidates) -> Ranking` is the pure part.
-`RaterClient` submits with the rater's bearer token over gRPC, and `SimulatedRaterRunner` consumes
-flywheel.rollouts.v1, groups candidates by prompt and has a few raters of a pool rank each prompt.
+`RaterClient` submits with the rater's bearer token over gRPC. `LeasingRaterRunner` works like a
+rating team: each rater leases its next task from the service and answers it (the loop uses this).
+`SimulatedRaterRunner` instead consumes flywheel.rollouts.v1, groups candidates by prompt and has a
+few raters of a pool rank each prompt (no assignment; for replaying traffic).
 Event ids are deterministic (rater, prompt, candidate ids), so redelivered rollouts and retried
 submits are acknowledged as duplicates rather than counted twice.
 """
@@ -137,8 +139,34 @@ class RaterClient:
     def submit(self, ranking: common_pb2.Ranking) -> preference_pb2.SubmitAck:
         return self._stub.SubmitRanking(ranking, metadata=self._metadata, timeout=self._timeout)
 
+    def lease(self) -> preference_pb2.Task:
+        """The next task for this rater (empty lease_id: nothing to do now)."""
+        return self._stub.LeaseTask(preference_pb2.LeaseTaskRequest(kind=preference_pb2.TASK_KIND_RANK),
+                                    metadata=self._metadata, timeout=self._timeout)
+
     def close(self) -> None:
         self._channel.close()
+
+
+def submit_with_retry(client: RaterClient, ranking: common_pb2.Ranking, retry_for_s: float,
+                      stop: threading.Event) -> preference_pb2.SubmitAck:
+    """Submit, retrying what is transient: the service starting or overloaded, and rollouts it has not
+    consumed yet (a runner may read a rollout before the service did). Event ids are deterministic,
+    so a retry of something that did get through is acknowledged as a duplicate."""
+    delay, deadline = 0.2, time.monotonic() + retry_for_s
+    while True:
+        try:
+            return client.submit(ranking)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 grpc.StatusCode.DEADLINE_EXCEEDED) or (
+                code == grpc.StatusCode.INVALID_ARGUMENT and "unknown response id" in (exc.details() or ""))
+            if not transient or time.monotonic() + delay > deadline or stop.is_set():
+                raise
+            log.info("submit of %s failed (%s); retrying in %.1fs", ranking.event_id, code, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 @dataclass
@@ -185,23 +213,7 @@ class SimulatedRaterRunner:
         self.prompts_rated += 1
 
     def _submit(self, client: RaterClient, ranking: common_pb2.Ranking) -> preference_pb2.SubmitAck:
-        """Submit, retrying what is transient: the service starting or overloaded, and rollouts it has not
-        consumed yet (this runner may read a rollout before the service did). Event ids are deterministic,
-        so a retry of something that did get through is acknowledged as a duplicate."""
-        delay, deadline = 0.2, time.monotonic() + self.retry_for_s
-        while True:
-            try:
-                return client.submit(ranking)
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     grpc.StatusCode.DEADLINE_EXCEEDED) or (
-                    code == grpc.StatusCode.INVALID_ARGUMENT and "unknown response id" in (exc.details() or ""))
-                if not transient or time.monotonic() + delay > deadline or self._stop.is_set():
-                    raise
-                log.info("submit of %s failed (%s); retrying in %.1fs", ranking.event_id, code, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return submit_with_retry(client, ranking, self.retry_for_s, self._stop)
 
     def run_once(self, timeout_ms: int = 500) -> None:
         for d in self.consumer.poll(timeout_ms=timeout_ms):
@@ -229,6 +241,67 @@ class SimulatedRaterRunner:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             self.run_once()
+        return self.prompts_rated
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class LeasingRaterRunner:
+    """Simulated raters that work like people do: lease a task, rank it, submit with the lease id.
+
+    The service decides who answers what (overlap, informative order); a group counts as rated once
+    `raters_per_prompt` rankings of it were acknowledged. Event ids are deterministic, so a retried
+    submission is acknowledged as a duplicate.
+    """
+
+    def __init__(self, raters: Sequence[tuple[SimulatedRater, RaterClient]], *, raters_per_prompt: int = 3,
+                 idle_wait_s: float = 0.2, retry_for_s: float = 60.0) -> None:
+        self.raters = list(raters)
+        self.raters_per_prompt = min(raters_per_prompt, len(self.raters))
+        self.idle_wait_s = idle_wait_s
+        self.retry_for_s = retry_for_s
+        self._stop = threading.Event()
+        self._answers: dict[tuple[str, str], int] = {}
+        self.submitted = 0
+        self.duplicates = 0
+        self.prompts_rated = 0
+
+    def run_once(self) -> int:
+        """One lease (and answer) per rater; returns how many tasks were answered."""
+        answered = 0
+        for rater, client in self.raters:
+            if self._stop.is_set():
+                break
+            try:
+                task = client.lease()
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    continue  # starting or restarting: try again next round
+                raise
+            if not task.lease_id or len(task.candidates) < 2:
+                continue
+            ranking = rater.rate(task.prompt_id, task.prompt_text, list(task.candidates))
+            ranking.lease_id = task.lease_id
+            ack = submit_with_retry(client, ranking, self.retry_for_s, self._stop)
+            self.submitted += 1
+            self.duplicates += int(ack.duplicate)
+            key = (task.prompt_id, task.policy_version)
+            self._answers[key] = self._answers.get(key, 0) + 1
+            if self._answers[key] == self.raters_per_prompt:
+                self.prompts_rated += 1
+            answered += 1
+        return answered
+
+    def run(self, *, max_prompts: int | None = None, timeout_s: float | None = None) -> int:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._stop.is_set():
+            if max_prompts is not None and self.prompts_rated >= max_prompts:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if not self.run_once():
+                self._stop.wait(self.idle_wait_s)
         return self.prompts_rated
 
     def stop(self) -> None:

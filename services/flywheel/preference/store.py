@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_id      TEXT NOT NULL,
     text           TEXT NOT NULL,
     policy_version TEXT NOT NULL,
-    source         TEXT NOT NULL   -- 'rollout' or 'event' (external responses seen in events)
+    source         TEXT NOT NULL   -- 'rollout', 'eval' (held-out split: no tasks) or 'event' (external)
 );
 CREATE TABLE IF NOT EXISTS prompts (
     prompt_id   TEXT PRIMARY KEY,
@@ -285,7 +285,9 @@ class PreferenceStore:
 
     def record_rollouts(self, rollouts: Iterable[common_pb2.Rollout], *, topic: str | None = None,
                         offsets: dict[int, int] | None = None) -> int:
-        rows = [(r.rollout_id, r.prompt_id, r.response_text, r.policy_version, "rollout") for r in rollouts]
+        # held-out (eval split) rollouts are known responses but never handed to raters as tasks
+        rows = [(r.rollout_id, r.prompt_id, r.response_text, r.policy_version,
+                 "eval" if r.split == "eval" else "rollout") for r in rollouts]
         prompts = [(r.prompt_id, r.raw_prompt or r.prompt_text) for r in rollouts if (r.raw_prompt or r.prompt_text)]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -374,6 +376,30 @@ class PreferenceStore:
     def count_responses(self) -> int:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
+
+    def rollout_responses(self, after_rowid: int = 0) -> list[tuple[int, str, str, str]]:
+        """(rowid, prompt_id, response_id, policy_version) of the rollouts stored after `after_rowid`, in
+        storage order (the task pool reads them incrementally; eval-split rollouts are left out)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT rowid, prompt_id, response_id, policy_version FROM responses "
+                "WHERE rowid > ? AND source = 'rollout' ORDER BY rowid", (after_rowid,)).fetchall()
+
+    def answered_keys(self, after_rowid: int = 0) -> list[tuple[int, str, str, str]]:
+        """(rowid, prompt_id, rater_id, policy_version) of the events stored after `after_rowid`: which
+        rollout group each answered. Demonstrations answer a prompt, not a group: policy_version '*'."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT e.rowid, e.prompt_id, e.rater_id, coalesce(r.policy_version, '*') FROM events e "
+                "LEFT JOIN judgements j ON j.event_id = e.event_id AND j.idx = 0 "
+                "LEFT JOIN responses r ON r.response_id = j.winner_id WHERE e.rowid > ? ORDER BY e.rowid",
+                (after_rowid,)).fetchall()
+
+    def judgements_since(self, since: float) -> list[tuple[str, str, float]]:
+        """(event_id, rater_id, stored_at) of events stored after `since` (unix seconds)."""
+        with self._lock:
+            return self._db.execute("SELECT event_id, rater_id, stored_at FROM events WHERE stored_at > ?",
+                                    (since,)).fetchall()
 
     def content_version(self) -> str:
         """A short digest of the set of stored event ids (names a dataset export)."""

@@ -178,7 +178,10 @@ class TokenStore:
         return [TokenInfo(r[0][:12], r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
 
     def lookup(self, token: str) -> Principal | None:
-        digest = hash_token(token)
+        return self.lookup_hash(hash_token(token))
+
+    def lookup_hash(self, digest: str) -> Principal | None:
+        """The principal of a key known only by its hash (web UI sessions keep no plain token)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT rater_id, scope, requests_per_s, items_per_s FROM tokens "

@@ -414,6 +414,7 @@ class Demonstration(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SUBMITTED_AT_FIELD_NUMBER: _builtins.int
     LEAD_TIME_MS_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     rater_id: _builtins.str
     prompt_id: _builtins.str
@@ -421,6 +422,8 @@ class Demonstration(_message.Message):
     response_text: _builtins.str
     lead_time_ms: _builtins.int
     """Time the rater spent, in milliseconds."""
+    lease_id: _builtins.str
+    """The task lease this answers (PreferenceService.LeaseTask); empty for unassigned feedback."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -436,10 +439,11 @@ class Demonstration(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         submitted_at: _timestamp_pb2.Timestamp | None = ...,
         lead_time_ms: _builtins.int = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "event_id", b"event_id", "lead_time_ms", b"lead_time_ms", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "rater_id", b"rater_id", "response_text", b"response_text", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "event_id", b"event_id", "lead_time_ms", b"lead_time_ms", "lease_id", b"lease_id", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "rater_id", b"rater_id", "response_text", b"response_text", "submitted_at", b"submitted_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,6 +466,7 @@ class Comparison(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SUBMITTED_AT_FIELD_NUMBER: _builtins.int
     LEAD_TIME_MS_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     rater_id: _builtins.str
     prompt_id: _builtins.str
@@ -470,6 +475,8 @@ class Comparison(_message.Message):
     strength: _builtins.float
     """Optional confidence of the rater in (0, 1]; 0 means unspecified (treated as 1)."""
     lead_time_ms: _builtins.int
+    lease_id: _builtins.str
+    """The task lease this answers (PreferenceService.LeaseTask); empty for unassigned feedback."""
     @_builtins.property
     def response_a(self) -> Global___ResponseRef: ...
     @_builtins.property
@@ -492,10 +499,11 @@ class Comparison(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         submitted_at: _timestamp_pb2.Timestamp | None = ...,
         lead_time_ms: _builtins.int = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "response_a", b"response_a", "response_b", b"response_b", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "created_at", b"created_at", "event_id", b"event_id", "lead_time_ms", b"lead_time_ms", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "rater_id", b"rater_id", "response_a", b"response_a", "response_b", b"response_b", "strength", b"strength", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "created_at", b"created_at", "event_id", b"event_id", "lead_time_ms", b"lead_time_ms", "lease_id", b"lease_id", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "rater_id", b"rater_id", "response_a", b"response_a", "response_b", b"response_b", "strength", b"strength", "submitted_at", b"submitted_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,11 +524,14 @@ class Ranking(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SUBMITTED_AT_FIELD_NUMBER: _builtins.int
     LEAD_TIME_MS_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     rater_id: _builtins.str
     prompt_id: _builtins.str
     prompt_text: _builtins.str
     lead_time_ms: _builtins.int
+    lease_id: _builtins.str
+    """The task lease this answers (PreferenceService.LeaseTask); empty for unassigned feedback."""
     @_builtins.property
     def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResponseRef]: ...
     @_builtins.property
@@ -543,10 +554,11 @@ class Ranking(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         submitted_at: _timestamp_pb2.Timestamp | None = ...,
         lead_time_ms: _builtins.int = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "event_id", b"event_id", "lead_time_ms", b"lead_time_ms", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "ranks", b"ranks", "rater_id", b"rater_id", "responses", b"responses", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "event_id", b"event_id", "lead_time_ms", b"lead_time_ms", "lease_id", b"lease_id", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "ranks", b"ranks", "rater_id", b"rater_id", "responses", b"responses", "submitted_at", b"submitted_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,15 +25,19 @@ from flywheel.v1 import common_pb2 as flywheel_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66lywheel/v1/preference.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"0\n\tSubmitAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"D\n\x14PreferenceEventBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.flywheel.v1.PreferenceEvent\"B\n\x07\x42ulkAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tevent_ids\x18\x03 \x03(\t\"(\n\x13GetConsensusRequest\x12\x11\n\tprompt_id\x18\x01 \x01(\t\"{\n\x14\x45xportDatasetRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.flywheel.v1.DatasetFormat\x12\x12\n\noutput_uri\x18\x02 \x01(\t\x12\x12\n\nmin_margin\x18\x03 \x01(\x01\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"\xa3\x01\n\x15\x45xportDatasetResponse\x12\x17\n\x0f\x64\x61taset_version\x18\x01 \x01(\t\x12\x11\n\tpairs_uri\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65monstrations_uri\x18\x03 \x01(\t\x12\x11\n\tnum_pairs\x18\x04 \x01(\x03\x12\x1a\n\x12num_demonstrations\x18\x05 \x01(\x03\x12\x13\n\x0bnum_prompts\x18\x06 \x01(\x03\".\n\x19GetRaterStatisticsRequest\x12\x11\n\trater_ids\x18\x01 \x03(\t\"\x99\x01\n\x0eRaterStatistic\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x15\n\rweight_stderr\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x12\n\njudgements\x18\x05 \x01(\x01\x12\x14\n\x0cgold_correct\x18\x06 \x01(\x01\x12\x12\n\ngold_total\x18\x07 \x01(\x01\"\xbe\x01\n\x0fRaterStatistics\x12+\n\x06raters\x18\x01 \x03(\x0b\x32\x1b.flywheel.v1.RaterStatistic\x12\x11\n\tconverged\x18\x02 \x01(\x08\x12\x12\n\niterations\x18\x03 \x01(\x03\x12\x13\n\x0bnum_prompts\x18\x04 \x01(\x03\x12\x13\n\x0breliability\x18\x05 \x01(\x08\x12-\n\tfitted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*e\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x41TASET_FORMAT_JSONL\x10\x01\x12\x1a\n\x16\x44\x41TASET_FORMAT_PARQUET\x10\x02\x32\xff\x04\n\x11PreferenceService\x12I\n\x13SubmitDemonstration\x12\x1a.flywheel.v1.Demonstration\x1a\x16.flywheel.v1.SubmitAck\x12\x43\n\x10SubmitComparison\x12\x17.flywheel.v1.Comparison\x1a\x16.flywheel.v1.SubmitAck\x12=\n\rSubmitRanking\x12\x14.flywheel.v1.Ranking\x1a\x16.flywheel.v1.SubmitAck\x12\x42\n\nSubmitBulk\x12\x1c.flywheel.v1.PreferenceEvent\x1a\x14.flywheel.v1.BulkAck(\x01\x12N\n\x11SubmitBulkBatched\x12!.flywheel.v1.PreferenceEventBatch\x1a\x14.flywheel.v1.BulkAck(\x01\x12S\n\x0cGetConsensus\x12 .flywheel.v1.GetConsensusRequest\x1a!.flywheel.v1.AggregatedPreference\x12V\n\rExportDataset\x12!.flywheel.v1.ExportDatasetRequest\x1a\".flywheel.v1.ExportDatasetResponse\x12Z\n\x12GetRaterStatistics\x12&.flywheel.v1.GetRaterStatisticsRequest\x1a\x1c.flywheel.v1.RaterStatisticsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66lywheel/v1/preference.proto\x12\x0b\x66lywheel.v1\x1a\x18\x66lywheel/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"0\n\tSubmitAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"D\n\x14PreferenceEventBatch\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.flywheel.v1.PreferenceEvent\"B\n\x07\x42ulkAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tevent_ids\x18\x03 \x03(\t\"(\n\x13GetConsensusRequest\x12\x11\n\tprompt_id\x18\x01 \x01(\t\"{\n\x14\x45xportDatasetRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.flywheel.v1.DatasetFormat\x12\x12\n\noutput_uri\x18\x02 \x01(\t\x12\x12\n\nmin_margin\x18\x03 \x01(\x01\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"\xa3\x01\n\x15\x45xportDatasetResponse\x12\x17\n\x0f\x64\x61taset_version\x18\x01 \x01(\t\x12\x11\n\tpairs_uri\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65monstrations_uri\x18\x03 \x01(\t\x12\x11\n\tnum_pairs\x18\x04 \x01(\x03\x12\x1a\n\x12num_demonstrations\x18\x05 \x01(\x03\x12\x13\n\x0bnum_prompts\x18\x06 \x01(\x03\".\n\x19GetRaterStatisticsRequest\x12\x11\n\trater_ids\x18\x01 \x03(\t\"\x99\x01\n\x0eRaterStatistic\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x15\n\rweight_stderr\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x12\n\njudgements\x18\x05 \x01(\x01\x12\x14\n\x0cgold_correct\x18\x06 \x01(\x01\x12\x12\n\ngold_total\x18\x07 \x01(\x01\"\xbe\x01\n\x0fRaterStatistics\x12+\n\x06raters\x18\x01 \x03(\x0b\x32\x1b.flywheel.v1.RaterStatistic\x12\x11\n\tconverged\x18\x02 \x01(\x08\x12\x12\n\niterations\x18\x03 \x01(\x03\x12\x13\n\x0bnum_prompts\x18\x04 \x01(\x03\x12\x13\n\x0breliability\x18\x05 \x01(\x08\x12-\n\tfitted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x10LeaseTaskRequest\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.flywheel.v1.TaskKind\"\xf4\x01\n\x04Task\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.flywheel.v1.TaskKind\x12\x11\n\tprompt_id\x18\x03 \x01(\t\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\x12,\n\ncandidates\x18\x05 \x03(\x0b\x32\x18.flywheel.v1.ResponseRef\x12\x34\n\x10lease_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x11\n\tremaining\x18\x08 \x01(\x03\"&\n\x12ReleaseTaskRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x15\n\x13ReleaseTaskResponse\"s\n\x13\x46lagResponseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0bresponse_id\x18\x02 \x01(\t\x12\'\n\x06reason\x18\x03 \x01(\x0e\x32\x17.flywheel.v1.FlagReason\x12\x0c\n\x04note\x18\x04 \x01(\t\"\"\n\x0f\x46lagResponseAck\x12\x0f\n\x07\x66lag_id\x18\x01 \x01(\t\"I\n\x0fMarkGoldRequest\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x14\n\x0cresponse_ids\x18\x02 \x03(\t\x12\r\n\x05ranks\x18\x03 \x03(\x05\"\x12\n\x10MarkGoldResponse\"\x18\n\x16GetGoldAccuracyRequest\"=\n\tRaterGold\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"6\n\x0cGoldAccuracy\x12&\n\x06raters\x18\x01 \x03(\x0b\x32\x16.flywheel.v1.RaterGold*e\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x41TASET_FORMAT_JSONL\x10\x01\x12\x1a\n\x16\x44\x41TASET_FORMAT_PARQUET\x10\x02*k\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_RANK\x10\x01\x12\x15\n\x11TASK_KIND_COMPARE\x10\x02\x12\x19\n\x15TASK_KIND_DEMONSTRATE\x10\x03*y\n\nFlagReason\x12\x1b\n\x17\x46LAG_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46LAG_REASON_UNSAFE\x10\x01\x12\x18\n\x14\x46LAG_REASON_NONSENSE\x10\x02\x12\x1c\n\x18\x46LAG_REASON_CANNOT_JUDGE\x10\x03\x32\xfc\x07\n\x11PreferenceService\x12I\n\x13SubmitDemonstration\x12\x1a.flywheel.v1.Demonstration\x1a\x16.flywheel.v1.SubmitAck\x12\x43\n\x10SubmitComparison\x12\x17.flywheel.v1.Comparison\x1a\x16.flywheel.v1.SubmitAck\x12=\n\rSubmitRanking\x12\x14.flywheel.v1.Ranking\x1a\x16.flywheel.v1.SubmitAck\x12\x42\n\nSubmitBulk\x12\x1c.flywheel.v1.PreferenceEvent\x1a\x14.flywheel.v1.BulkAck(\x01\x12N\n\x11SubmitBulkBatched\x12!.flywheel.v1.PreferenceEventBatch\x1a\x14.flywheel.v1.BulkAck(\x01\x12S\n\x0cGetConsensus\x12 .flywheel.v1.GetConsensusRequest\x1a!.flywheel.v1.AggregatedPreference\x12V\n\rExportDataset\x12!.flywheel.v1.ExportDatasetRequest\x1a\".flywheel.v1.ExportDatasetResponse\x12Z\n\x12GetRaterStatistics\x12&.flywheel.v1.GetRaterStatisticsRequest\x1a\x1c.flywheel.v1.RaterStatistics\x12=\n\tLeaseTask\x12\x1d.flywheel.v1.LeaseTaskRequest\x1a\x11.flywheel.v1.Task\x12P\n\x0bReleaseTask\x12\x1f.flywheel.v1.ReleaseTaskRequest\x1a .flywheel.v1.ReleaseTaskResponse\x12N\n\x0c\x46lagResponse\x12 .flywheel.v1.FlagResponseRequest\x1a\x1c.flywheel.v1.FlagResponseAck\x12G\n\x08MarkGold\x12\x1c.flywheel.v1.MarkGoldRequest\x1a\x1d.flywheel.v1.MarkGoldResponse\x12Q\n\x0fGetGoldAccuracy\x12#.flywheel.v1.GetGoldAccuracyRequest\x1a\x19.flywheel.v1.GoldAccuracyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flywheel.v1.preference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATASETFORMAT']._serialized_start=1022
-  _globals['_DATASETFORMAT']._serialized_end=1123
+  _globals['_DATASETFORMAT']._serialized_start=1800
+  _globals['_DATASETFORMAT']._serialized_end=1901
+  _globals['_TASKKIND']._serialized_start=1903
+  _globals['_TASKKIND']._serialized_end=2010
+  _globals['_FLAGREASON']._serialized_start=2012
+  _globals['_FLAGREASON']._serialized_end=2133
   _globals['_SUBMITACK']._serialized_start=104
   _globals['_SUBMITACK']._serialized_end=152
   _globals['_PREFERENCEEVENTBATCH']._serialized_start=154
@@ -52,6 +56,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RATERSTATISTIC']._serialized_end=827
   _globals['_RATERSTATISTICS']._serialized_start=830
   _globals['_RATERSTATISTICS']._serialized_end=1020
-  _globals['_PREFERENCESERVICE']._serialized_start=1126
-  _globals['_PREFERENCESERVICE']._serialized_end=1765
+  _globals['_LEASETASKREQUEST']._serialized_start=1022
+  _globals['_LEASETASKREQUEST']._serialized_end=1095
+  _globals['_TASK']._serialized_start=1098
+  _globals['_TASK']._serialized_end=1342
+  _globals['_RELEASETASKREQUEST']._serialized_start=1344
+  _globals['_RELEASETASKREQUEST']._serialized_end=1382
+  _globals['_RELEASETASKRESPONSE']._serialized_start=1384
+  _globals['_RELEASETASKRESPONSE']._serialized_end=1405
+  _globals['_FLAGRESPONSEREQUEST']._serialized_start=1407
+  _globals['_FLAGRESPONSEREQUEST']._serialized_end=1522
+  _globals['_FLAGRESPONSEACK']._serialized_start=1524
+  _globals['_FLAGRESPONSEACK']._serialized_end=1558
+  _globals['_MARKGOLDREQUEST']._serialized_start=1560
+  _globals['_MARKGOLDREQUEST']._serialized_end=1633
+  _globals['_MARKGOLDRESPONSE']._serialized_start=1635
+  _globals['_MARKGOLDRESPONSE']._serialized_end=1653
+  _globals['_GETGOLDACCURACYREQUEST']._serialized_start=1655
+  _globals['_GETGOLDACCURACYREQUEST']._serialized_end=1679
+  _globals['_RATERGOLD']._serialized_start=1681
+  _globals['_RATERGOLD']._serialized_end=1742
+  _globals['_GOLDACCURACY']._serialized_start=1744
+  _globals['_GOLDACCURACY']._serialized_end=1798
+  _globals['_PREFERENCESERVICE']._serialized_start=2136
+  _globals['_PREFERENCESERVICE']._serialized_end=3156
 # @@protoc_insertion_point(module_scope)

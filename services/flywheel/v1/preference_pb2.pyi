@@ -40,6 +40,47 @@ DATASET_FORMAT_JSONL: DatasetFormat.ValueType  # 1
 DATASET_FORMAT_PARQUET: DatasetFormat.ValueType  # 2
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
+class _TaskKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_KIND_UNSPECIFIED: _TaskKind.ValueType  # 0
+    """in LeaseTask: rank when >= 3 candidates, else compare"""
+    TASK_KIND_RANK: _TaskKind.ValueType  # 1
+    TASK_KIND_COMPARE: _TaskKind.ValueType  # 2
+    TASK_KIND_DEMONSTRATE: _TaskKind.ValueType  # 3
+
+class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper):
+    """--- Task assignment messages ---"""
+
+TASK_KIND_UNSPECIFIED: TaskKind.ValueType  # 0
+"""in LeaseTask: rank when >= 3 candidates, else compare"""
+TASK_KIND_RANK: TaskKind.ValueType  # 1
+TASK_KIND_COMPARE: TaskKind.ValueType  # 2
+TASK_KIND_DEMONSTRATE: TaskKind.ValueType  # 3
+Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
+
+class _FlagReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FlagReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FlagReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FLAG_REASON_UNSPECIFIED: _FlagReason.ValueType  # 0
+    FLAG_REASON_UNSAFE: _FlagReason.ValueType  # 1
+    FLAG_REASON_NONSENSE: _FlagReason.ValueType  # 2
+    FLAG_REASON_CANNOT_JUDGE: _FlagReason.ValueType  # 3
+
+class FlagReason(_FlagReason, metaclass=_FlagReasonEnumTypeWrapper): ...
+
+FLAG_REASON_UNSPECIFIED: FlagReason.ValueType  # 0
+FLAG_REASON_UNSAFE: FlagReason.ValueType  # 1
+FLAG_REASON_NONSENSE: FlagReason.ValueType  # 2
+FLAG_REASON_CANNOT_JUDGE: FlagReason.ValueType  # 3
+Global___FlagReason: _TypeAlias = FlagReason  # noqa: Y015
+
 @_typing.final
 class SubmitAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -298,3 +339,256 @@ class RaterStatistics(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RaterStatistics: _TypeAlias = RaterStatistics  # noqa: Y015
+
+@_typing.final
+class LeaseTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    rater_id: _builtins.str
+    """Empty: the token's rater."""
+    kind: Global___TaskKind.ValueType
+    def __init__(
+        self,
+        *,
+        rater_id: _builtins.str = ...,
+        kind: Global___TaskKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "rater_id", b"rater_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseTaskRequest: _TypeAlias = LeaseTaskRequest  # noqa: Y015
+
+@_typing.final
+class Task(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PROMPT_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    kind: Global___TaskKind.ValueType
+    prompt_id: _builtins.str
+    prompt_text: _builtins.str
+    policy_version: _builtins.str
+    remaining: _builtins.int
+    """Open task slots left for this rater (a progress hint)."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ResponseRef]:
+        """The responses to judge (all of the newest policy version); for COMPARE exactly two."""
+
+    @_builtins.property
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        kind: Global___TaskKind.ValueType = ...,
+        prompt_id: _builtins.str = ...,
+        prompt_text: _builtins.str = ...,
+        candidates: _abc.Iterable[_common_pb2.ResponseRef] | None = ...,
+        lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        policy_version: _builtins.str = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "kind", b"kind", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "policy_version", b"policy_version", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class ReleaseTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseTaskRequest: _TypeAlias = ReleaseTaskRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseTaskResponse: _TypeAlias = ReleaseTaskResponse  # noqa: Y015
+
+@_typing.final
+class FlagResponseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    response_id: _builtins.str
+    reason: Global___FlagReason.ValueType
+    note: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        response_id: _builtins.str = ...,
+        reason: Global___FlagReason.ValueType = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "note", b"note", "reason", b"reason", "response_id", b"response_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagResponseRequest: _TypeAlias = FlagResponseRequest  # noqa: Y015
+
+@_typing.final
+class FlagResponseAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLAG_ID_FIELD_NUMBER: _builtins.int
+    flag_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        flag_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flag_id", b"flag_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagResponseAck: _TypeAlias = FlagResponseAck  # noqa: Y015
+
+@_typing.final
+class MarkGoldRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_IDS_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
+    prompt_id: _builtins.str
+    @_builtins.property
+    def response_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ranks[i] is the correct rank of response_ids[i]; 1 is best, ties share a rank."""
+
+    def __init__(
+        self,
+        *,
+        prompt_id: _builtins.str = ...,
+        response_ids: _abc.Iterable[_builtins.str] | None = ...,
+        ranks: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_id", b"prompt_id", "ranks", b"ranks", "response_ids", b"response_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkGoldRequest: _TypeAlias = MarkGoldRequest  # noqa: Y015
+
+@_typing.final
+class MarkGoldResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkGoldResponse: _TypeAlias = MarkGoldResponse  # noqa: Y015
+
+@_typing.final
+class GetGoldAccuracyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGoldAccuracyRequest: _TypeAlias = GetGoldAccuracyRequest  # noqa: Y015
+
+@_typing.final
+class RaterGold(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATER_ID_FIELD_NUMBER: _builtins.int
+    CORRECT_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    rater_id: _builtins.str
+    correct: _builtins.int
+    total: _builtins.int
+    def __init__(
+        self,
+        *,
+        rater_id: _builtins.str = ...,
+        correct: _builtins.int = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "rater_id", b"rater_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaterGold: _TypeAlias = RaterGold  # noqa: Y015
+
+@_typing.final
+class GoldAccuracy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def raters(self) -> _containers.RepeatedCompositeFieldContainer[Global___RaterGold]: ...
+    def __init__(
+        self,
+        *,
+        raters: _abc.Iterable[Global___RaterGold] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["raters", b"raters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoldAccuracy: _TypeAlias = GoldAccuracy  # noqa: Y015

@@ -75,6 +75,31 @@ class PreferenceServiceStub:
                 request_serializer=flywheel_dot_v1_dot_preference__pb2.GetRaterStatisticsRequest.SerializeToString,
                 response_deserializer=flywheel_dot_v1_dot_preference__pb2.RaterStatistics.FromString,
                 _registered_method=True)
+        self.LeaseTask = channel.unary_unary(
+                '/flywheel.v1.PreferenceService/LeaseTask',
+                request_serializer=flywheel_dot_v1_dot_preference__pb2.LeaseTaskRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_preference__pb2.Task.FromString,
+                _registered_method=True)
+        self.ReleaseTask = channel.unary_unary(
+                '/flywheel.v1.PreferenceService/ReleaseTask',
+                request_serializer=flywheel_dot_v1_dot_preference__pb2.ReleaseTaskRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_preference__pb2.ReleaseTaskResponse.FromString,
+                _registered_method=True)
+        self.FlagResponse = channel.unary_unary(
+                '/flywheel.v1.PreferenceService/FlagResponse',
+                request_serializer=flywheel_dot_v1_dot_preference__pb2.FlagResponseRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_preference__pb2.FlagResponseAck.FromString,
+                _registered_method=True)
+        self.MarkGold = channel.unary_unary(
+                '/flywheel.v1.PreferenceService/MarkGold',
+                request_serializer=flywheel_dot_v1_dot_preference__pb2.MarkGoldRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_preference__pb2.MarkGoldResponse.FromString,
+                _registered_method=True)
+        self.GetGoldAccuracy = channel.unary_unary(
+                '/flywheel.v1.PreferenceService/GetGoldAccuracy',
+                request_serializer=flywheel_dot_v1_dot_preference__pb2.GetGoldAccuracyRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_preference__pb2.GoldAccuracy.FromString,
+                _registered_method=True)
 
 
 class PreferenceServiceServicer:
@@ -134,6 +159,44 @@ class PreferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseTask(self, request, context):
+        """--- Task assignment (rater workbench, docs/raters.md) ---
+        The next task for the calling rater, leased until lease_expires_at; an empty lease_id means
+        there is nothing to do now (ask again later). Answer with Submit* carrying the lease_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseTask(self, request, context):
+        """Give a leased task back unanswered (skip); the rater is not offered its prompt again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlagResponse(self, request, context):
+        """Report a response as unsafe / nonsense / impossible to judge; flagged responses are left out
+        of new tasks and of exported datasets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkGold(self, request, context):
+        """Admin: record the known correct ordering of a prompt's responses (a gold task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGoldAccuracy(self, request, context):
+        """Admin: per-rater gold accuracy (correct/total over strictly ordered gold pairs judged).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +239,31 @@ def add_PreferenceServiceServicer_to_server(servicer, server):
                     servicer.GetRaterStatistics,
                     request_deserializer=flywheel_dot_v1_dot_preference__pb2.GetRaterStatisticsRequest.FromString,
                     response_serializer=flywheel_dot_v1_dot_preference__pb2.RaterStatistics.SerializeToString,
+            ),
+            'LeaseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseTask,
+                    request_deserializer=flywheel_dot_v1_dot_preference__pb2.LeaseTaskRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_preference__pb2.Task.SerializeToString,
+            ),
+            'ReleaseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseTask,
+                    request_deserializer=flywheel_dot_v1_dot_preference__pb2.ReleaseTaskRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_preference__pb2.ReleaseTaskResponse.SerializeToString,
+            ),
+            'FlagResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlagResponse,
+                    request_deserializer=flywheel_dot_v1_dot_preference__pb2.FlagResponseRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_preference__pb2.FlagResponseAck.SerializeToString,
+            ),
+            'MarkGold': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkGold,
+                    request_deserializer=flywheel_dot_v1_dot_preference__pb2.MarkGoldRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_preference__pb2.MarkGoldResponse.SerializeToString,
+            ),
+            'GetGoldAccuracy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGoldAccuracy,
+                    request_deserializer=flywheel_dot_v1_dot_preference__pb2.GetGoldAccuracyRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_preference__pb2.GoldAccuracy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +482,141 @@ class PreferenceService:
             '/flywheel.v1.PreferenceService/GetRaterStatistics',
             flywheel_dot_v1_dot_preference__pb2.GetRaterStatisticsRequest.SerializeToString,
             flywheel_dot_v1_dot_preference__pb2.RaterStatistics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.PreferenceService/LeaseTask',
+            flywheel_dot_v1_dot_preference__pb2.LeaseTaskRequest.SerializeToString,
+            flywheel_dot_v1_dot_preference__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.PreferenceService/ReleaseTask',
+            flywheel_dot_v1_dot_preference__pb2.ReleaseTaskRequest.SerializeToString,
+            flywheel_dot_v1_dot_preference__pb2.ReleaseTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlagResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.PreferenceService/FlagResponse',
+            flywheel_dot_v1_dot_preference__pb2.FlagResponseRequest.SerializeToString,
+            flywheel_dot_v1_dot_preference__pb2.FlagResponseAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkGold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.PreferenceService/MarkGold',
+            flywheel_dot_v1_dot_preference__pb2.MarkGoldRequest.SerializeToString,
+            flywheel_dot_v1_dot_preference__pb2.MarkGoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGoldAccuracy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.PreferenceService/GetGoldAccuracy',
+            flywheel_dot_v1_dot_preference__pb2.GetGoldAccuracyRequest.SerializeToString,
+            flywheel_dot_v1_dot_preference__pb2.GoldAccuracy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,21 @@ class PreferenceServiceStub:
     """Export the training datasets (pairs for the reward model, demonstrations for SFT)."""
     GetRaterStatistics: _grpc.UnaryUnaryMultiCallable[_preference_pb2.GetRaterStatisticsRequest, _preference_pb2.RaterStatistics]
     """Each rater's weight with its uncertainty, from the fit over all prompts (rater reliability)."""
+    LeaseTask: _grpc.UnaryUnaryMultiCallable[_preference_pb2.LeaseTaskRequest, _preference_pb2.Task]
+    """--- Task assignment (rater workbench, docs/raters.md) ---
+    The next task for the calling rater, leased until lease_expires_at; an empty lease_id means
+    there is nothing to do now (ask again later). Answer with Submit* carrying the lease_id.
+    """
+    ReleaseTask: _grpc.UnaryUnaryMultiCallable[_preference_pb2.ReleaseTaskRequest, _preference_pb2.ReleaseTaskResponse]
+    """Give a leased task back unanswered (skip); the rater is not offered its prompt again."""
+    FlagResponse: _grpc.UnaryUnaryMultiCallable[_preference_pb2.FlagResponseRequest, _preference_pb2.FlagResponseAck]
+    """Report a response as unsafe / nonsense / impossible to judge; flagged responses are left out
+    of new tasks and of exported datasets.
+    """
+    MarkGold: _grpc.UnaryUnaryMultiCallable[_preference_pb2.MarkGoldRequest, _preference_pb2.MarkGoldResponse]
+    """Admin: record the known correct ordering of a prompt's responses (a gold task)."""
+    GetGoldAccuracy: _grpc.UnaryUnaryMultiCallable[_preference_pb2.GetGoldAccuracyRequest, _preference_pb2.GoldAccuracy]
+    """Admin: per-rater gold accuracy (correct/total over strictly ordered gold pairs judged)."""
 
 @_typing.type_check_only
 class PreferenceServiceAsyncStub(PreferenceServiceStub):
@@ -66,6 +81,21 @@ class PreferenceServiceAsyncStub(PreferenceServiceStub):
     """Export the training datasets (pairs for the reward model, demonstrations for SFT)."""
     GetRaterStatistics: _aio.UnaryUnaryMultiCallable[_preference_pb2.GetRaterStatisticsRequest, _preference_pb2.RaterStatistics]  # type: ignore[assignment]
     """Each rater's weight with its uncertainty, from the fit over all prompts (rater reliability)."""
+    LeaseTask: _aio.UnaryUnaryMultiCallable[_preference_pb2.LeaseTaskRequest, _preference_pb2.Task]  # type: ignore[assignment]
+    """--- Task assignment (rater workbench, docs/raters.md) ---
+    The next task for the calling rater, leased until lease_expires_at; an empty lease_id means
+    there is nothing to do now (ask again later). Answer with Submit* carrying the lease_id.
+    """
+    ReleaseTask: _aio.UnaryUnaryMultiCallable[_preference_pb2.ReleaseTaskRequest, _preference_pb2.ReleaseTaskResponse]  # type: ignore[assignment]
+    """Give a leased task back unanswered (skip); the rater is not offered its prompt again."""
+    FlagResponse: _aio.UnaryUnaryMultiCallable[_preference_pb2.FlagResponseRequest, _preference_pb2.FlagResponseAck]  # type: ignore[assignment]
+    """Report a response as unsafe / nonsense / impossible to judge; flagged responses are left out
+    of new tasks and of exported datasets.
+    """
+    MarkGold: _aio.UnaryUnaryMultiCallable[_preference_pb2.MarkGoldRequest, _preference_pb2.MarkGoldResponse]  # type: ignore[assignment]
+    """Admin: record the known correct ordering of a prompt's responses (a gold task)."""
+    GetGoldAccuracy: _aio.UnaryUnaryMultiCallable[_preference_pb2.GetGoldAccuracyRequest, _preference_pb2.GoldAccuracy]  # type: ignore[assignment]
+    """Admin: per-rater gold accuracy (correct/total over strictly ordered gold pairs judged)."""
 
 class PreferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -130,5 +160,50 @@ class PreferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_preference_pb2.RaterStatistics, _abc.Awaitable[_preference_pb2.RaterStatistics]]:
         """Each rater's weight with its uncertainty, from the fit over all prompts (rater reliability)."""
+
+    @_abc_1.abstractmethod
+    def LeaseTask(
+        self,
+        request: _preference_pb2.LeaseTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preference_pb2.Task, _abc.Awaitable[_preference_pb2.Task]]:
+        """--- Task assignment (rater workbench, docs/raters.md) ---
+        The next task for the calling rater, leased until lease_expires_at; an empty lease_id means
+        there is nothing to do now (ask again later). Answer with Submit* carrying the lease_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseTask(
+        self,
+        request: _preference_pb2.ReleaseTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preference_pb2.ReleaseTaskResponse, _abc.Awaitable[_preference_pb2.ReleaseTaskResponse]]:
+        """Give a leased task back unanswered (skip); the rater is not offered its prompt again."""
+
+    @_abc_1.abstractmethod
+    def FlagResponse(
+        self,
+        request: _preference_pb2.FlagResponseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preference_pb2.FlagResponseAck, _abc.Awaitable[_preference_pb2.FlagResponseAck]]:
+        """Report a response as unsafe / nonsense / impossible to judge; flagged responses are left out
+        of new tasks and of exported datasets.
+        """
+
+    @_abc_1.abstractmethod
+    def MarkGold(
+        self,
+        request: _preference_pb2.MarkGoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preference_pb2.MarkGoldResponse, _abc.Awaitable[_preference_pb2.MarkGoldResponse]]:
+        """Admin: record the known correct ordering of a prompt's responses (a gold task)."""
+
+    @_abc_1.abstractmethod
+    def GetGoldAccuracy(
+        self,
+        request: _preference_pb2.GetGoldAccuracyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_preference_pb2.GoldAccuracy, _abc.Awaitable[_preference_pb2.GoldAccuracy]]:
+        """Admin: per-rater gold accuracy (correct/total over strictly ordered gold pairs judged)."""
 
 def add_PreferenceServiceServicer_to_server(servicer: PreferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
