@@ -67,7 +67,7 @@ async def test_scoring_worker_end_to_end(kafka_bootstrap, unique, settings_facto
     t = topics_for(kafka_bootstrap, unique)
     settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
                                 reward_model_uri=str(checkpoints["reward-0001"]), reward_hot_reload=False,
-                                reward_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200)
+                                kafka_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200)
     app = build_app(settings, rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
     await serve(app.runtime)
     reference = TransformerRewardScorer(checkpoints["reward-0001"], max_length=settings.reward_max_length)
@@ -207,7 +207,7 @@ async def test_scoring_worker_retries_a_failed_batch_and_commits_after_producing
 
     t = topics_for(kafka_bootstrap, unique)
     overrides = dict(kafka_bootstrap_servers=kafka_bootstrap, reward_hot_reload=False, kafka_poll_timeout_ms=200,
-                     kafka_retry_backoff_s=0.2, reward_consumer_group=f"flywheel-reward-{unique}")
+                     kafka_retry_backoff_s=0.2, kafka_consumer_group=f"flywheel-reward-{unique}")
     flaky = FlakyVader()
     app = build_app(settings_factory(RewardSettings, **overrides), scorer=flaky,
                     rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])

@@ -63,7 +63,7 @@ def trainer_settings(settings_factory, bootstrap: str, unique: str, model: Path,
 
     base = dict(
         kafka_bootstrap_servers=bootstrap, trainer_base_model=str(model),
-        trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), trainer_group_id=f"trainer-{unique}",
+        trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), kafka_consumer_group=f"trainer-{unique}",
         trainer_scored_rollouts_topic=f"scored-{unique}", trainer_model_versions_topic=f"versions-{unique}",
         trainer_batch_size=4, trainer_mini_batch_size=2, trainer_ppo_epochs=2, kafka_topic_partitions=2,
         trainer_learning_rate=1e-4, kafka_poll_timeout_ms=200, trainer_torch_threads=1,
@@ -164,7 +164,7 @@ async def test_loop_trains_publishes_and_serves_status(kafka_bootstrap, unique, 
         assert torch.equal(a, b)
 
     # Offsets were committed: a new member of the group sees nothing left.
-    consumer = TypedConsumer(scored_topic, bootstrap_servers=kafka_bootstrap, group_id=settings.trainer_group_id,
+    consumer = TypedConsumer(scored_topic, bootstrap_servers=kafka_bootstrap, group_id=settings.kafka_consumer_group,
                              dead_letters=TypedProducer(kafka_bootstrap))
     try:
         committed = [consumer.committed(p) or 0 for p in range(2)]

@@ -3,13 +3,14 @@ rollouts and submit rankings to the preference service over authenticated gRPC, 
 
 from __future__ import annotations
 
-import threading
+import sys
 
-from flywheel.bus import TypedConsumer, TypedProducer, topics
+from flywheel.bus import ConsumerThread, consumer_for, producer_for, topics
 from flywheel.loop.local import LocalCluster
 from flywheel.preference.auth import SCOPE_ADMIN, TokenStore
 from flywheel.preference.settings import PreferenceSettings
 from flywheel.preference.simulated_rater import RaterClient, SimulatedRaterRunner, make_pool
+from flywheel.runtime.config import ServiceSettings
 
 
 def preference_tokens(cluster: LocalCluster) -> TokenStore:
@@ -28,6 +29,29 @@ def admin_metadata(cluster: LocalCluster, label: str = "flywheel-loop") -> tuple
     return (("authorization", f"Bearer {token}"),)
 
 
+class _RaterThread(ConsumerThread):
+    """The runner on the bus's consumer loop (backoff, bus metrics, bounded stop)."""
+
+    def __init__(self, runner: SimulatedRaterRunner) -> None:
+        consumer = runner.consumer
+        super().__init__(name="simulated-raters", topic=consumer.topic.name, group=consumer.group_id)
+        self.runner = runner
+        self.error: BaseException | None = None
+
+    def step(self) -> None:
+        self.runner.run_once()
+
+    def recover(self) -> None:
+        self.error = sys.exc_info()[1]  # surfaced through RaterPool.rated_prompts()
+        self.runner.consumer.rewind()
+
+    def lag(self) -> int:
+        return self.runner.consumer.lag()
+
+    def close(self) -> None:
+        self.runner.consumer.close()
+
+
 class RaterPool:
     def __init__(self, cluster: LocalCluster, bootstrap: str, *, raters: int, adversarial: int, noise: float,
                  tie_threshold: float = 0.0, raters_per_prompt: int = 3) -> None:
@@ -39,27 +63,21 @@ class RaterPool:
                        for rater in pool]
         finally:
             tokens.close()
-        self._producer = TypedProducer(bootstrap, client_id="flywheel-loop-raters")
-        consumer = TypedConsumer(topics.ROLLOUTS, bootstrap_servers=bootstrap, group_id="flywheel-loop-raters",
-                                 dead_letters=self._producer, max_poll_records=256)
+        settings = ServiceSettings(service_name="loop-raters", kafka_bootstrap_servers=bootstrap,
+                                   kafka_consumer_group="flywheel-loop-raters", kafka_max_poll_records=256)
+        self._producer = producer_for(settings)
+        consumer = consumer_for(settings, topics.ROLLOUTS, None, self._producer)
         self.runner = SimulatedRaterRunner(consumer, clients, raters_per_prompt=raters_per_prompt,
                                            max_wait_s=30.0, accept=lambda r: r.split != "eval")
         self._clients = [c for _, c in clients]
-        self._thread = threading.Thread(target=self._run, name="simulated-raters", daemon=True)
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        try:
-            self.runner.run()
-        except BaseException as exc:  # noqa: BLE001 - surfaced through rated_prompts()
-            self.error = exc
+        self._thread = _RaterThread(self.runner)
 
     def start(self) -> None:
-        self._thread.start()
+        self._thread.start_thread()
 
     def _check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"simulated raters failed: {self.error!r}") from self.error
+        if self._thread.error is not None:
+            raise RuntimeError(f"simulated raters failed: {self._thread.error!r}") from self._thread.error
 
     def rated_prompts(self) -> int:
         self._check()
@@ -70,8 +88,7 @@ class RaterPool:
 
     def stop(self) -> None:
         self.runner.stop()
-        self._thread.join(timeout=30)
-        self.runner.consumer.close()
+        self._thread.join(30.0)  # closes the consumer on its own thread
         for client in self._clients:
             client.close()
         self._producer.close()

@@ -53,6 +53,22 @@ class ServiceSettings(BaseSettings):
     kafka_max_poll_records: int = Field(64, gt=0, description="Max records per consumer poll (handler batch).")
     kafka_retry_backoff_s: float = Field(1.0, gt=0, description="First backoff after a failed handler (doubles, capped at 30 s).")
     kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    kafka_consumer_group: str = Field("flywheel", description="Consumer group of this service's input consumer "
+                                      "(each service sets its own default).")
+    kafka_group_instance_id: str = Field(
+        "", description="Static group membership (group.instance.id) of this instance: a restarted instance gets "
+        "its partitions back at once instead of waiting out the dead member's session. Must be unique per running "
+        "instance and stable across its restarts (the chart sets the pod name). Empty: dynamic membership.")
+    kafka_session_timeout_ms: int = Field(
+        10_000, ge=1000, description="Consumer session timeout: how long the group waits for a member that "
+        "stopped heartbeating (a crashed instance that does not come back) before moving its partitions.")
+    kafka_reconnect_backoff_max_ms: int = Field(
+        1000, gt=0, description="Longest wait between reconnection attempts to a broker (after a broker restart, "
+        "clients are back within about this long).")
+
+    @property
+    def group_instance_id(self) -> str | None:
+        return self.kafka_group_instance_id or None
 
     @property
     def bootstrap_servers(self) -> list[str]:
