@@ -133,8 +133,8 @@ async def test_loop_trains_publishes_and_serves_status(kafka_bootstrap, unique, 
                  'flywheel_trainer_rollouts_total{outcome="eval"}', 'flywheel_trainer_rollouts_total{outcome="trained"}',
                  "flywheel_trainer_checkpoint_seconds_count", "flywheel_trainer_paused 1.0",
                  # the trainer's consumer is a bus consumer: its lag is on /metrics like every group's
-                 f'flywheel_bus_consumer_lag{{topic="{scored_topic.name}",group="{settings.kafka_consumer_group}"}}',
-                 f'flywheel_bus_consumed_total{{topic="{scored_topic.name}",group="{settings.kafka_consumer_group}"}}'):
+                 f'flywheel_bus_consumer_lag{{group="{settings.kafka_consumer_group}",topic="{scored_topic.name}"}}',
+                 f'flywheel_bus_consumed_total{{group="{settings.kafka_consumer_group}",topic="{scored_topic.name}"}} 12.0'):
         assert name in body, name
 
     versions = read_versions(kafka_bootstrap, versions_topic, unique, expect=2)

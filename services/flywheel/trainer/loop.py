@@ -247,6 +247,7 @@ class TrainerLoop(ConsumerThread):
         """Poll once (up to what the batch still needs); train + checkpoint + publish + commit when full."""
         needed = self.batch_size - len(self._buffer)
         deliveries = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=needed)
+        metrics_bus.CONSUMED.labels(*self.labels).inc(len(deliveries))
         current = version_number(self.version)
         for delivery in deliveries:
             self._admit(delivery.value, current)
@@ -345,7 +346,6 @@ class TrainerLoop(ConsumerThread):
         message = version_message(info) if info is not None else self.model_version_message()
         self.producer.send_and_wait(self.model_versions_topic, message, key="POLICY")
         self.consumer.commit()  # only now: the step is durable and announced
-        metrics_bus.CONSUMED.labels(*self.labels).inc(len(rollouts))
         self.steps_this_run += 1
         metrics.STEP.set(self.trainer.global_step)
         metrics.POLICY_VERSION.set(version_number(new_version))
