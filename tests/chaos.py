@@ -254,25 +254,35 @@ class Chaos:
         stop = threading.Event()
 
         def submit(worker: int) -> None:
-            with grpc.insecure_channel(target) as channel:
-                stub = preference_pb2_grpc.PreferenceServiceStub(channel)
+            # The restarted service listens on a new port: follow it, as a client behind a Service would.
+            current = [target, grpc.insecure_channel(target)]
+
+            def stub() -> preference_pb2_grpc.PreferenceServiceStub:
+                service = self.cluster.services.get("preference")
+                if service is not None and service.target != current[0]:
+                    current[1].close()
+                    current[:] = [service.target, grpc.insecure_channel(service.target)]
+                return preference_pb2_grpc.PreferenceServiceStub(current[1])
+
+            try:
                 for i in range(worker, self.events, 4):
                     event = common_pb2.Ranking(
                         event_id=f"{prefix}{i:05d}", rater_id=f"rater-{i % 7}", prompt_id=f"{prefix}p{i // 3}",
                         prompt_text="chaos", ranks=[1, 2],
                         responses=[common_pb2.ResponseRef(response_id=f"{prefix}r{i}-{k}", text=f"response {k}")
                                    for k in range(2)])
-                    deadline = time.monotonic() + self.completion_timeout_s
-                    while not stop.is_set() and time.monotonic() < deadline:
+                    while not stop.is_set():
                         try:
-                            stub.SubmitRanking(event, timeout=10)
+                            stub().SubmitRanking(event, timeout=10)
                             with lock:
                                 acked[event.event_id] = time.monotonic()
                             break
                         except grpc.RpcError as exc:
                             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                                 raise
-                            time.sleep(0.2)
+                            time.sleep(0.1)
+            finally:
+                current[1].close()
 
         threads = [threading.Thread(target=submit, args=(w,), daemon=True) for w in range(4)]
         for t in threads:
@@ -280,8 +290,9 @@ class Chaos:
         wait_for(lambda: len(acked) >= self.events // 4, self.completion_timeout_s)
         self.kill("preference")
         serving = self.start("preference")
+        deadline = time.monotonic() + self.completion_timeout_s
         for t in threads:
-            t.join(self.completion_timeout_s)
+            t.join(max(0.0, deadline - time.monotonic()))
         stop.set()
         seen = self.observer.topics[PREFERENCES.name]
         wait_for(lambda: len(seen.matching(prefix)) >= len(acked), 30)
