@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.bus import consumer_for, ensure_topics_for, producer_for, topics
+from flywheel.bus.probe import BrokerProbe
 from flywheel.bus.topics import Topic
 from flywheel.runtime import ServiceRuntime
 from flywheel.trainer.checkpoint import CheckpointStore
@@ -104,6 +105,8 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
     for name, register in registrations(TrainerServicer(loop, jobs)):
         runtime.add_service(name, register)
     runtime.add_worker(loop)
+    # Status and control RPCs work without the broker: stay ready, report the dependency.
+    runtime.add_worker(BrokerProbe(settings, runtime.readiness, gate=False))
 
     async def close() -> None:  # both block (a running job, unsent records): off the event loop
         await asyncio.to_thread(jobs.shutdown)
