@@ -3,7 +3,7 @@
 #   make test   create the environment, run the whole test suite (.ci/run calls exactly this)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help env tools test test-fast demo bench protos config-docs clean-env lock
+.PHONY: help env tools test test-fast demo bench chaos protos config-docs clean-env lock
 
 PYTHON ?= python3
 # Everything heavy (the virtualenv with torch, Kafka jars, converted weights, helm) lives in this
@@ -61,6 +61,11 @@ test-fast: env
 
 demo: env
 	$(BIN)/flywheel demo
+
+# Fault injection (not part of `make test`): kill -9 each service mid-stream, restart the broker under
+# load; prints a table per fault. About 10 minutes on 2 cores. `--quick` for the small version.
+chaos: env
+	$(BIN)/python tests/chaos.py
 
 bench: env
 	@set -e; for b in bench/*_bench.py; do echo "== $$b"; $(BIN)/python $$b; done

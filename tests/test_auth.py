@@ -64,7 +64,7 @@ def metric(name: str, **labels: str) -> float:
 
 @pytest.fixture
 async def secured(settings_factory, serve, tmp_path):
-    settings = settings_factory(RewardSettings, reward_worker_enabled=False, reward_hot_reload=False,
+    settings = settings_factory(RewardSettings, reward_worker_enabled=False, reward_reload_enabled=False,
                                 reward_http_port=0, reward_max_wait_ms=1.0, auth_enabled=True,
                                 auth_keys_db=tmp_path / "keys.sqlite", service_name=f"reward-{tmp_path.name[-12:]}")
     app = build_app(settings, scorer=VaderScorer())

@@ -10,6 +10,7 @@ from kafka import KafkaConsumer
 from flywheel.bus import ConsumerWorker, Rejection, Topic, TypedConsumer, TypedProducer, ensure_topics
 from flywheel.bus import codec
 from flywheel.v1 import common_pb2
+from waiting import wait_until
 
 def rollout(i: int) -> common_pb2.Rollout:
     return common_pb2.Rollout(
@@ -213,6 +214,66 @@ async def test_worker_thread_retries_until_handler_recovers(kafka_bootstrap, top
     await worker.stop()
     assert done == ["r3"]
     assert worker.failures == 2
+
+
+def test_units_of_a_poll_are_committed_as_they_finish(kafka_bootstrap, producer, unique):
+    """With commit_every, a failure in the third unit leaves the first two committed: a restart
+    replays one unit, not the whole poll."""
+    topic = Topic(f"test.units.{unique}", common_pb2.Rollout)
+    ensure_topics(kafka_bootstrap, [topic], partitions=1)
+    for i in range(10):
+        producer.send(topic, rollout(i), key="k")
+    producer.flush()
+    handled: list[str] = []
+
+    def fails_on_r4(batch):
+        if any(d.value.rollout_id == "r4" for d in batch):
+            raise ConnectionError("downstream unavailable")
+        handled.extend(d.value.rollout_id for d in batch)
+
+    group = f"g-{unique}"
+    worker = ConsumerWorker(consumer(kafka_bootstrap, topic, producer, group), fails_on_r4, commit_every=2)
+    deadline = time.monotonic() + 30
+    while not handled and time.monotonic() < deadline:
+        try:
+            worker.run_once()
+        except ConnectionError:
+            break
+    committed = worker.consumer.committed(0)
+    worker.consumer.close()
+    assert handled == ["r0", "r1", "r2", "r3"]
+    assert committed == 4  # r4 and r5 (the failed unit) and everything after are redelivered
+
+
+def test_a_failing_lag_query_is_not_a_handler_failure(kafka_bootstrap, topic, producer, unique, caplog):
+    from flywheel.bus import metrics
+
+    producer.send(topic, rollout(1), key="k")
+    producer.flush()
+    handled: list[str] = []
+    worker = ConsumerWorker(consumer(kafka_bootstrap, topic, producer, f"g-{unique}"),
+                            lambda batch: handled.extend(d.value.rollout_id for d in batch))
+
+    lag_queries: list[int] = []
+
+    def broker_gone() -> int:  # what consumer.lag() raised when the broker vanished
+        lag_queries.append(1)
+        raise TimeoutError("metadata unavailable")
+
+    worker.consumer.lag = broker_gone  # type: ignore[method-assign]
+    labels = (topic.name, f"g-{unique}")
+    before = metrics.HANDLER_FAILURES.labels(*labels)._value.get()
+    worker.start_thread()
+    try:
+        wait_until(lambda: handled and len(lag_queries) >= 3, 30, what="handled, then three failed lag queries")
+    finally:
+        assert worker.join(30)
+    assert handled == ["r1"]
+    assert worker.failures == 0
+    assert metrics.HANDLER_FAILURES.labels(*labels)._value.get() == before
+    assert "handler failed" not in caplog.text
+
+
 
 
 @pytest.mark.kafka  # starts a broker of its own (not the kafka_bootstrap fixture)

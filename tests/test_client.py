@@ -26,7 +26,7 @@ from flywheel.runtime.auth import TokenStore
 
 
 async def start_reward(settings_factory, serve, tmp_path, scorer=None, **overrides):
-    settings = settings_factory(RewardSettings, reward_worker_enabled=False, reward_hot_reload=False,
+    settings = settings_factory(RewardSettings, reward_worker_enabled=False, reward_reload_enabled=False,
                                 reward_http_port=0, reward_max_wait_ms=1.0, auth_enabled=True,
                                 auth_keys_db=tmp_path / "keys.sqlite", **overrides)
     app = build_app(settings, scorer=scorer or VaderScorer())

@@ -278,7 +278,7 @@ def test_fuzz_reward(tmp_path: Path) -> None:
     from flywheel.v1 import reward_pb2
 
     settings = RewardSettings(host="127.0.0.1", grpc_port=0, metrics_port=0, home=tmp_path, shutdown_grace_s=1.0,
-                              shutdown_delay_s=0.0, reward_worker_enabled=False, reward_hot_reload=False)
+                              shutdown_delay_s=0.0, reward_worker_enabled=False, reward_reload_enabled=False)
     service = ServiceThread()
     app = service.run(_build(lambda: build_app(settings, scorer=VaderScorer())))
     target = f"127.0.0.1:{app.runtime.grpc_port}"
@@ -419,7 +419,7 @@ def test_fuzz_trainer(kafka_bootstrap: str, tmp_path: Path, unique: str) -> None
     settings = TrainerSettings(
         host="127.0.0.1", grpc_port=0, metrics_port=0, home=tmp_path / "home", shutdown_grace_s=1.0,
         shutdown_delay_s=0.0, kafka_bootstrap_servers=kafka_bootstrap, trainer_base_model=str(model),
-        trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), trainer_group_id=f"trainer-{unique}",
+        trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), kafka_consumer_group=f"trainer-{unique}",
         trainer_scored_rollouts_topic=f"scored-{unique}", trainer_model_versions_topic=f"versions-{unique}",
         trainer_start_paused=True, trainer_torch_threads=1, kafka_poll_timeout_ms=200,
         trainer_reward_dataset_roots=[tmp_path / "datasets"], trainer_reward_output_dir=str(tmp_path / "reward"),

@@ -93,7 +93,7 @@ async def test_reward_service_scores_through_sasl_ssl(secure_broker, unique, set
     bootstrap, pki = secure_broker
     settings = settings_factory(
         RewardSettings, **dict(secure(dict, bootstrap, pki, "SCRAM-SHA-512")), reward_scorer="vader",
-        reward_hot_reload=False, reward_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200,
+        reward_reload_enabled=False, kafka_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200,
         kafka_topic_partitions=1)
     rollouts = Topic(f"test.rollouts.{unique}", common_pb2.Rollout)
     scored = Topic(f"test.scored.{unique}", common_pb2.ScoredRollout)

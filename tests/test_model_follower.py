@@ -118,7 +118,7 @@ async def test_poison_policy_version_does_not_wedge_reload(kafka_bootstrap, uniq
     topic = _versions_topic(kafka_bootstrap, unique)
     settings = settings_factory(PolicySettings, kafka_bootstrap_servers=kafka_bootstrap, policy_http_enabled=False,
                                 policy_worker_enabled=False, policy_model_versions_topic=topic.name,
-                                policy_consumer_group=f"policy-{unique}", kafka_poll_timeout_ms=200)
+                                kafka_consumer_group=f"policy-{unique}", kafka_poll_timeout_ms=200)
     threads = torch.get_num_threads()
     parts = build_components(settings, LocalBackend(PolicyEngine.from_checkpoint(), max_batch_size=4))
     try:

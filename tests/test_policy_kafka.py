@@ -52,7 +52,7 @@ def producer(kafka_bootstrap: str):
 def settings_for(settings_factory, kafka_bootstrap: str, topics: dict[str, Topic], unique: str, **overrides):
     opts = dict(kafka_bootstrap_servers=kafka_bootstrap, policy_http_enabled=False,
                 policy_prompts_topic=topics["prompts"].name, policy_rollouts_topic=topics["rollouts"].name,
-                policy_model_versions_topic=topics["versions"].name, policy_consumer_group=f"policy-{unique}",
+                policy_model_versions_topic=topics["versions"].name, kafka_consumer_group=f"policy-{unique}",
                 kafka_poll_timeout_ms=200)
     opts.update(overrides)
     return settings_factory(PolicySettings, **opts)

@@ -21,7 +21,7 @@ async def test_redelivered_unseeded_prompt_reproduces_its_rollouts(kafka_bootstr
     ensure_topics(kafka_bootstrap, [prompts, rollouts], partitions=1)
     settings = settings_factory(PolicySettings, kafka_bootstrap_servers=kafka_bootstrap, policy_http_enabled=False,
                                 policy_reload_enabled=False, policy_prompts_topic=prompts.name,
-                                policy_rollouts_topic=rollouts.name, policy_consumer_group=f"policy-{unique}",
+                                policy_rollouts_topic=rollouts.name, kafka_consumer_group=f"policy-{unique}",
                                 kafka_poll_timeout_ms=200)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -50,7 +50,7 @@ async def start_service(settings: PreferenceSettings, raters=("alice", "bob", "c
     issued["admin"] = tokens.issue("admin", scope=SCOPE_ADMIN)
     tokens.close()
     service = build_service(settings)
-    await service.runtime.start(ready=False)
+    await service.runtime.start()
     deadline = time.monotonic() + 60
     while not service.servicer.ready and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

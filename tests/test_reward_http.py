@@ -34,7 +34,7 @@ CACHE = Path.home() / ".cache" / "flywheel" / "third-party"
 
 
 async def start(settings_factory, serve, scorer=None, **overrides):
-    base = dict(reward_worker_enabled=False, reward_hot_reload=False, reward_http_port=0, reward_max_wait_ms=1.0)
+    base = dict(reward_worker_enabled=False, reward_reload_enabled=False, reward_http_port=0, reward_max_wait_ms=1.0)
     base.update(overrides)
     app = build_app(settings_factory(RewardSettings, **base), scorer=scorer or VaderScorer())
     target = await serve(app.runtime)

@@ -66,7 +66,7 @@ async def test_scoring_worker_end_to_end(kafka_bootstrap, unique, settings_facto
     t = topics_for(kafka_bootstrap, unique)
     settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
                                 reward_model_uri=str(checkpoints["reward-0001"]), reward_reload_enabled=False,
-                                reward_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200)
+                                kafka_consumer_group=f"flywheel-reward-{unique}", kafka_poll_timeout_ms=200)
     app = build_app(settings, rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
     await serve(app.runtime)
     reference = TransformerRewardScorer(checkpoints["reward-0001"], max_length=settings.reward_max_length)
@@ -198,7 +198,7 @@ async def test_scoring_worker_retries_a_failed_batch_and_commits_after_producing
 
     t = topics_for(kafka_bootstrap, unique)
     overrides = dict(kafka_bootstrap_servers=kafka_bootstrap, reward_reload_enabled=False, kafka_poll_timeout_ms=200,
-                     kafka_retry_backoff_s=0.2, reward_consumer_group=f"flywheel-reward-{unique}")
+                     kafka_retry_backoff_s=0.2, kafka_consumer_group=f"flywheel-reward-{unique}")
     flaky = FlakyVader()
     app = build_app(settings_factory(RewardSettings, **overrides), scorer=flaky,
                     rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
@@ -230,7 +230,7 @@ async def test_scoring_worker_retries_a_failed_batch_and_commits_after_producing
         producer.flush(30)
         wanted = {r.rollout_id for r in first + later}
         # every input offset committed: the output of any redone work is on the topic by now
-        await wait_until_async(lambda: committed_offsets(kafka_bootstrap, overrides["reward_consumer_group"])
+        await wait_until_async(lambda: committed_offsets(kafka_bootstrap, overrides["kafka_consumer_group"])
                                >= len(first) + len(later), 60, interval_s=0.2, what="all offsets committed")
         records = await asyncio.to_thread(read_records, kafka_bootstrap, t["scored"].name, 0, 60.0,
                                           lambda got: ids(got) >= wanted)

@@ -67,7 +67,7 @@ async def test_installed_plugin_is_served_alone_and_in_an_ensemble(plugin_path, 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]),
            "FLYWHEEL_HOST": "127.0.0.1", "FLYWHEEL_GRPC_PORT": str(grpc_port), "FLYWHEEL_METRICS_PORT": "0",
            "FLYWHEEL_REWARD_HTTP_PORT": str(http_port), "FLYWHEEL_HOME": str(tmp_path / "home"),
-           "FLYWHEEL_REWARD_WORKER_ENABLED": "false", "FLYWHEEL_REWARD_HOT_RELOAD": "false",
+           "FLYWHEEL_REWARD_WORKER_ENABLED": "false", "FLYWHEEL_REWARD_RELOAD_ENABLED": "false",
            "FLYWHEEL_SHUTDOWN_DELAY_S": "0", "FLYWHEEL_REWARD_SCORER": "ensemble",
            "FLYWHEEL_REWARD_ENSEMBLE": "format=1,vader=0.5",
            "FLYWHEEL_REWARD_PLUGIN_MIN_WORDS": "2", "FLYWHEEL_REWARD_PLUGIN_MAX_WORDS": "6"}

@@ -336,7 +336,7 @@ def test_sigterm_stops_a_busy_service_within_its_grace(tmp_path) -> None:
     grpc_port, metrics_port = free_port(), free_port()
     env = dict(os.environ, FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_GRPC_PORT=str(grpc_port),
                FLYWHEEL_METRICS_PORT=str(metrics_port), FLYWHEEL_REWARD_SCORER="vader",
-               FLYWHEEL_REWARD_WORKER_ENABLED="false", FLYWHEEL_REWARD_HOT_RELOAD="false",
+               FLYWHEEL_REWARD_WORKER_ENABLED="false", FLYWHEEL_REWARD_RELOAD_ENABLED="false",
                FLYWHEEL_SHUTDOWN_GRACE_S="2", FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_HOME=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve", "reward"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

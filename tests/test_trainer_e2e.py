@@ -60,11 +60,11 @@ async def test_prompts_to_new_policy_version_reloaded_with_lineage(kafka_bootstr
     policy = build_components(settings_factory(
         PolicySettings, kafka_bootstrap_servers=kafka_bootstrap, policy_model_dir=tiny_model,
         policy_http_enabled=False, policy_prompts_topic=prompts_t.name, policy_rollouts_topic=rollouts_t.name,
-        policy_model_versions_topic=versions_t.name, policy_consumer_group=f"policy-{unique}",
+        policy_model_versions_topic=versions_t.name, kafka_consumer_group=f"policy-{unique}",
         kafka_poll_timeout_ms=200))
     reward = build_reward(settings_factory(
         RewardSettings, kafka_bootstrap_servers=kafka_bootstrap, reward_scorer="vader", reward_reload_enabled=False,
-        reward_consumer_group=f"reward-{unique}", kafka_poll_timeout_ms=200),
+        kafka_consumer_group=f"reward-{unique}", kafka_poll_timeout_ms=200),
         rollouts_topic=rollouts_t, scored_topic=scored_t, versions_topic=versions_t)
     trainer = build_trainer(trainer_settings(
         settings_factory, kafka_bootstrap, unique, tiny_model, tmp_path, trainer_scored_rollouts_topic=scored_t.name,

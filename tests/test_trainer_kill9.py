@@ -53,10 +53,10 @@ def test_kill_9_mid_run_resumes_without_loss_or_double_training(kafka_bootstrap,
     ckpt = tmp_path / "ckpt"
     env = dict(
         os.environ, FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap, FLYWHEEL_TRAINER_BASE_MODEL=str(tiny_model),
-        FLYWHEEL_TRAINER_CHECKPOINT_URI=ckpt.as_uri(), FLYWHEEL_TRAINER_GROUP_ID=f"trainer-{unique}",
+        FLYWHEEL_TRAINER_CHECKPOINT_URI=ckpt.as_uri(), FLYWHEEL_KAFKA_CONSUMER_GROUP=f"trainer-{unique}",
         FLYWHEEL_TRAINER_SCORED_ROLLOUTS_TOPIC=topic.name, FLYWHEEL_TRAINER_MODEL_VERSIONS_TOPIC=f"versions-{unique}",
         FLYWHEEL_TRAINER_BATCH_SIZE=str(BATCH), FLYWHEEL_TRAINER_MINI_BATCH_SIZE="2", FLYWHEEL_TRAINER_PPO_EPOCHS="4",
-        FLYWHEEL_TRAINER_SESSION_TIMEOUT_MS="6000", FLYWHEEL_TORCH_THREADS="1", FLYWHEEL_GRPC_PORT="0",
+        FLYWHEEL_KAFKA_SESSION_TIMEOUT_MS="6000", FLYWHEEL_TORCH_THREADS="1", FLYWHEEL_GRPC_PORT="0",
         FLYWHEEL_METRICS_PORT="0", FLYWHEEL_HOST="127.0.0.1", FLYWHEEL_HOME=str(tmp_path / "home"),
         FLYWHEEL_SHUTDOWN_DELAY_S="0", FLYWHEEL_KAFKA_POLL_TIMEOUT_MS="200", OMP_NUM_THREADS="1",
         FLYWHEEL_TRAINER_MAX_VERSION_LAG="1000")  # all rollouts come from policy-0000: never stale here

@@ -63,7 +63,7 @@ def trainer_settings(settings_factory, bootstrap: str, unique: str, model: Path,
 
     base = dict(
         kafka_bootstrap_servers=bootstrap, trainer_base_model=str(model),
-        trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), trainer_group_id=f"trainer-{unique}",
+        trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), kafka_consumer_group=f"trainer-{unique}",
         trainer_scored_rollouts_topic=f"scored-{unique}", trainer_model_versions_topic=f"versions-{unique}",
         trainer_batch_size=4, trainer_mini_batch_size=2, trainer_ppo_epochs=2, kafka_topic_partitions=2,
         trainer_learning_rate=1e-4, kafka_poll_timeout_ms=200,
@@ -131,7 +131,10 @@ async def test_loop_trains_publishes_and_serves_status(kafka_bootstrap, unique, 
     for name in ("flywheel_trainer_step 2.0", "flywheel_trainer_policy_version 2.0", "flywheel_trainer_kl ",
                  "flywheel_trainer_policy_loss ", "flywheel_trainer_rollout_version_lag_bucket",
                  'flywheel_trainer_rollouts_total{outcome="eval"}', 'flywheel_trainer_rollouts_total{outcome="trained"}',
-                 "flywheel_trainer_checkpoint_seconds_count", "flywheel_trainer_paused 1.0"):
+                 "flywheel_trainer_checkpoint_seconds_count", "flywheel_trainer_paused 1.0",
+                 # the trainer's consumer is a bus consumer: its lag is on /metrics like every group's
+                 f'flywheel_bus_consumer_lag{{group="{settings.kafka_consumer_group}",topic="{scored_topic.name}"}}',
+                 f'flywheel_bus_consumed_total{{group="{settings.kafka_consumer_group}",topic="{scored_topic.name}"}} 12.0'):
         assert name in body, name
 
     versions = read_versions(kafka_bootstrap, versions_topic, unique, expect=2)
@@ -164,7 +167,7 @@ async def test_loop_trains_publishes_and_serves_status(kafka_bootstrap, unique, 
         assert torch.equal(a, b)
 
     # Offsets were committed: a new member of the group sees nothing left.
-    consumer = TypedConsumer(scored_topic, bootstrap_servers=kafka_bootstrap, group_id=settings.trainer_group_id,
+    consumer = TypedConsumer(scored_topic, bootstrap_servers=kafka_bootstrap, group_id=settings.kafka_consumer_group,
                              dead_letters=TypedProducer(kafka_bootstrap))
     try:
         committed = [consumer.committed(p) or 0 for p in range(2)]
@@ -239,3 +242,35 @@ def test_stale_rollouts_dropped_and_counted(kafka_bootstrap, unique, settings_fa
     assert snap.counters.dropped_stale == 3
     assert snap.counters.trained == 8
     assert snap.last_stats["max_version_lag"] == 0
+
+
+def test_restarted_trainer_reannounces_identically_and_keeps_the_model_name(kafka_bootstrap, unique,
+                                                                             settings_factory, tiny_model, tmp_path):
+    """After a restart the trainer re-publishes its last version with exactly the content it first
+    published, and names later versions after the model it started from, not the checkpoint directory."""
+    from flywheel.trainer.app import build_app
+
+    settings = trainer_settings(settings_factory, kafka_bootstrap, unique, tiny_model, tmp_path,
+                                kafka_topic_partitions=1)
+    scored_topic = Topic(settings.trainer_scored_rollouts_topic, SCORED_ROLLOUTS.message_type)
+    versions_topic = Topic(settings.trainer_model_versions_topic, MODEL_VERSIONS.message_type)
+    ensure_topics(kafka_bootstrap, [scored_topic, versions_topic], partitions=1)
+    produce(kafka_bootstrap, scored_topic, [scored(i) for i in range(4)])
+    first = build_app(settings)
+    deadline = time.monotonic() + 60
+    while first.loop.trainer.global_step < 1 and time.monotonic() < deadline:
+        first.loop.run_once()
+    first.loop.consumer.close()
+
+    second = build_app(settings)  # resumes from policy-0001's directory
+    assert second.loop.model_name == tiny_model.name
+    second.loop.announce()
+    produce(kafka_bootstrap, scored_topic, [scored(10 + i, version="policy-0001") for i in range(4)])
+    while second.loop.trainer.global_step < 2 and time.monotonic() < deadline:
+        second.loop.run_once()
+    second.loop.consumer.close()
+
+    published = read_versions(kafka_bootstrap, versions_topic, unique, expect=3)
+    assert [v.version for v in published] == ["policy-0001", "policy-0001", "policy-0002"]
+    assert published[0] == published[1]  # the same ModelVersion, byte for byte
+    assert {v.model_name for v in published} == {tiny_model.name}

@@ -60,7 +60,7 @@ def test_rendered_two_node_trainer_runs_a_ppo_step(helm, kafka_bootstrap, unique
     local = {  # what differs between a pod and this machine
         "FLYWHEEL_HOST": "127.0.0.1", "FLYWHEEL_GRPC_PORT": str(grpc_port), "FLYWHEEL_METRICS_PORT": "0",
         "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "FLYWHEEL_KAFKA_REPLICATION_FACTOR": "1",
-        "FLYWHEEL_TRAINER_BASE_MODEL": str(tiny_model), "FLYWHEEL_TRAINER_GROUP_ID": f"trainer-{unique}",
+        "FLYWHEEL_TRAINER_BASE_MODEL": str(tiny_model), "FLYWHEEL_KAFKA_CONSUMER_GROUP": f"trainer-{unique}",
         "FLYWHEEL_TRAINER_SCORED_ROLLOUTS_TOPIC": scored_topic.name,
         "FLYWHEEL_TRAINER_MODEL_VERSIONS_TOPIC": versions_topic.name,
         "FLYWHEEL_TRAINER_BATCH_SIZE": "4", "FLYWHEEL_TRAINER_MINI_BATCH_SIZE": "2", "FLYWHEEL_TRAINER_PPO_EPOCHS": "1",

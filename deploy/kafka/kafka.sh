@@ -3,7 +3,10 @@
 #
 #   kafka.sh fetch                                   download jars into the cache (once per machine)
 #   kafka.sh start --data-dir DIR [--port 9092] [--controller-port PORT] [--heap 512m]
-#                                                    format storage if new, start, wait until ready
+#                                                    format storage if new, start, wait until ready;
+#                                                    the controller port is stored with the data and
+#                                                    reused; existing data is never deleted (a
+#                                                    different --controller-port is refused)
 #          [--sasl-ssl-port PORT --tls-dir DIR --plain-user U:P... --scram-user U:P...]
 #                                                    ...plus a SASL_SSL listener (see security_* below)
 #   kafka.sh stop  --data-dir DIR                    SIGTERM, wait, SIGKILL if it will not go
@@ -105,10 +108,25 @@ start() {
     esac
   done
   [[ -n "$data_dir" ]] || die "--data-dir is required"
-  [[ -n "$cport" ]] || cport="$(free_port)"
   fetch
   mkdir -p "$data_dir/logs" "$data_dir/data"
   data_dir="$(cd "$data_dir" && pwd)"
+  # The controller port is part of the formatted quorum: storage formatted with one cannot start
+  # with another. Reuse the stored one; never reformat (that would delete every topic) on our own.
+  local stored_cport="" formatted=""
+  [[ -f "$data_dir/controller.port" ]] && stored_cport="$(cat "$data_dir/controller.port")"
+  [[ -f "$data_dir/data/meta.properties" ]] && formatted=1
+  if [[ -n "$formatted" ]]; then
+    if [[ -z "$stored_cport" ]]; then
+      [[ -n "$cport" ]] || die "$data_dir holds Kafka data but no controller.port: start it with the"         "--controller-port it was formatted with (or delete $data_dir/data to start empty, losing every topic)"
+      echo "$cport" >"$data_dir/controller.port"
+      stored_cport="$cport"
+    elif [[ -n "$cport" && "$cport" != "$stored_cport" ]]; then
+      die "$data_dir was formatted with controller port $stored_cport, not $cport: start it with"         "--controller-port $stored_cport (or without the option), or delete $data_dir/data to start empty"         "(this loses every topic)"
+    fi
+    cport="$stored_cport"
+  fi
+  [[ -n "$cport" ]] || cport="$(free_port)"
   if running "$data_dir"; then die "already running in $data_dir (pid $(cat "$data_dir/kafka.pid"))"; fi
   if port_open "$port"; then die "port $port is already in use"; fi
 
@@ -143,9 +161,7 @@ appender.file.layout.pattern = [%d] %p %m (%c)%n
 rootLogger.level = INFO
 rootLogger.appenderRef.file.ref = FILE
 PROPS
-  # The controller port is part of the stored quorum config: a restart with a new one reformats.
-  if [[ ! -f "$data_dir/data/meta.properties" || "$(cat "$data_dir/controller.port" 2>/dev/null)" != "$cport" ]]; then
-    rm -rf "$data_dir/data" && mkdir -p "$data_dir/data"
+  if [[ -z "$formatted" ]]; then
     local cluster_id
     cluster_id="$("$JAVA" -cp "$LIBS/*" kafka.tools.StorageTool random-uuid)"
     local -a extra=()

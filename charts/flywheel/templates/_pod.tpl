@@ -76,6 +76,13 @@ spec:
               name: {{ $root.Values.kafka.sasl.existingSecret }}
               key: password
         {{- end }}
+        # Static group membership: a restarted pod keeps its partitions (no rebalance, no wait for
+        # its old session); a pod that goes away for good releases them on SIGTERM or after
+        # kafka_session_timeout_ms.
+        - name: FLYWHEEL_KAFKA_GROUP_INSTANCE_ID
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
         {{- with $root.Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}

@@ -1,30 +1,32 @@
-"""Typed protobuf consumer with at-least-once delivery, and the worker loop every service uses.
+"""Typed protobuf consumer with at-least-once delivery (the loops that drive it: `flywheel.bus.worker`).
 
 Offsets are committed only after the handler succeeded (never auto-committed). A record that can
 never be processed (undecodable, wrong type, rejected as invalid by the handler) is forwarded to
-`<topic>.dlq` with the error in its headers, then committed past, so one bad record cannot stall
-a partition. A handler that *raises* is treated as a transient failure: nothing is committed,
-the consumer rewinds to the batch's first offsets and retries with exponential backoff; if the
-process dies meanwhile, the batch is redelivered to whoever owns the partition next. Handlers
-must therefore be idempotent (Flywheel handlers key their output by deterministic ids).
+`<topic>.dlq` with the error in its headers (`DeadLetterer`), then committed past, so one bad
+record cannot stall a partition. Handlers must be idempotent (Flywheel handlers key their output
+by deterministic ids): what was polled but not committed is redelivered after a crash.
+
+Static membership: with `group_instance_id` the broker recognises a restarted instance and hands
+it its partitions back at once (no rebalance, no wait for the dead member's session). A static
+member does not leave the group when closed (by design), so `close(leave_group=True)` removes it
+explicitly: on a clean shutdown its partitions move to the other members immediately.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterable, Sequence, TypeVar
 
 from google.protobuf.message import Message
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer
+from kafka.admin import MemberToRemove
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from flywheel.bus import codec, metrics
+from flywheel.bus import codec
 from flywheel.bus.codec import Delivery, PoisonMessage
+from flywheel.bus.deadletter import DeadLetterer
 from flywheel.bus.producer import TypedProducer
 from flywheel.bus.topics import Topic
 from flywheel.runtime.errors import InvalidArgument
@@ -76,17 +78,22 @@ class TypedConsumer(Generic[M]):
     """Polls decoded deliveries of one topic; tracks what was polled so it can commit or rewind."""
 
     def __init__(self, topic: Topic, *, bootstrap_servers: Sequence[str] | str, group_id: str,
-                 dead_letters: TypedProducer, client_id: str = "flywheel", max_poll_records: int = 64,
+                 dead_letters: TypedProducer | DeadLetterer, client_id: str = "flywheel", max_poll_records: int = 64,
                  auto_offset_reset: str = "earliest", security_protocol: str = "PLAINTEXT",
-                 **kafka_config: object) -> None:
+                 group_instance_id: str | None = None, **kafka_config: object) -> None:
         self.topic = topic
         self.group_id = group_id
-        self._dead_letters = dead_letters
+        self.group_instance_id = group_instance_id
+        self._dead_letters = (dead_letters if isinstance(dead_letters, DeadLetterer)
+                              else DeadLetterer(dead_letters, group_id))
         self._max_poll_records = max_poll_records
+        self._admin_config = dict(bootstrap_servers=bootstrap_servers, client_id=client_id,
+                                  security_protocol=security_protocol)
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             client_id=client_id,
             group_id=group_id,
+            group_instance_id=group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset=auto_offset_reset,
             max_poll_records=max_poll_records,
@@ -137,19 +144,9 @@ class TypedConsumer(Generic[M]):
 
     def _forward_dead_letter(self, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]],
                              partition: int, offset: int, error_type: str, reason: str) -> None:
-        log.warning("dead-lettering %s[%d]@%d: %s: %s", self.topic.name, partition, offset, error_type, reason)
-        error_headers = [
-            (codec.HEADER_ERROR_TYPE, error_type.encode()),
-            (codec.HEADER_ERROR_MESSAGE, reason.encode()[:4096]),
-            (codec.HEADER_ORIGINAL_TOPIC, self.topic.name.encode()),
-            (codec.HEADER_ORIGINAL_PARTITION, str(partition).encode()),
-            (codec.HEADER_ORIGINAL_OFFSET, str(offset).encode()),
-            (codec.HEADER_CONSUMER_GROUP, self.group_id.encode()),
-        ]
-        kept = [(k, v) for k, v in headers if not k.startswith("flywheel-error")]
         # Durable before we may commit past the record: nothing is lost.
-        self._dead_letters.send_dead_letter(self.topic.dlq, value=value, key=key, headers=kept + error_headers)
-        metrics.DEAD_LETTERED.labels(self.topic.name, self.group_id).inc()
+        self._dead_letters.forward(self.topic, value=value, key=key, headers=headers, partition=partition,
+                                   offset=offset, error_type=error_type, reason=reason)
 
     # -- offsets -----------------------------------------------------------------------------
     def commit(self) -> None:
@@ -160,6 +157,25 @@ class TypedConsumer(Generic[M]):
         self._consumer.commit(offsets)
         self._first_uncommitted.clear()
         self._next_offset.clear()
+
+    def commit_through(self, deliveries: Sequence[Delivery[M]]) -> None:
+        """Commit up to and including `deliveries` (a prefix, in poll order, of what was polled).
+
+        Lets a handler that works in units commit each finished unit: a crash then replays at most
+        the unit in progress, not the whole poll. Poison records before them are covered too."""
+        offsets: dict[TopicPartition, int] = {}
+        for d in deliveries:
+            tp = TopicPartition(d.topic, d.partition)
+            offsets[tp] = max(offsets.get(tp, 0), d.offset + 1)
+        if not offsets:
+            return
+        self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        for tp, offset in offsets.items():
+            if offset >= self._next_offset.get(tp, 0):
+                self._first_uncommitted.pop(tp, None)
+                self._next_offset.pop(tp, None)
+            else:
+                self._first_uncommitted[tp] = offset
 
     def rewind(self) -> None:
         """Seek back to the first uncommitted offset of each partition: the batch is polled again."""
@@ -185,77 +201,25 @@ class TypedConsumer(Generic[M]):
             total += max(0, high - self._consumer.position(tp))
         return total
 
-    def close(self) -> None:
+    def close(self, *, leave_group: bool = False, timeout_s: float = 5.0) -> None:
+        """Close; with `leave_group`, a static member also leaves (clean shutdown, not a restart)."""
         self._consumer.close(autocommit=False)
+        if leave_group and self.group_instance_id:
+            self._leave_static_group(timeout_s)
 
-
-class ConsumerWorker(Generic[M]):
-    """Runs `handler` over a topic on its own thread: poll -> handle -> dead-letter rejects -> commit."""
-
-    def __init__(self, consumer: TypedConsumer[M], handler: BatchHandler[M], *, name: str | None = None,
-                 poll_timeout_ms: int = 500, retry_backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
-        self.consumer = consumer
-        self.handler = handler
-        self.name = name or f"{consumer.topic.name}/{consumer.group_id}"
-        self._poll_timeout_ms = poll_timeout_ms
-        self._retry_backoff_s = retry_backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._labels = (consumer.topic.name, consumer.group_id)
-        self.handled = 0
-        self.failures = 0
-
-    def run_once(self) -> int:
-        """One poll/handle/commit cycle. Returns the number of deliveries handled.
-
-        Raises whatever the handler raised, after rewinding (nothing committed).
-        """
-        batch = self.consumer.poll(timeout_ms=self._poll_timeout_ms)
-        if not batch:
-            self.consumer.commit()  # records that were all poison are committed past
-            return 0
-        start = time.perf_counter()
+    def _leave_static_group(self, timeout_s: float) -> None:
         try:
-            rejections = list(self.handler(batch) or [])
-        except Exception:
-            self.consumer.rewind()
-            raise
-        for rejection in rejections:
-            self.consumer.dead_letter(rejection)
-        self.consumer.commit()
-        metrics.HANDLE_SECONDS.labels(*self._labels).observe(time.perf_counter() - start)
-        metrics.CONSUMED.labels(*self._labels).inc(len(batch))
-        self.handled += len(batch)
-        return len(batch)
-
-    def run(self) -> None:
-        """The loop; returns when stop() is called."""
-        backoff = self._retry_backoff_s
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                backoff = self._retry_backoff_s
-                metrics.CONSUMER_LAG.labels(*self._labels).set(self.consumer.lag())
-            except Exception:  # noqa: BLE001 - transient: retry the same batch
-                self.failures += 1
-                metrics.HANDLER_FAILURES.labels(*self._labels).inc()
-                log.exception("%s: handler failed; retrying batch in %.1fs", self.name, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._max_backoff_s)
-
-    # BackgroundWorker protocol (see flywheel.runtime.server)
-    async def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_then_close, name=self.name, daemon=True)
-        self._thread.start()
-
-    def _run_then_close(self) -> None:
+            admin = KafkaAdminClient(**self._admin_config, request_timeout_ms=int(timeout_s * 1000),
+                                     bootstrap_timeout_ms=int(timeout_s * 1000))
+        except Exception as exc:  # noqa: BLE001 - the session timeout removes it anyway
+            log.warning("%s: could not leave group %s (%s); the session timeout will", self.topic.name,
+                        self.group_id, exc)
+            return
         try:
-            self.run()
+            admin.remove_group_members(self.group_id, [MemberToRemove(group_instance_id=self.group_instance_id,
+                                                                      reason="shutdown")])
+            log.info("static member %s left group %s", self.group_instance_id, self.group_id)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("static member %s could not leave group %s: %s", self.group_instance_id, self.group_id, exc)
         finally:
-            self.consumer.close()
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            admin.close()

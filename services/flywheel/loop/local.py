@@ -99,14 +99,15 @@ class LocalCluster:
         self.services: dict[str, ServiceProcess] = {}
 
     # -- Kafka -------------------------------------------------------------------------------
-    def start_kafka(self, bootstrap: str | None = None) -> str:
-        """Start the broker (or adopt an existing one at `bootstrap`)."""
+    def start_kafka(self, bootstrap: str | None = None, *, port: int | None = None) -> str:
+        """Start the broker (or adopt an existing one at `bootstrap`); `port` to restart it where it was."""
         if bootstrap:
             self.bootstrap = bootstrap
             return bootstrap
         out = subprocess.run(
-            [str(KAFKA_SH), "start", "--data-dir", str(self.kafka_dir), "--port", str(free_port()),
-             "--controller-port", str(free_port()), "--heap", self.kafka_heap],
+            # (no --controller-port: kafka.sh picks one for new data and reuses the stored one after)
+            [str(KAFKA_SH), "start", "--data-dir", str(self.kafka_dir), "--port", str(port or free_port()),
+             "--heap", self.kafka_heap],
             capture_output=True, text=True, timeout=180,
             start_new_session=True,  # a terminal's Ctrl-C reaches the demo only; it stops the broker last
         )

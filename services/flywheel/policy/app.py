@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from flywheel.bus import ConsumerWorker, Topic, TypedProducer, ensure_topics_for, producer_for, worker_for
+from flywheel.bus.probe import BrokerProbe
 from flywheel.policy.backends import Backend, LocalBackend, TGIBackend
 from flywheel.policy.engine import PolicyEngine
 from flywheel.policy.http_api import TGIHttpApi
@@ -28,19 +29,6 @@ Settings = PolicySettings
 SERVICE_NAME = "flywheel.v1.PolicyService"
 
 
-class _LoopBound:
-    """Starts a component that needs the running event loop (the worker's handler uses it)."""
-
-    def __init__(self, start, stop) -> None:  # type: ignore[no-untyped-def]
-        self._start, self._stop = start, stop
-
-    async def start(self) -> None:
-        await self._start()
-
-    async def stop(self) -> None:
-        await self._stop()
-
-
 @dataclass
 class PolicyComponents:
     """Everything `build` wires, for tests, benchmarks and embedding."""
@@ -52,6 +40,7 @@ class PolicyComponents:
     reloader: ModelVersionFollower | None = None
     reload_worker: ConsumerWorker | None = None
     rollout_worker: RolloutWorker | None = None
+    prompt_worker: ConsumerWorker | None = None
     producer: TypedProducer | None = None
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
@@ -99,12 +88,9 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
     guard = Guard.from_settings(settings)
     runtime.add_interceptor(auth_interceptor(guard))
 
-    async def nothing() -> None:
-        pass
-
     # The backend starts before the HTTP API and the Kafka workers, and stops only after the gRPC
     # server drained its in-flight RPCs (on_stop runs after the server stopped).
-    runtime.add_worker(_LoopBound(backend.start, nothing))
+    runtime.add_lifecycle(backend.start)
     runtime.on_stop(backend.stop)
 
     if settings.policy_http_enabled:
@@ -125,33 +111,35 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
         versions = Topic(settings.policy_model_versions_topic, common_pb2.ModelVersion)
         ensure_topics_for(settings, [prompts, rollouts, versions])
         parts.producer = producer_for(settings)
+        # Generation works without the broker: the service stays ready and reports the dependency.
+        runtime.add_worker(BrokerProbe(settings, runtime.readiness, gate=False))
 
         if reload:
             assert isinstance(backend, LocalBackend)
             parts.reloader = policy_follower(backend, cache_dir=settings.home / "checkpoints",
                                              device=settings.policy_device, dtype=settings.policy_dtype)
-            group = f"{settings.policy_consumer_group}-reload-{parts.instance_id}"
-            parts.reload_worker = worker_for(settings, versions, group, parts.reloader, parts.producer)
+            group = f"{settings.kafka_consumer_group}-reload-{parts.instance_id}"
+            parts.reload_worker = worker_for(settings, versions, group, parts.reloader, parts.producer,
+                                             static=False)
             runtime.add_worker(parts.reload_worker)
 
         if settings.policy_worker_enabled:
-            holder: dict[str, object] = {}
-
-            async def start_worker() -> None:
+            async def start_worker() -> None:  # generation runs on the server's event loop
                 parts.rollout_worker = RolloutWorker(
                     backend, parts.producer, rollouts, defaults, asyncio.get_running_loop(),  # type: ignore[arg-type]
                     max_prompts=settings.policy_worker_max_prompts)
-                consumer = worker_for(settings, prompts, settings.policy_consumer_group,
-                                      parts.rollout_worker.handle, parts.producer)  # type: ignore[arg-type]
-                holder["worker"] = consumer
-                await consumer.start()
+                # Each chunk of prompts generated together is committed once its rollouts are
+                # durable: a crash replays at most one chunk, not the whole poll.
+                parts.prompt_worker = worker_for(settings, prompts, None, parts.rollout_worker.handle,
+                                                 parts.producer,  # type: ignore[arg-type]
+                                                 commit_every=settings.policy_worker_max_prompts)
+                await parts.prompt_worker.start()
 
             async def stop_worker() -> None:
-                consumer = holder.get("worker")
-                if consumer is not None:
-                    await consumer.stop()  # type: ignore[attr-defined]
+                if parts.prompt_worker is not None:
+                    await parts.prompt_worker.stop()
 
-            runtime.add_worker(_LoopBound(start_worker, stop_worker))
+            runtime.add_lifecycle(start_worker, stop_worker)
 
         async def close_producer() -> None:
             if parts.producer is not None:

@@ -65,7 +65,7 @@ class PolicySettings(ServiceSettings):
     # -- Kafka -----------------------------------------------------------------------------------
     policy_worker_enabled: bool = Field(True, description="Consume prompts and produce rollouts.")
     policy_reload_enabled: bool = Field(True, description="Hot-reload policy versions from the model-versions topic.")
-    policy_consumer_group: str = Field("flywheel-policy", description="Consumer group of the prompt worker.")
+    kafka_consumer_group: str = Field("flywheel-policy", description="Consumer group of the prompt worker.")
     policy_prompts_topic: str = Field(topics.PROMPTS.name, description="Topic the worker consumes prompts from.")
     policy_rollouts_topic: str = Field(topics.ROLLOUTS.name, description="Topic the worker produces rollouts to.")
     policy_model_versions_topic: str = Field(

@@ -1,6 +1,7 @@
 """Kafka worker: prompts -> n rollouts per prompt (keyed by prompt id), at-least-once.
 
-Runs on the ConsumerWorker thread; generation happens on the service's event loop (so worker
+Runs on the ConsumerWorker thread (which commits each chunk of `max_prompts` once its rollouts are
+durable, so a kill replays at most one chunk); generation happens on the service's event loop (so worker
 prompts share batches with gRPC traffic). A batch's rollouts are durable (acks=all) before its
 offsets are committed; a crash in between redelivers the prompts, and deterministic rollout ids
 make the duplicates recognisable downstream. Invalid prompts are dead-lettered.
@@ -9,6 +10,7 @@ make the duplicates recognisable downstream. Invalid prompts are dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from typing import Iterable
 
@@ -26,7 +28,8 @@ log = logging.getLogger(__name__)
 
 class RolloutWorker:
     def __init__(self, backend: Backend, producer: TypedProducer, rollouts: Topic, defaults: SamplingDefaults,
-                 loop: asyncio.AbstractEventLoop, *, max_prompts: int = 16, produce_timeout_s: float = 30.0) -> None:
+                 loop: asyncio.AbstractEventLoop, *, max_prompts: int = 16, produce_timeout_s: float = 30.0,
+                 generate_timeout_s: float = 600.0) -> None:
         self.backend = backend
         self.producer = producer
         self.rollouts = rollouts
@@ -34,6 +37,7 @@ class RolloutWorker:
         self.loop = loop
         self.max_prompts = max_prompts
         self.produce_timeout_s = produce_timeout_s
+        self.generate_timeout_s = generate_timeout_s
         self.produced = 0
 
     def handle(self, batch: list[Delivery[common_pb2.Prompt]]) -> Iterable[Rejection]:
@@ -50,7 +54,11 @@ class RolloutWorker:
             chunk = valid[start:start + self.max_prompts]
             future = asyncio.run_coroutine_threadsafe(
                 self.backend.generate([job for _, job in chunk], block=True), self.loop)
-            grouped = future.result()
+            try:  # bounded: a wedged engine fails the unit (retried) instead of hanging the consumer
+                grouped = future.result(timeout=self.generate_timeout_s)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise TimeoutError(f"generation of {len(chunk)} prompts took over {self.generate_timeout_s:.0f}s")
             sends = []
             for (delivery, job), group in zip(chunk, grouped):
                 for completion in group:

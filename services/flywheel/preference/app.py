@@ -3,6 +3,9 @@
 Startup: topics are ensured, the followers replay flywheel.rollouts.v1 (known responses) and
 flywheel.preferences.v1 (events) into the store, and only when both have caught up with the end
 offsets seen at start does the service report SERVING (before that, RPCs answer UNAVAILABLE).
+Without the broker no event can be acknowledged, so the service is also NOT_SERVING (and RPCs
+answer UNAVAILABLE, saying so) while the broker is unreachable: both are conditions of the
+runtime's one readiness object.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from flywheel.bus import ensure_topics_for
+from flywheel.bus import ensure_topics_for, producer_for
+from flywheel.bus.probe import BrokerProbe
 from flywheel.bus.producer import TypedProducer
 from flywheel.bus.topics import AGGREGATED_PREFERENCES, PREFERENCES, ROLLOUTS
 from flywheel.preference.aggregation import FitOptions
@@ -30,8 +34,7 @@ log = logging.getLogger(__name__)
 
 Settings = PreferenceSettings
 
-ROLLOUTS_GROUP = "flywheel-preference"
-PREFERENCES_GROUP = "flywheel-preference-store"
+STORE = "store"
 
 
 def fit_options(settings: PreferenceSettings) -> FitOptions:
@@ -42,12 +45,13 @@ def fit_options(settings: PreferenceSettings) -> FitOptions:
         max_iterations=settings.preference_max_iterations, tolerance=settings.preference_tolerance)
 
 
-class _ReadinessGate:
-    """Reports SERVING once every follower has caught up (a BackgroundWorker started after them)."""
+class _StoreReadiness:
+    """Sets the readiness condition "store" once every follower has caught up (started after them)."""
 
     def __init__(self, service: "PreferenceService") -> None:
         self._service = service
         self._task: asyncio.Task | None = None
+        service.runtime.readiness.require(STORE, "the event store is catching up with the topics; retry shortly")
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -59,9 +63,8 @@ class _ReadinessGate:
             while not await follower.wait_caught_up(timeout):
                 log.error("store has not caught up with %s after %.0fs; still NOT_SERVING", follower.topic.name,
                           timeout)
-        svc.servicer.ready = True
-        await svc.runtime.set_serving(True)
-        log.info("preference store ready: %d events, %d known responses", svc.store.count_events(),
+        svc.runtime.readiness.set(STORE, True)
+        log.info("preference store caught up: %d events, %d known responses", svc.store.count_events(),
                  svc.store.count_responses())
 
     async def stop(self) -> None:
@@ -83,7 +86,7 @@ class _RefreshLoop:
         svc = self._service
         while True:
             await asyncio.sleep(svc.settings.preference_refresh_interval_s)
-            if svc.servicer.ready and svc.engine.stale:
+            if svc.runtime.readiness.is_set(STORE) and svc.engine.stale:
                 try:
                     await asyncio.to_thread(svc.engine.refresh)
                 except Exception:  # noqa: BLE001 - keep the last weights; try again next interval
@@ -157,9 +160,7 @@ def build_service(settings: PreferenceSettings, *,
     tokens = TokenStore(settings.auth_db_path()) if settings.preference_auth_enabled else None
     # Events are sent in chunks and flushed explicitly: a long linger and large batches mean one
     # produce request per partition per chunk instead of one sender wake-up every few records.
-    producer = TypedProducer(settings.bootstrap_servers, client_id=f"{settings.kafka_client_id}-{settings.service_name}",
-                             linger_ms=1000, **settings.kafka_client_config(),
-                             batch_size=512 * 1024)
+    producer = producer_for(settings, linger_ms=1000, batch_size=512 * 1024)
     engine = ConsensusEngine(store, fit_options(settings), max_rater_series=settings.preference_max_rater_series)
     task_db = TaskDB(settings.tasks_db_path())
     board = TaskBoard(store, task_db, overlap=settings.preference_task_overlap,
@@ -170,22 +171,25 @@ def build_service(settings: PreferenceSettings, *,
     servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine, board,
                                   after_produce=after_produce)
     runtime = ServiceRuntime(settings)
+    servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine)
+    servicer.readiness = runtime.readiness
     runtime.add_service(SERVICE_NAME,
                         lambda server: preference_pb2_grpc.add_PreferenceServiceServicer_to_server(servicer, server))
     rollouts = TopicFollower(
         settings, ROLLOUTS, lambda batch, offsets: store.record_rollouts([m for m, _, _ in batch],
                                                                          topic=ROLLOUTS.name, offsets=offsets),
-        lambda: store.offsets(ROLLOUTS.name), producer, group_id=ROLLOUTS_GROUP)
+        lambda: store.offsets(ROLLOUTS.name), producer, group_id=settings.kafka_consumer_group)
     preferences = TopicFollower(
         settings, PREFERENCES, lambda batch, offsets: store.record_events(batch, topic=PREFERENCES.name,
                                                                           offsets=offsets),
-        lambda: store.offsets(PREFERENCES.name), producer, group_id=PREFERENCES_GROUP,
+        lambda: store.offsets(PREFERENCES.name), producer, group_id=f"{settings.kafka_consumer_group}-store",
         live_interval_s=settings.preference_follow_interval_s)
     service = PreferenceService(settings, runtime, servicer, store, engine, producer, [rollouts, preferences], board,
                                 tokens)
     runtime.add_worker(rollouts)
     runtime.add_worker(preferences)
-    runtime.add_worker(_ReadinessGate(service))
+    runtime.add_worker(_StoreReadiness(service))
+    runtime.add_worker(BrokerProbe(settings, runtime.readiness, gate=True))
     runtime.add_worker(_RefreshLoop(service))
     runtime.add_worker(_TaskPoolLoop(service))
     if settings.preference_ui_enabled:
@@ -211,4 +215,4 @@ def build(settings: PreferenceSettings) -> ServiceRuntime:
 
 async def serve(settings: PreferenceSettings) -> None:
     runtime = build(settings)
-    await runtime.serve(ready=False)
+    await runtime.serve()

@@ -31,7 +31,7 @@ from flywheel.preference.settings import PreferenceSettings
 from flywheel.preference.store import PreferenceStore, event_body
 from flywheel.preference.tasks import TaskBoard
 from flywheel.preference.validation import Validator
-from flywheel.runtime import InvalidArgument, NotFound, NotReady, require
+from flywheel.runtime import InvalidArgument, NotFound, NotReady, Readiness, require
 from flywheel.runtime.errors import FailedPrecondition, PermissionDenied, clip
 from flywheel.runtime.uris import UriPolicy, check_uri
 from flywheel.v1 import common_pb2, preference_pb2, preference_pb2_grpc
@@ -71,7 +71,7 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         self.producer = producer
         self.engine = engine
         self.validator = Validator(settings, store)
-        self.ready = False
+        self.readiness = Readiness(settings.service_name)  # the runtime's, once wired (app.build_service)
         self._inflight: dict[str, asyncio.Future[None]] = {}
 
     # -- auth --------------------------------------------------------------------------------
@@ -84,9 +84,13 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
             AUTH_FAILURES.labels("unauthenticated").inc()
             raise
 
+    @property
+    def ready(self) -> bool:
+        return self.readiness.ready
+
     def _check_ready(self) -> None:
-        if not self.ready:
-            raise NotReady("the event store is catching up with the topics; retry shortly")
+        if not self.readiness.ready:
+            raise NotReady(self.readiness.why_not())
 
     # -- ingestion ---------------------------------------------------------------------------
     async def _ingest(self, events: Sequence[common_pb2.PreferenceEvent], prefixes: Sequence[str],

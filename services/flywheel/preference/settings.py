@@ -14,6 +14,10 @@ class PreferenceSettings(ServiceSettings):
     grpc_port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port.")
 
+    kafka_consumer_group: str = Field(
+        "flywheel-preference", description="Group the rollouts follower commits its progress under (the "
+        "preferences follower uses `<group>-store`); informational, the store holds the offsets.")
+
     preference_store_path: Path | None = Field(
         None, description="SQLite event store (default <home>/preference/store.sqlite). Derived data: "
         "a missing store is rebuilt from the preferences and rollouts topics at start.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
 from flywheel.bus import ensure_topics_for, producer_for, topics, worker_for
+from flywheel.bus.probe import BrokerProbe
 from flywheel.bus.topics import Topic
 from flywheel.model_follower import ModelVersionFollower
 from flywheel.reward.batching import DynamicBatcher
@@ -20,19 +22,6 @@ from flywheel.runtime.auth import SCOPE_SCORE, AuthInterceptor, Guard
 log = logging.getLogger(__name__)
 
 Settings = RewardSettings
-
-
-class _BatcherLifecycle:
-    """Starts the batcher with the workers; it is stopped in on_stop, after in-flight RPCs drained."""
-
-    def __init__(self, batcher: DynamicBatcher) -> None:
-        self.batcher = batcher
-
-    async def start(self) -> None:
-        self.batcher.start()
-
-    async def stop(self) -> None:
-        pass
 
 
 class RewardApp:
@@ -76,11 +65,14 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
                              max_wait_s=settings.reward_max_wait_ms / 1000.0,
                              max_queue_items=settings.reward_max_queue_items,
                              wait_fraction=settings.reward_batch_wait_fraction)
-    runtime.add_worker(_BatcherLifecycle(batcher))
-    ready = {"serving": False}
 
-    def is_ready() -> bool:
-        return ready["serving"] and not batcher.closed
+    async def start_batcher() -> None:  # on the server's loop; stopped in on_stop, after RPCs drained
+        batcher.start()
+
+    runtime.add_lifecycle(start_batcher)
+
+    def is_ready() -> bool:  # KServe ServerReady / ModelReady and /v2/health/ready mirror health
+        return runtime.readiness.ready and not batcher.closed
 
     reward = RewardServicer(batcher, settings)
     kserve = KServeServicer(batcher, settings, is_ready)
@@ -101,31 +93,30 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
     if settings.reward_worker_enabled or hot_reload:
         ensure_topics_for(settings, [t for t in (rollouts_topic, scored_topic, versions_topic)])
         producer = producer_for(settings)
+        # Scoring RPCs work without the broker: stay ready, report the dependency.
+        runtime.add_worker(BrokerProbe(settings, runtime.readiness, gate=False))
     if settings.reward_worker_enabled:
         assert producer is not None
         scoring = ScoringHandler(batcher, producer, output_topic=scored_topic)
-        runtime.add_worker(worker_for(settings, rollouts_topic, settings.reward_consumer_group, scoring, producer))
+        # One unit per forward-pass chunk, committed once its scores are durable.
+        runtime.add_worker(worker_for(settings, rollouts_topic, None, scoring, producer,
+                                      commit_every=scoring.chunk_size))
     if hot_reload:
         assert producer is not None
         reload = reward_follower(batcher, lambda mv: transformer_from_settings(settings, mv.checkpoint_uri))
         instance = settings.reward_instance_id or uuid.uuid4().hex[:12]
-        runtime.add_worker(worker_for(settings, versions_topic, f"{settings.reward_consumer_group}-reload-{instance}",
-                                      reload, producer))
+        runtime.add_worker(worker_for(settings, versions_topic, f"{settings.kafka_consumer_group}-reload-{instance}",
+                                      reload, producer, static=False))
 
-    original_set_serving = runtime.set_serving
-
-    async def set_serving(serving: bool) -> None:
-        ready["serving"] = serving
-        await original_set_serving(serving)
-
-    runtime.set_serving = set_serving  # type: ignore[method-assign] - KServe ServerReady mirrors health
-
-    async def shutdown() -> None:
-        await batcher.stop()
+    def release() -> None:
         if producer is not None:
             producer.flush(10.0)
             producer.close()
         batcher.scorer.close()
+
+    async def shutdown() -> None:
+        await batcher.stop()
+        await asyncio.to_thread(release)  # flushing and closing block: keep them off the event loop
 
     runtime.on_stop(shutdown)
     return RewardApp(runtime, batcher, scoring, reload, http, guard)

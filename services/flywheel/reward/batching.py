@@ -129,7 +129,7 @@ class DynamicBatcher:
                 await self._task
             finally:
                 self._task = None
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # a forward pass may still be running
 
     # -- submitting --------------------------------------------------------------------------
     @property

@@ -66,7 +66,7 @@ class RewardSettings(ServiceSettings):
                                           "(inference.GRPCInferenceService) API.")
     reward_worker_enabled: bool = Field(True, description="Run the Kafka scoring worker "
                                         "(rollouts -> scored-rollouts).")
-    reward_consumer_group: str = Field("flywheel-reward", description="Consumer group of the scoring worker.")
+    kafka_consumer_group: str = Field("flywheel-reward", description="Consumer group of the scoring worker.")
     reward_reload_enabled: bool = Field(True, description="Follow flywheel.model-versions.v1 and swap in new "
                                     "reward models (per-instance consumer group).")
     reward_instance_id: str = Field("", description="Suffix of the hot-reload consumer group; empty: random "

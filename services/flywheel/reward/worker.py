@@ -109,7 +109,8 @@ class ScoringHandler:
         out = []
         for future in pending:
             # Overloaded / deadline: raise -> the worker rewinds and retries the batch after a backoff.
-            result = future.result()
+            # The batcher enforces timeout_s; the margin only bounds a wedged event loop.
+            result = future.result(timeout=self.timeout_s + 30.0)
             for i, value in enumerate(result.values):
                 out.append((value, [(c.scorer, c.version, c.values[i]) for c in result.components],
                             result.scorer, result.scorer_version))

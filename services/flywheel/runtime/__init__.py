@@ -13,6 +13,7 @@ from flywheel.runtime.errors import (
     Unauthenticated,
     require,
 )
+from flywheel.runtime.readiness import Readiness
 from flywheel.runtime.server import ServiceRuntime
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "PermissionDenied",
+    "Readiness",
     "ServiceRuntime",
     "ServiceSettings",
     "Unauthenticated",

@@ -88,6 +88,19 @@ class ServiceSettings(BaseSettings):
     kafka_ssl_keyfile: Path | None = Field(None, description="PEM private key of kafka_ssl_certfile.")
     kafka_ssl_check_hostname: bool = Field(True, description="Verify that broker certificates name the broker host.")
 
+    kafka_consumer_group: str = Field("flywheel", description="Consumer group of this service's input consumer "
+                                      "(each service sets its own default).")
+    kafka_group_instance_id: str = Field(
+        "", description="Static group membership (group.instance.id) of this instance: a restarted instance gets "
+        "its partitions back at once instead of waiting out the dead member's session. Must be unique per running "
+        "instance and stable across its restarts (the chart sets the pod name). Empty: dynamic membership.")
+    kafka_session_timeout_ms: int = Field(
+        10_000, ge=1000, description="Consumer session timeout: how long the group waits for a member that "
+        "stopped heartbeating (a crashed instance that does not come back) before moving its partitions.")
+    kafka_reconnect_backoff_max_ms: int = Field(
+        1000, gt=0, description="Longest wait between reconnection attempts to a broker (after a broker restart, "
+        "clients are back within about this long).")
+
     @model_validator(mode="after")
     def _kafka_credentials_complete(self) -> "ServiceSettings":
         if self.kafka_security_protocol.startswith("SASL_") and not (
@@ -123,6 +136,10 @@ class ServiceSettings(BaseSettings):
 
     def api_keys_path(self) -> Path:
         return self.auth_keys_db or self.home / "auth" / "keys.sqlite"
+
+    @property
+    def group_instance_id(self) -> str | None:
+        return self.kafka_group_instance_id or None
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -163,6 +180,10 @@ RENAMED = {
     "FLYWHEEL_REWARD_TORCH_THREADS": "FLYWHEEL_TORCH_THREADS",
     "FLYWHEEL_TRAINER_TORCH_THREADS": "FLYWHEEL_TORCH_THREADS",
     "FLYWHEEL_REWARD_HOT_RELOAD": "FLYWHEEL_REWARD_RELOAD_ENABLED",
+    "FLYWHEEL_POLICY_CONSUMER_GROUP": "FLYWHEEL_KAFKA_CONSUMER_GROUP",
+    "FLYWHEEL_REWARD_CONSUMER_GROUP": "FLYWHEEL_KAFKA_CONSUMER_GROUP",
+    "FLYWHEEL_TRAINER_GROUP_ID": "FLYWHEEL_KAFKA_CONSUMER_GROUP",
+    "FLYWHEEL_TRAINER_SESSION_TIMEOUT_MS": "FLYWHEEL_KAFKA_SESSION_TIMEOUT_MS",
 }
 
 

@@ -6,6 +6,12 @@ ready), server reflection, message-size and keepalive options, metrics and excep
 interceptors, a Prometheus /metrics endpoint, TLS (or mutual TLS) on both from the settings'
 `tls_*` files (runtime/tls.py), and graceful shutdown on SIGTERM/SIGINT:
 health goes NOT_SERVING first, then in-flight RPCs get `shutdown_grace_s` to finish.
+
+Composition: `add_lifecycle(start, stop)` for anything that runs beside the server (Kafka
+consumers, batchers, the HTTP API): started in order before the service reports SERVING, stopped
+in reverse before the server drains; `on_stop` for what must outlive in-flight RPCs (models,
+producers). Health follows the one `Readiness` object (`runtime.readiness`): SERVING while every
+registered condition holds, from whichever thread sets it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from flywheel import __version__
 from flywheel.runtime import metrics
 from flywheel.runtime.config import ServiceSettings
 from flywheel.runtime.interceptors import ExceptionMappingInterceptor, MetricsInterceptor
+from flywheel.runtime.readiness import Readiness
 from flywheel.runtime.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,12 @@ class BackgroundWorker(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+@dataclass
+class _Lifecycle:
+    start: Callable[[], Awaitable[None]]
+    stop: Callable[[], Awaitable[None]] | None
 
 
 @dataclass
@@ -65,14 +78,18 @@ class ServiceRuntime:
         self.settings = settings
         self.health = health.aio.HealthServicer()
         self._registrations: list[_Registration] = []
-        self._workers: list[BackgroundWorker] = []
+        self._lifecycles: list[_Lifecycle] = []
         self._interceptors: list[aio.ServerInterceptor] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._server: aio.Server | None = None
         self._metrics_server: metrics.MetricsServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.grpc_port: int | None = None
+        self.readiness = Readiness(settings.service_name)
+        self.readiness.require("started", f"{settings.service_name} is starting")
+        self.readiness.subscribe(self._readiness_changed)
 
     # -- composition -------------------------------------------------------------------------
     def add_service(self, full_name: str, register: Callable[[aio.Server], None]) -> None:
@@ -83,8 +100,14 @@ class ServiceRuntime:
         """Runs inside the metrics and exception-mapping interceptors (its exceptions become statuses)."""
         self._interceptors.append(interceptor)
 
+    def add_lifecycle(self, start: Callable[[], Awaitable[None]],
+                      stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`start()` runs (in order of registration) before the service reports SERVING; `stop()`
+        runs in reverse order on shutdown, before the server drains its in-flight RPCs."""
+        self._lifecycles.append(_Lifecycle(start, stop))
+
     def add_worker(self, worker: BackgroundWorker) -> None:
-        self._workers.append(worker)
+        self.add_lifecycle(worker.start, worker.stop)
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run after the server stopped accepting RPCs and workers stopped (release models, producers)."""
@@ -96,11 +119,22 @@ class ServiceRuntime:
 
     # -- health ------------------------------------------------------------------------------
     async def set_serving(self, serving: bool) -> None:
-        """Mark every service and the server as a whole SERVING or NOT_SERVING."""
+        """Declare the service started (or not); health is SERVING once every readiness condition holds."""
+        self.readiness.set("started", serving)
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        serving = self.readiness.ready and not self._stopping
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
         metrics.SERVICE_UP.labels(self.settings.service_name).set(1 if serving else 0)
+
+    def _readiness_changed(self, ready: bool) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._stopping:
+            return  # not started yet (start publishes) or shutting down (stays NOT_SERVING)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish_health()))
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, *, ready: bool = True) -> int:
@@ -109,6 +143,7 @@ class ServiceRuntime:
         With ready=False, health stays NOT_SERVING until the service calls `set_serving(True)`.
         """
         settings = self.settings
+        self._loop = asyncio.get_running_loop()
         metrics.BUILD_INFO.info({"version": __version__})
         self._server = aio.server(
             interceptors=[MetricsInterceptor(), ExceptionMappingInterceptor(), *self._interceptors],
@@ -130,14 +165,14 @@ class ServiceRuntime:
             self.grpc_port = self._server.add_insecure_port(address)
         if self.grpc_port == 0:
             raise RuntimeError(f"could not bind gRPC server to {address}")
-        await self.set_serving(False)
+        await self._publish_health()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         if settings.metrics_enabled:
             self._metrics_server = metrics.MetricsServer(settings.host, settings.metrics_port,
                                                          **tls.metrics_server_kwargs())
-        for worker in self._workers:
-            await worker.start()
+        for lifecycle in self._lifecycles:
+            await lifecycle.start()
         if ready:
             await self.set_serving(True)
         log.info(
@@ -162,11 +197,13 @@ class ServiceRuntime:
         metrics.SERVICE_UP.labels(self.settings.service_name).set(0)
         if self.settings.shutdown_delay_s > 0:
             await asyncio.sleep(self.settings.shutdown_delay_s)
-        for worker in reversed(self._workers):
+        for lifecycle in reversed(self._lifecycles):
+            if lifecycle.stop is None:
+                continue
             try:
-                await worker.stop()
+                await lifecycle.stop()
             except Exception:  # noqa: BLE001 - keep shutting the rest down
-                log.exception("worker %r failed to stop", worker)
+                log.exception("%r failed to stop", lifecycle.stop)
         if self._server is not None:
             await self._server.stop(grace)
         for callback in reversed(self._on_stop):

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from flywheel.bus import TypedConsumer, ensure_topics_for, producer_for, topics
+from flywheel.bus import consumer_for, ensure_topics_for, producer_for, topics
+from flywheel.bus.probe import BrokerProbe
 from flywheel.bus.topics import Topic
 from flywheel.runtime import ServiceRuntime
 from flywheel.runtime.auth import Guard
@@ -22,6 +23,7 @@ from flywheel.trainer.checkpoint import CheckpointStore
 from flywheel.trainer.loop import LoadedTrainer, TrainerLoop, follow, load_trainer
 from flywheel.trainer.service import RewardJobRunner, TrainerServicer, auth_interceptor, registrations
 from flywheel.trainer.settings import TrainerSettings
+from flywheel.versions import BASE_POLICY_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,16 @@ def load(settings: TrainerSettings, store: CheckpointStore) -> LoadedTrainer:
     return load_trainer(settings.ppo_config(), store, base_model_path(settings), wrap=_ddp_wrap())
 
 
+def model_name(loaded: LoadedTrainer, store: CheckpointStore) -> str:
+    """The name versions are announced under: the one the run started with (kept in every checkpoint's
+    metadata), not the directory a resumed trainer happened to load from."""
+    if loaded.version != BASE_POLICY_VERSION:
+        info = store.info(loaded.version)
+        if info is not None and info.model_name:
+            return info.model_name
+    return Path(loaded.base_model_path).name
+
+
 def build_app(settings: TrainerSettings) -> TrainerApp:
     scored_topic = Topic(settings.trainer_scored_rollouts_topic, topics.SCORED_ROLLOUTS.message_type)
     versions_topic = Topic(settings.trainer_model_versions_topic, topics.MODEL_VERSIONS.message_type)
@@ -76,19 +88,13 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
     store.cleanup_staging()
     loaded = load(settings, store)
     producer = producer_for(settings)
-    consumer = TypedConsumer(
-        scored_topic, bootstrap_servers=settings.bootstrap_servers, group_id=settings.trainer_group_id,
-        dead_letters=producer, client_id=f"{settings.kafka_client_id}-{settings.service_name}",
-        max_poll_records=settings.trainer_batch_size, **settings.kafka_client_config(),
-        max_poll_interval_ms=settings.trainer_max_poll_interval_ms,
-        session_timeout_ms=settings.trainer_session_timeout_ms,
-        heartbeat_interval_ms=max(1000, settings.trainer_session_timeout_ms // 4))
-    model_name = getattr(loaded.trainer.module.config, "_name_or_path", "") or str(loaded.base_model_path)
+    consumer = consumer_for(settings, scored_topic, None, producer, max_poll_records=settings.trainer_batch_size,
+                            max_poll_interval_ms=settings.trainer_max_poll_interval_ms)
     loop = TrainerLoop(
         loaded, store, consumer, producer, batch_size=settings.trainer_batch_size,
         model_versions_topic=versions_topic, max_steps=settings.trainer_max_steps,
         keep_checkpoints=settings.trainer_keep_checkpoints, start_paused=settings.trainer_start_paused,
-        poll_timeout_ms=settings.kafka_poll_timeout_ms, model_name=Path(str(model_name)).name,
+        poll_timeout_ms=settings.kafka_poll_timeout_ms, model_name=model_name(loaded, store),
         reload=lambda: load(settings, store))
     jobs = RewardJobRunner(
         default_dataset_uri=settings.trainer_reward_dataset_uri, output_dir=settings.trainer_reward_output_dir,
@@ -102,10 +108,12 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
         runtime.add_service(name, register)
     runtime.add_interceptor(auth_interceptor(Guard.from_settings(settings)))
     runtime.add_worker(loop)
+    # Status and control RPCs work without the broker: stay ready, report the dependency.
+    runtime.add_worker(BrokerProbe(settings, runtime.readiness, gate=False))
 
-    async def close() -> None:
-        await asyncio.to_thread(jobs.shutdown)  # may wait for a training process to exit
-        producer.close()
+    async def close() -> None:  # both block (a running job, unsent records): off the event loop
+        await asyncio.to_thread(jobs.shutdown)
+        await asyncio.to_thread(producer.close)
 
     runtime.on_stop(close)
     return TrainerApp(runtime=runtime, loop=loop, store=store, jobs=jobs)

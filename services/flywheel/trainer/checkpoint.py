@@ -68,6 +68,7 @@ class CheckpointInfo:
     metrics: dict[str, float]
     created_at: float
     base: bool = False
+    model_name: str = ""
 
     @property
     def number(self) -> int:
@@ -170,7 +171,7 @@ class CheckpointStore:
             return None
         return CheckpointInfo(version=version, uri=self.uri_for(version), step=int(meta.get("step", 0)),
                               parent_version=meta.get("parent_version", ""), metrics=meta.get("metrics", {}),
-                              created_at=float(meta.get("created_at", 0.0)))
+                              created_at=float(meta.get("created_at", 0.0)), model_name=meta.get("model_name", ""))
 
     def latest(self) -> CheckpointInfo | None:
         versions = self.versions()

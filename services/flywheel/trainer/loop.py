@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ import torch.distributed as dist
 from google.protobuf import timestamp_pb2
 
 from flywheel import checkpoints
-from flywheel.bus import TypedConsumer, TypedProducer
+from flywheel.bus import ConsumerThread, TypedConsumer, TypedProducer
 from flywheel.bus.topics import Topic
+from flywheel.bus import metrics as metrics_bus
 from flywheel.trainer import metrics
 from flywheel.trainer.batch import RolloutFilter, collate
-from flywheel.trainer.checkpoint import CheckpointStore
+from flywheel.trainer.checkpoint import CheckpointInfo, CheckpointStore
 from flywheel.trainer.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, StepStats
 from flywheel.v1 import common_pb2
 from flywheel.versions import BASE_POLICY_VERSION, next_version, version_number
@@ -133,14 +135,28 @@ def load_trainer(config: PPOConfig, store: CheckpointStore, base_model_path: str
 # ---------------------------------------------------------------------------------------------
 
 
-class TrainerLoop:
-    """Consumes scored rollouts, trains, checkpoints, publishes, commits. A `BackgroundWorker`."""
+def version_message(info: CheckpointInfo) -> common_pb2.ModelVersion:
+    """The announcement of a checkpoint, entirely from its metadata: announcing it again (after a
+    restart) publishes exactly the same content."""
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(info.created_at * 1e9))
+    return common_pb2.ModelVersion(
+        kind=common_pb2.MODEL_KIND_POLICY, version=info.version, checkpoint_uri=info.uri,
+        metrics={k: float(v) for k, v in info.metrics.items()}, parent_version=info.parent_version,
+        created_at=created, model_name=info.model_name, step=info.step)
+
+
+class TrainerLoop(ConsumerThread):
+    """Consumes scored rollouts, trains, checkpoints, publishes, commits: the bus's `ConsumerThread`
+    (same metrics, backoff and lifecycle as every consumer), one step = one poll."""
 
     def __init__(self, loaded: LoadedTrainer, store: CheckpointStore, consumer: TypedConsumer,
                  producer: TypedProducer, *, batch_size: int, model_versions_topic: Topic,
                  max_steps: int | None = None, keep_checkpoints: int = 0, start_paused: bool = False,
                  poll_timeout_ms: int = 500, model_name: str = "", reload: Callable[[], LoadedTrainer] | None = None,
                  on_step: Callable[[StepStats, common_pb2.ModelVersion], None] | None = None) -> None:
+        super().__init__(name="trainer-loop", topic=consumer.topic.name, group=consumer.group_id,
+                         retry_backoff_s=1.0, max_backoff_s=60.0)
         self.store = store
         self.consumer = consumer
         self.producer = producer
@@ -153,11 +169,10 @@ class TrainerLoop:
         self._reload = reload
         self._on_step = on_step
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._resume = threading.Event()
         if not start_paused:
             self._resume.set()
-        self._thread: threading.Thread | None = None
+        self._announced = False
         self._buffer: list[common_pb2.ScoredRollout] = []
         self._pending: set[tuple[str, str]] = set()
         self._weights: list[float] = []
@@ -232,6 +247,7 @@ class TrainerLoop:
         """Poll once (up to what the batch still needs); train + checkpoint + publish + commit when full."""
         needed = self.batch_size - len(self._buffer)
         deliveries = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=needed)
+        metrics_bus.CONSUMED.labels(*self.labels).inc(len(deliveries))
         current = version_number(self.version)
         for delivery in deliveries:
             self._admit(delivery.value, current)
@@ -326,7 +342,8 @@ class TrainerLoop:
             self.counters = counters
             self.last_stats = step_metrics
             self._buffer, self._pending, self._weights, self._lags = [], set(), [], []
-        message = self.model_version_message()
+        info = self.store.info(new_version)
+        message = version_message(info) if info is not None else self.model_version_message()
         self.producer.send_and_wait(self.model_versions_topic, message, key="POLICY")
         self.consumer.commit()  # only now: the step is durable and announced
         self.steps_this_run += 1
@@ -351,64 +368,53 @@ class TrainerLoop:
         return int(pad or 0)
 
     def announce(self) -> None:
-        """Publish the current version (idempotent): after a restart the last checkpoint may have been
-        written but not announced."""
-        if self.version != BASE_POLICY_VERSION:
-            self.producer.send_and_wait(self.model_versions_topic, self.model_version_message(), key="POLICY")
+        """Publish the current version again, as first announced (idempotent): after a restart the
+        last checkpoint may have been written but not announced."""
+        if self.version == BASE_POLICY_VERSION:
+            return
+        info = self.store.info(self.version)
+        message = version_message(info) if info is not None else self.model_version_message()
+        self.producer.send_and_wait(self.model_versions_topic, message, key="POLICY")
 
-    # -- the thread ---------------------------------------------------------------------------
+    # -- the thread (ConsumerThread) --------------------------------------------------------
+    def step(self) -> None:
+        if self.max_steps is not None and self.trainer.global_step >= self.max_steps:
+            log.info("max_steps %d reached; idle", self.max_steps)
+            self._stop.wait(1.0)
+            return
+        if not self._resume.is_set():
+            self._resume.wait(0.5)
+            return
+        if not self._announced:
+            self.announce()
+            self._announced = True
+        self.run_once()
+
+    def recover(self) -> None:
+        """Back to the last checkpoint: rewind the uncommitted records and reload the trainer."""
+        self.failed = sys.exc_info()[1]
+        metrics.STEP_FAILURES.inc()
+        self.consumer.rewind()
+        if self._reload is not None:
+            self._adopt(self._reload())
+
+    def lag(self) -> int:
+        return self.consumer.lag()
+
     def run(self) -> None:
-        backoff = 1.0
-        announced = False
-        while not self._stop.is_set():
-            if self.max_steps is not None and self.trainer.global_step >= self.max_steps:
-                log.info("max_steps %d reached; idle", self.max_steps)
-                self._stop.wait(1.0)
-                continue
-            if not self._resume.is_set():
-                self._resume.wait(0.5)
-                continue
-            try:
-                if not announced:
-                    self.announce()
-                    announced = True
-                self.run_once()
-                backoff = 1.0
-            except Exception as exc:  # noqa: BLE001 - recover from the last checkpoint
-                metrics.STEP_FAILURES.inc()
-                log.exception("training iteration failed; reloading the last checkpoint in %.1fs", backoff)
-                self.failed = exc
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 60.0)
-                try:
-                    self.consumer.rewind()
-                    if self._reload is not None:
-                        self._adopt(self._reload())
-                except Exception:  # noqa: BLE001 - e.g. the broker is down: try again next round
-                    log.exception("recovery failed; retrying")
+        super().run()
         self._broadcast_stop()
 
     def _broadcast_stop(self) -> None:
         if self.world_size > 1:
             dist.broadcast_object_list([None], src=0)
 
-    async def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_then_close, name="trainer-loop", daemon=True)
-        self._thread.start()
-
-    def _run_then_close(self) -> None:
-        try:
-            self.run()
-        finally:
-            self.consumer.close()
-
-    async def stop(self) -> None:
-        import asyncio
-
-        self._stop.set()
+    def request_stop(self) -> None:
+        super().request_stop()
         self._resume.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+
+    def close(self) -> None:
+        self.consumer.close(leave_group=self.leave_group_on_close)
 
 
 def _encode(rollouts: list[common_pb2.ScoredRollout], weights: list[float]) -> tuple[list[bytes], list[float]]:

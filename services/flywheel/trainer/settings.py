@@ -25,7 +25,7 @@ class TrainerSettings(ServiceSettings):
         None, description="Where policy checkpoints are written (fsspec URI; default file://<home>/checkpoints/policy).")
     trainer_keep_checkpoints: int = Field(
         0, ge=0, description="Keep only the newest N policy checkpoints (0 keeps all).")
-    trainer_group_id: str = Field("flywheel-trainer", description="Kafka consumer group for scored rollouts.")
+    kafka_consumer_group: str = Field("flywheel-trainer", description="Kafka consumer group for scored rollouts.")
     trainer_scored_rollouts_topic: str = Field(
         topics.SCORED_ROLLOUTS.name, description="Topic of scored rollouts to train on.")
     trainer_model_versions_topic: str = Field(
@@ -37,7 +37,6 @@ class TrainerSettings(ServiceSettings):
     trainer_max_poll_interval_ms: int = Field(
         1_800_000, gt=0, description="Kafka max.poll.interval.ms: longest allowed PPO step before the group "
         "considers the trainer dead.")
-    trainer_session_timeout_ms: int = Field(10_000, gt=0, description="Kafka session timeout of the trainer consumer.")
 
     # PPO (see flywheel.trainer.ppo.PPOConfig for what each does and common-practice defaults)
     trainer_learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
