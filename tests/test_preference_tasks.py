@@ -216,8 +216,7 @@ async def test_flags_release_and_gold(service_factory, kafka_bootstrap, unique, 
         assert t4.prompt_id == plain[0].prompt_id and bad not in {c.response_id for c in t4.candidates}
         await stub.ReleaseTask(preference_pb2.ReleaseTaskRequest(lease_id=t4.lease_id), metadata=auth(tokens["r4"]))
         assert count("released") == released + 1
-        export = await stub.ExportDataset(preference_pb2.ExportDatasetRequest(output_uri=str(tmp_path / "x")),
-                                          metadata=admin)
+        export = await stub.ExportDataset(preference_pb2.ExportDatasetRequest(), metadata=admin)  # default dir
         rows = [r for r in read_pairs(export.pairs_uri) if r["prompt_id"] == plain[0].prompt_id]
         assert rows and not [r for r in rows if bad in (r["chosen_id"], r["rejected_id"])]
 

@@ -197,7 +197,7 @@ async def test_rater_ranks_writes_and_is_protected(browser, ui_service, kafka_bo
             agg = await stub.GetConsensus(preference_pb2.GetConsensusRequest(prompt_id=g[0].prompt_id),
                                           metadata=auth(tokens["alice"]))
             assert agg.rater_ids == ["alice"] and agg.responses[0].response_id == g[1].rollout_id
-        export = await stub.ExportDataset(preference_pb2.ExportDatasetRequest(output_uri=str(tmp_path / "export")),
+        export = await stub.ExportDataset(preference_pb2.ExportDatasetRequest(),  # the default export dir
                                           metadata=auth(tokens["admin"]))
     pairs = read_pairs(export.pairs_uri)
     assert {g[0].prompt_id for g in groups} <= {p["prompt_id"] for p in pairs}

@@ -171,7 +171,6 @@ def build_service(settings: PreferenceSettings, *,
     servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine, board,
                                   after_produce=after_produce)
     runtime = ServiceRuntime(settings)
-    servicer = PreferenceServicer(settings, store, Authenticator(tokens), producer, engine)
     servicer.readiness = runtime.readiness
     runtime.add_service(SERVICE_NAME,
                         lambda server: preference_pb2_grpc.add_PreferenceServiceServicer_to_server(servicer, server))

@@ -172,6 +172,9 @@ NOT_SETTINGS = frozenset({
     "FLYWHEEL_HEALTHCHECK_TIMEOUT_S", "FLYWHEEL_TEST_KAFKA_BOOTSTRAP", "FLYWHEEL_TRAINER_TARGET",
     "FLYWHEEL_PREFERENCE_TOKEN",
 })
+# Scorer plugins declare their own settings (read from FLYWHEEL_REWARD_PLUGIN_*, validated by the
+# plugin's model when it is built), so their names cannot be known here.
+NOT_SETTINGS_PREFIXES = ("FLYWHEEL_REWARD_PLUGIN_",)
 
 
 # Settings renamed so far (docs/changelog.md): the old name is refused, pointing at the new one.
@@ -196,7 +199,8 @@ def check_environment(known: Iterable[str], environ: Mapping[str, str] | None = 
     known = set(known)
     environ = os.environ if environ is None else environ
     unknown = sorted(name for name in environ
-                     if name.startswith(ENV_PREFIX) and name not in known and name not in NOT_SETTINGS)
+                     if name.startswith(ENV_PREFIX) and name not in known and name not in NOT_SETTINGS
+                     and not name.startswith(NOT_SETTINGS_PREFIXES))
     if not unknown:
         return
     lines = []
