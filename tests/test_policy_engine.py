@@ -14,18 +14,9 @@ import math
 import pytest
 import torch
 
-from flywheel.policy.engine import (
-    DecodeBatch,
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    PolicyEngine,
-    Sequence_,
-    _filter_top_k_top_p,
-    _sample_filtered,
-    choose_tokens,
-    generate_batch,
-)
+from flywheel.policy.decode import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, DecodeBatch, Generation, generate_batch
+from flywheel.policy.engine import PolicyEngine
+from flywheel.policy.sampler import choose_tokens, filter_top_k_top_p, sample_filtered, uniforms
 from flywheel.policy.sampling import SamplingConfig, SamplingDefaults, resolve
 from flywheel.runtime.errors import InvalidArgument
 from flywheel.v1 import common_pb2
@@ -139,8 +130,8 @@ def test_stop_sequence_and_eos(engine: PolicyEngine) -> None:
 def test_cancelled_rows_leave_the_batch(engine: PolicyEngine) -> None:
     policy = engine.current
     ids = policy.encode(policy.template(PROMPTS[0]))
-    keep = Sequence_(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
-    drop = Sequence_(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
+    keep = Generation(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
+    drop = Generation(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
     steps: list[int] = []
 
     def on_step(events):  # cancel the second row after the first token
@@ -159,8 +150,8 @@ def test_rows_joining_a_running_batch_match_running_alone(engine: PolicyEngine) 
     policy = engine.current
     greedy = dict(temperature=0.0, max_new_tokens=10)
 
-    def seq(text: str, **kw) -> Sequence_:
-        return Sequence_(prompt_text=policy.template(text), **{**greedy, **kw})
+    def seq(text: str, **kw) -> Generation:
+        return Generation(prompt_text=policy.template(text), **{**greedy, **kw})
 
     alone = {text: seq(text) for text in PROMPTS}
     for s in alone.values():
@@ -184,7 +175,7 @@ def test_rows_joining_a_running_batch_match_running_alone(engine: PolicyEngine) 
 # -- fast unit tests (no weights) ---------------------------------------------------------------------
 def test_filter_top_k_then_top_p() -> None:
     logp = torch.log_softmax(torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3), dim=-1)
-    out = _filter_top_k_top_p(logp, torch.tensor([0, 2, 4]), torch.tensor([1.0, 1.0, 0.7]))
+    out = filter_top_k_top_p(logp, torch.tensor([0, 2, 4]), torch.tensor([1.0, 1.0, 0.7]))
     kept = torch.isfinite(out)
     assert kept[0].tolist() == [True] * 5
     assert kept[1].tolist() == [True, True, False, False, False]
@@ -200,16 +191,16 @@ def test_windowed_sampler_draws_only_from_the_reference_kept_set(spread: float) 
     logp = torch.log_softmax(torch.randn(rows, vocab, generator=gen) * spread, dim=-1)
     top_k = torch.tensor([0, 1, 5, 0, 40, 3000, 0, 2000] * 8)
     top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 1.0, 0.8, 0.3, 0.999] * 8)
-    reference = torch.isfinite(_filter_top_k_top_p(logp, top_k, top_p))
+    reference = torch.isfinite(filter_top_k_top_p(logp, top_k, top_p))
     for trial in range(20):
         u = torch.rand(rows, generator=gen)
-        tokens = _sample_filtered(logp, top_k, top_p, u, window=256)
+        tokens = sample_filtered(logp, top_k, top_p, u, window=256)
         assert bool(reference[torch.arange(rows), tokens].all()), trial
     # top_k=1 rows always take the argmax
     assert bool((tokens[1::8] == logp[1::8].argmax(-1)).all())
     # the draw follows the filtered distribution: frequencies of a 2-token nucleus
     two = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(4000, 1)
-    drawn = _sample_filtered(two, torch.zeros(4000, dtype=torch.long), torch.full((4000,), 0.8),
+    drawn = sample_filtered(two, torch.zeros(4000, dtype=torch.long), torch.full((4000,), 0.8),
                              torch.rand(4000, generator=gen))
     assert set(drawn.tolist()) == {0, 1}
     assert abs(float((drawn == 0).float().mean()) - 2 / 3) < 0.03  # 0.6 / (0.6 + 0.3), 4000 draws
@@ -217,8 +208,8 @@ def test_windowed_sampler_draws_only_from_the_reference_kept_set(spread: float) 
 
 def test_choose_tokens_greedy_rows_and_logprob_convention() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 2.0]])
-    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
-    tokens, lps = choose_tokens(logits, torch.tensor([0.0, 0.5]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), gens)
+    u = torch.tensor([0.3, 0.8])
+    tokens, lps = choose_tokens(logits, torch.tensor([0.0, 0.5]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), u)
     assert tokens[0] == 1
     assert lps[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
     assert lps[1] == pytest.approx(float(torch.log_softmax(logits[1] / 0.5, -1)[tokens[1]]))
