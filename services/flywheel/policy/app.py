@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from flywheel.bus import ConsumerWorker, Topic, TypedProducer, ensure_topics_for, producer_for, worker_for
 from flywheel.policy.backends import Backend, LocalBackend, TGIBackend
-from flywheel.policy.engine import PolicyEngine
+from flywheel.policy.engine import PolicyEngine, machine_threads
 from flywheel.policy.http_api import TGIHttpApi
 from flywheel.policy.reload import PolicyReloader
 from flywheel.policy.sampling import SamplingDefaults
@@ -64,7 +64,7 @@ def make_backend(settings: PolicySettings) -> Backend:
                           max_input_tokens=settings.policy_max_input_tokens)
     engine = PolicyEngine.from_checkpoint(settings.policy_model_dir, settings.policy_model_version,
                                           device=settings.policy_device, dtype=settings.policy_dtype,
-                                          torch_threads=settings.policy_torch_threads)
+                                          torch_threads=settings.policy_torch_threads or machine_threads())
     return LocalBackend(engine, max_batch_size=settings.policy_max_batch_size,
                         batch_wait_ms=settings.policy_batch_wait_ms, max_queue=settings.policy_max_queue,
                         max_input_tokens=settings.policy_max_input_tokens)

@@ -72,6 +72,8 @@ class PolicyEngine:
         self.lock = threading.Lock()
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        log.info("policy engine: %s on %s in %s, %d torch threads", policy.version, policy.device,
+                 policy.dtype_name, torch.get_num_threads())
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, version: str = BASE_VERSION, *, device: str = "cpu",
