@@ -71,7 +71,7 @@ class Generation:
 StepCallback = Callable[[list[tuple[Generation, int, float]]], None]
 
 # per-row tensors of a batch, reordered together when rows leave
-_ROW_STATE = ("positions", "temperature", "top_k", "top_p", "seeds", "counters", "budgets", "logits",
+_ROW_STATE = ("positions", "temperature", "top_k", "top_p", "seeds", "counters", "budgets", "has_stop", "logits",
               "out_tokens", "out_logprobs")
 
 
@@ -110,6 +110,7 @@ class DecodeBatch:
         self.seeds = torch.zeros(0, dtype=torch.long, device=device)
         self.counters = torch.zeros(0, dtype=torch.long, device=device)  # tokens generated so far
         self.budgets = torch.zeros(0, dtype=torch.long, device=device)
+        self.has_stop = torch.zeros(0, dtype=torch.bool, device=device)  # rows with stop strings
         self.logits = torch.zeros((0, 0), dtype=torch.float32, device=device)  # next-token logits
         self.out_tokens = torch.zeros((0, 0), dtype=torch.long, device=device)
         self.out_logprobs = torch.zeros((0, 0), dtype=torch.float32, device=device)
@@ -213,6 +214,7 @@ class DecodeBatch:
             "seeds": torch.tensor([_signed64(int(s.seed_used or 0)) for s in seqs], dtype=torch.long),
             "counters": torch.zeros(len(seqs), dtype=torch.long),
             "budgets": torch.tensor(budgets, dtype=torch.long),
+            "has_stop": torch.tensor([bool(s.stop) for s in seqs], dtype=torch.bool),
             "out_tokens": torch.zeros((len(seqs), width), dtype=torch.long),
             "out_logprobs": torch.zeros((len(seqs), width), dtype=torch.float32),
         }
@@ -244,11 +246,11 @@ class DecodeBatch:
         code = torch.where(cancelled, _CANCELLED, code)
         codes = code.tolist()
         cut: dict[int, int] = {}
-        for r, s in enumerate(self.rows):  # stop strings need text: only rows that have them
-            if s.stop and codes[r] in (_RUNNING, _LENGTH):
-                at = find_stop(self.policy.decode(self.out_tokens[r, :int(self.counters[r])].tolist()), s.stop)
-                if at >= 0:
-                    codes[r], cut[r] = _STOP, at
+        for r in (self.has_stop & ((code == _RUNNING) | (code == _LENGTH))).nonzero().squeeze(1).tolist():
+            # stop strings need the decoded text: only rows that have them
+            at = find_stop(self.policy.decode(self.out_tokens[r, :int(self.counters[r])].tolist()), self.rows[r].stop)
+            if at >= 0:
+                codes[r], cut[r] = _STOP, at
         if on_step is not None:
             events = [(s, t, lp) for s, t, lp, c in zip(self.rows, tokens.tolist(), logprobs.tolist(), cancelled_flags)
                       if not c]
