@@ -126,6 +126,7 @@ async def run_service(engine, levels: list[int], max_new_tokens: int, temperatur
             elapsed = time.perf_counter() - start
             ttft = sorted(f for _, f in done)
             results[c] = (sum(t for t, _ in done), elapsed, ttft, stats.tokens / max(1, stats.steps))
+            print(f"  measured: Flywheel, {c} clients: {results[c][0] / elapsed:.1f} tokens/s", flush=True)
     finally:
         await parts.runtime.stop(grace=0)
     return results
@@ -210,8 +211,12 @@ def main() -> None:
     gflops = matmul_gflops(dtype)
     per_token = flop_per_token(policy.model)
     ceiling = gflops * 1e9 / per_token
+    print(f"{policy.dtype_name}: matmul {gflops:.0f} GFLOP/s, ceiling {ceiling:.0f} tokens/s", flush=True)
     run_static(policy, ["warm up"], 4, args.temperature, args.top_p)
-    static = {c: run_static(policy, prompts(c), args.max_new_tokens, args.temperature, args.top_p) for c in levels}
+    static = {}
+    for c in levels:
+        static[c] = run_static(policy, prompts(c), args.max_new_tokens, args.temperature, args.top_p)
+        print(f"  measured: static generate, {c} prompts: {static[c][0] / static[c][1]:.1f} tokens/s", flush=True)
     service = asyncio.run(run_service(engine, levels, args.max_new_tokens, args.temperature, args.top_p))
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[0]
