@@ -193,7 +193,7 @@ class Chaos:
                   "FLYWHEEL_KAFKA_RETRY_BACKOFF_S": "0.5"}
         self.env = {
             "policy": {**common, "FLYWHEEL_POLICY_HTTP_ENABLED": "false", "FLYWHEEL_POLICY_RELOAD_ENABLED": "false",
-                       "FLYWHEEL_POLICY_TORCH_THREADS": "1", "FLYWHEEL_POLICY_WORKER_MAX_PROMPTS": "4",
+                       "FLYWHEEL_TORCH_THREADS": "1", "FLYWHEEL_POLICY_WORKER_MAX_PROMPTS": "4",
                        "FLYWHEEL_KAFKA_MAX_POLL_RECORDS": "16",
                        "FLYWHEEL_KAFKA_CONSUMER_GROUP": f"chaos-policy-{self.run}",
                        "FLYWHEEL_KAFKA_GROUP_INSTANCE_ID": f"chaos-policy-{self.run}-0"},

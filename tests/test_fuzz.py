@@ -421,7 +421,7 @@ def test_fuzz_trainer(kafka_bootstrap: str, tmp_path: Path, unique: str) -> None
         shutdown_delay_s=0.0, kafka_bootstrap_servers=kafka_bootstrap, trainer_base_model=str(model),
         trainer_checkpoint_uri=(tmp_path / "ckpt").as_uri(), kafka_consumer_group=f"trainer-{unique}",
         trainer_scored_rollouts_topic=f"scored-{unique}", trainer_model_versions_topic=f"versions-{unique}",
-        trainer_start_paused=True, trainer_torch_threads=1, kafka_poll_timeout_ms=200,
+        trainer_start_paused=True, torch_threads=1, kafka_poll_timeout_ms=200,
         trainer_reward_dataset_roots=[tmp_path / "datasets"], trainer_reward_output_dir=str(tmp_path / "reward"),
         trainer_reward_max_queued_jobs=1)
     service = ServiceThread()

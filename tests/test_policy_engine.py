@@ -14,18 +14,9 @@ import math
 import pytest
 import torch
 
-from flywheel.policy.engine import (
-    DecodeBatch,
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    PolicyEngine,
-    Sequence_,
-    _filter_top_k_top_p,
-    _sample_filtered,
-    choose_tokens,
-    generate_batch,
-)
+from flywheel.policy.decode import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, DecodeBatch, Generation, generate_batch
+from flywheel.policy.engine import PolicyEngine
+from flywheel.policy.sampler import choose_tokens, filter_top_k_top_p, sample_filtered, uniforms
 from flywheel.policy.sampling import SamplingConfig, SamplingDefaults, resolve
 from flywheel.runtime.errors import InvalidArgument
 from flywheel.v1 import common_pb2
@@ -139,8 +130,8 @@ def test_stop_sequence_and_eos(engine: PolicyEngine) -> None:
 def test_cancelled_rows_leave_the_batch(engine: PolicyEngine) -> None:
     policy = engine.current
     ids = policy.encode(policy.template(PROMPTS[0]))
-    keep = Sequence_(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
-    drop = Sequence_(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
+    keep = Generation(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
+    drop = Generation(prompt_text="", temperature=0.0, max_new_tokens=6, prompt_ids=list(ids))
     steps: list[int] = []
 
     def on_step(events):  # cancel the second row after the first token
@@ -159,8 +150,8 @@ def test_rows_joining_a_running_batch_match_running_alone(engine: PolicyEngine) 
     policy = engine.current
     greedy = dict(temperature=0.0, max_new_tokens=10)
 
-    def seq(text: str, **kw) -> Sequence_:
-        return Sequence_(prompt_text=policy.template(text), **{**greedy, **kw})
+    def seq(text: str, **kw) -> Generation:
+        return Generation(prompt_text=policy.template(text), **{**greedy, **kw})
 
     alone = {text: seq(text) for text in PROMPTS}
     for s in alone.values():
@@ -184,7 +175,7 @@ def test_rows_joining_a_running_batch_match_running_alone(engine: PolicyEngine) 
 # -- fast unit tests (no weights) ---------------------------------------------------------------------
 def test_filter_top_k_then_top_p() -> None:
     logp = torch.log_softmax(torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3), dim=-1)
-    out = _filter_top_k_top_p(logp, torch.tensor([0, 2, 4]), torch.tensor([1.0, 1.0, 0.7]))
+    out = filter_top_k_top_p(logp, torch.tensor([0, 2, 4]), torch.tensor([1.0, 1.0, 0.7]))
     kept = torch.isfinite(out)
     assert kept[0].tolist() == [True] * 5
     assert kept[1].tolist() == [True, True, False, False, False]
@@ -200,16 +191,16 @@ def test_windowed_sampler_draws_only_from_the_reference_kept_set(spread: float) 
     logp = torch.log_softmax(torch.randn(rows, vocab, generator=gen) * spread, dim=-1)
     top_k = torch.tensor([0, 1, 5, 0, 40, 3000, 0, 2000] * 8)
     top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 1.0, 0.8, 0.3, 0.999] * 8)
-    reference = torch.isfinite(_filter_top_k_top_p(logp, top_k, top_p))
+    reference = torch.isfinite(filter_top_k_top_p(logp, top_k, top_p))
     for trial in range(20):
         u = torch.rand(rows, generator=gen)
-        tokens = _sample_filtered(logp, top_k, top_p, u, window=256)
+        tokens = sample_filtered(logp, top_k, top_p, u, window=256)
         assert bool(reference[torch.arange(rows), tokens].all()), trial
     # top_k=1 rows always take the argmax
     assert bool((tokens[1::8] == logp[1::8].argmax(-1)).all())
     # the draw follows the filtered distribution: frequencies of a 2-token nucleus
     two = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(4000, 1)
-    drawn = _sample_filtered(two, torch.zeros(4000, dtype=torch.long), torch.full((4000,), 0.8),
+    drawn = sample_filtered(two, torch.zeros(4000, dtype=torch.long), torch.full((4000,), 0.8),
                              torch.rand(4000, generator=gen))
     assert set(drawn.tolist()) == {0, 1}
     assert abs(float((drawn == 0).float().mean()) - 2 / 3) < 0.03  # 0.6 / (0.6 + 0.3), 4000 draws
@@ -217,8 +208,8 @@ def test_windowed_sampler_draws_only_from_the_reference_kept_set(spread: float) 
 
 def test_choose_tokens_greedy_rows_and_logprob_convention() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 2.0]])
-    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
-    tokens, lps = choose_tokens(logits, torch.tensor([0.0, 0.5]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), gens)
+    u = torch.tensor([0.3, 0.8])
+    tokens, lps = choose_tokens(logits, torch.tensor([0.0, 0.5]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), u)
     assert tokens[0] == 1
     assert lps[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
     assert lps[1] == pytest.approx(float(torch.log_softmax(logits[1] / 0.5, -1)[tokens[1]]))
@@ -247,3 +238,64 @@ def test_sampling_resolution_and_validation() -> None:
             resolve(params, d)
         assert info.value.field == f"sampling.{field}"
     assert math.isfinite(resolve(common_pb2.SamplingParams(n=1), d).temperature)
+
+
+# -- the preallocated KV cache and the tensor-only step ------------------------------------------------
+def test_slot_cache_decode_matches_a_plain_forward_pass(engine: PolicyEngine) -> None:
+    """Every row's next-token logits from the slot KV cache equal one unpadded forward pass over its
+    prompt + tokens so far, also after a finished row's slot was refilled by the last row."""
+    policy = engine.current
+    rows = [Generation(prompt_text=policy.template(text), temperature=0.0, max_new_tokens=budget)
+            for text, budget in zip(PROMPTS, (2, 6, 6))]
+    batch = DecodeBatch(policy)
+    batch.add(rows)
+    checked = 0
+    while batch:
+        batch.step()
+        for slot, row in enumerate(batch.rows):
+            tokens = batch.out_tokens[slot, :int(batch.counters[slot])].tolist()
+            with torch.inference_mode():
+                want = policy.model(input_ids=torch.tensor([row.prompt_ids + tokens])).logits[0, -1].float()
+            assert torch.allclose(batch.logits[slot], want, atol=2e-3), slot
+            checked += 1
+    assert rows[0].finish_reason == FINISH_LENGTH and len(rows[0].token_ids) == 2
+    assert checked >= 9
+
+
+def test_mixed_sampling_parameters_in_one_batch_match_each_row_alone(engine: PolicyEngine) -> None:
+    """Per-row temperature / top-k / top-p / seed: each row of a mixed batch decodes as it would alone."""
+    policy = engine.current
+    params = [dict(temperature=0.0), dict(temperature=1.5, top_k=1, seed=3), dict(temperature=0.9, seed=4),
+              dict(temperature=1.2, top_p=0.8, seed=5), dict(temperature=0.7, top_k=30, top_p=0.9, seed=6)]
+
+    def row(i: int) -> Generation:
+        return Generation(prompt_text=policy.template(PROMPTS[i % 3]), max_new_tokens=8, **params[i])
+
+    alone = [row(i) for i in range(len(params))]
+    for g in alone:
+        generate_batch(policy, [g])
+    together = [row(i) for i in range(len(params))]
+    generate_batch(policy, together)
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.logprobs for g in together] == [pytest.approx(g.logprobs, abs=LOGPROB_TOLERANCE) for g in alone]
+
+
+def test_counter_based_uniforms() -> None:
+    seeds = torch.tensor([0, 1, -5, (1 << 63) - 1])
+    first = uniforms(seeds, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(first, uniforms(seeds, torch.zeros(4, dtype=torch.long)))  # a pure function
+    assert len(set(first.tolist())) == 4  # different seeds, different draws
+    draws = uniforms(torch.full((20000,), 42), torch.arange(20000))
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    assert abs(float(draws.mean()) - 0.5) < 0.01 and abs(float(draws.var()) - 1 / 12) < 0.003
+    counts = torch.histc(draws, bins=10, min=0.0, max=1.0)
+    assert float(counts.min()) > 1800  # 2000 expected per decile
+
+
+def test_precision_resolution() -> None:
+    from flywheel.policy.loading import cpu_has_bf16, resolve_dtype
+
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if cpu_has_bf16() else "float32")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8")

@@ -64,7 +64,7 @@ def test_rendered_two_node_trainer_runs_a_ppo_step(helm, kafka_bootstrap, unique
         "FLYWHEEL_TRAINER_SCORED_ROLLOUTS_TOPIC": scored_topic.name,
         "FLYWHEEL_TRAINER_MODEL_VERSIONS_TOPIC": versions_topic.name,
         "FLYWHEEL_TRAINER_BATCH_SIZE": "4", "FLYWHEEL_TRAINER_MINI_BATCH_SIZE": "2", "FLYWHEEL_TRAINER_PPO_EPOCHS": "1",
-        "FLYWHEEL_TRAINER_TORCH_THREADS": "1", "FLYWHEEL_KAFKA_POLL_TIMEOUT_MS": "200",
+        "FLYWHEEL_TORCH_THREADS": "1", "FLYWHEEL_KAFKA_POLL_TIMEOUT_MS": "200",
         "FLYWHEEL_SHUTDOWN_DELAY_S": "0", "FLYWHEEL_LOG_LEVEL": "INFO",
     }
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}

@@ -17,6 +17,7 @@ from flywheel.trainer.ppo import (
     compute_gae,
     kl_per_token,
     masked_mean,
+    masked_var,
     masked_whiten,
     policy_loss,
     token_rewards,
@@ -147,10 +148,33 @@ def test_weighted_masked_mean_downweights_rows():
     x = T([[1.0, 3.0], [10.0, 10.0]])
     mask = torch.ones(2, 2)
     assert float(masked_mean(x, mask)) == pytest.approx(6.0)
+    # weights are absolute (docs/trainer.md): the denominator stays the number of tokens
     weight = T([[1.0, 1.0], [0.0, 0.0]])
-    assert float(masked_mean(x, mask, weight)) == pytest.approx(2.0)
+    assert float(masked_mean(x, mask, weight)) == pytest.approx((1 + 3) / 4)
     weight = T([[1.0, 1.0], [0.5, 0.5]])
-    assert float(masked_mean(x, mask, weight)) == pytest.approx((1 + 3 + 5 + 5) / 3)
+    assert float(masked_mean(x, mask, weight)) == pytest.approx((1 + 3 + 5 + 5) / 4)
+
+
+def test_minibatch_of_only_stale_rows_is_down_weighted():
+    """A minibatch made only of lag-1 rollouts (weight 0.5) moves the policy half as much; with
+    relative weights it moved it as much as fresh rollouts did."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], requires_grad=True)
+    args = (logprobs.detach(), torch.tensor([[1.0, -0.5], [0.3, 2.0]]), torch.ones(2, 2), 0.2)
+    fresh, _ = policy_loss(logprobs, *args)
+    stale, _ = policy_loss(logprobs, *args, weight=torch.full((2, 2), 0.5))
+    assert float(stale.detach()) == pytest.approx(0.5 * float(fresh.detach()))
+
+
+def test_masked_var_keeps_precision_far_from_zero():
+    """float32 sums of x and x^2 lose the variance when |mean| / std ~ 1000 (relative error ~0.2)."""
+    g = torch.Generator().manual_seed(0)
+    x = (1000.0 + torch.randn(64, 256, generator=g, dtype=torch.float64)).float()
+    mask = torch.ones_like(x)
+    mask[:, 200:] = 0
+    want = x[:, :200].double().var()
+    mean, var = masked_var(x, mask)
+    assert float(var) == pytest.approx(float(want), rel=1e-4)
+    assert float(mean) == pytest.approx(float(x[:, :200].double().mean()), rel=1e-6)
 
 
 def test_adaptive_kl_controller_hand_computed():
@@ -212,7 +236,8 @@ def test_ratio_uses_behaviour_logprobs():
     lm, ref = _tiny()
     # Behaviour policy assigned half the probability the current policy does: ratio = 2 everywhere.
     batch = collate(_rollouts(lm, logprob_shift=-math.log(2)))
-    trainer = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12), PolicyWithValueHead(lm), ref)
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, sampler_correction="none"),
+                         PolicyWithValueHead(lm), ref)
     stats = trainer.step(batch)
     assert stats.ratio == pytest.approx(2.0, rel=1e-3)
     assert stats.clipfrac > 0
@@ -299,3 +324,64 @@ def test_ppo_learns_a_simple_reward():
         trainer.step(collate(rollouts))
     assert sum(means[:3]) / 3 < 0.2
     assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.06, means
+
+
+def test_recompute_ratio_leaves_the_kl_penalty_on_behaviour_logprobs():
+    """ratio_logprobs=recompute changes the ratio only; the KL penalty follows kl_logprobs."""
+    lm, ref = _tiny()
+    rollouts = _rollouts(lm, logprob_shift=-math.log(2))  # behaviour = policy (= reference) - log 2
+    cfg = PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, ratio_logprobs="recompute",
+                    sampler_correction="none")
+    stats = PPOTrainer(cfg, PolicyWithValueHead(lm), ref).step(collate(rollouts))
+    assert stats.ratio == pytest.approx(1.0, abs=1e-4)
+    assert stats.kl == pytest.approx(-6 * math.log(2), rel=1e-3)  # 6 tokens of log(behaviour / ref)
+    lm2, ref2 = _tiny()
+    cfg = PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, ratio_logprobs="recompute",
+                    kl_logprobs="recompute", sampler_correction="none")
+    assert PPOTrainer(cfg, PolicyWithValueHead(lm2), ref2).step(collate(rollouts)).kl == pytest.approx(0.0, abs=1e-4)
+
+
+def _bf16_rollouts(lm, **kw):
+    """Rollouts whose behaviour log-probs come from a bfloat16 copy of `lm` (a bf16 policy service)."""
+    import copy
+
+    sampler = copy.deepcopy(lm).to(torch.bfloat16)
+    return _rollouts(sampler, **kw)
+
+
+def test_sampler_precision_mismatch_is_measured_and_corrected():
+    lm, ref = _tiny()
+    same = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12), PolicyWithValueHead(lm), ref)
+    exact = same.step(collate(_rollouts(lm)), current_version="policy-0000")
+    assert exact.mismatch_kl < 1e-7 and exact.tis_active == 0.0 and exact.ratio == pytest.approx(1.0, abs=1e-5)
+
+    mixed = collate(_bf16_rollouts(lm, rlen=12))
+    plain = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, sampler_correction="none"),
+                       PolicyWithValueHead(lm), ref).step(mixed, current_version="policy-0000")
+    # bf16 sampler vs fp32 trainer: visible (this tiny random model is near-uniform, so its KL is small in
+    # absolute terms: ~4e-7 against < 1e-10 in fp32; SmolLM2's is 1.6e-3, see docs/policy.md)
+    assert plain.mismatch_kl > 1000 * max(exact.mismatch_kl, 1e-12), (plain.mismatch_kl, exact.mismatch_kl)
+    assert plain.tis_active == 0.0 and abs(plain.ratio - 1.0) > 1e-5  # the ratio starts off 1 by the numerics
+    auto = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, mismatch_kl_threshold=1e-8),
+                      PolicyWithValueHead(lm), ref)
+    corrected = auto.step(mixed, current_version="policy-0000")
+    assert corrected.mismatch_kl == pytest.approx(plain.mismatch_kl, rel=1e-4)
+    assert corrected.tis_active == 1.0 and auto.mismatch_detected
+    assert corrected.ratio == pytest.approx(1.0, abs=1e-5)  # the ratio is against the trainer's own log-probs
+    assert corrected.clipfrac == 0.0 and plain.clipfrac >= 0.0
+    assert corrected.tis_weight_mean != 1.0 and 0 < corrected.tis_weight_mean <= 2.0
+    # rows of another policy version are not numerics: they are not counted as mismatch
+    other = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, mismatch_kl_threshold=1e-8),
+                       PolicyWithValueHead(lm), ref)
+    elsewhere = other.step(mixed, current_version="policy-0001")
+    assert elsewhere.mismatch_kl == 0.0 and elsewhere.tis_active == 0.0
+
+
+def test_truncated_is_weights_are_capped_and_carry_no_gradient():
+    from flywheel.trainer.losses import truncated_is_weights
+
+    trainer_lp = torch.tensor([[-1.0, -0.1, -3.0]], requires_grad=True)
+    sampler_lp = torch.tensor([[-1.0, -2.0, -2.9]])
+    w = truncated_is_weights(trainer_lp, sampler_lp, cap=2.0)
+    assert w.tolist()[0] == pytest.approx([1.0, 2.0, math.exp(-0.1)])
+    assert not w.requires_grad

@@ -25,7 +25,7 @@ from flywheel.policy.engine import (
     LoadedPolicy,
     PolicyEngine,
     apply_template,
-    Sequence_,
+    Generation,
 )
 from flywheel.policy.sampling import UINT64_MASK, SamplingConfig, derived_seed
 from flywheel.runtime.errors import FlywheelError, InvalidArgument, NotReady, Overloaded, require
@@ -180,15 +180,15 @@ class LocalBackend(Backend):
         job.prompt_ids = list(ids)
         return job
 
-    def _sequences(self, job: Job) -> list[Sequence_]:
+    def _sequences(self, job: Job) -> list[Generation]:
         if job.prompt_ids is None:
             self.prepare(job)
-        return [Sequence_.from_config(job.prompt_text, job.sampling, c, list(job.prompt_ids or []),
-                                      seed_key=(job.prompt_id, c) if job.prompt_id is not None else None)
+        return [Generation.from_config(job.prompt_text, job.sampling, c, list(job.prompt_ids or []),
+                                       seed_key=(job.prompt_id, c) if job.prompt_id is not None else None)
                 for c in range(job.sampling.n)]
 
     @staticmethod
-    def _completion(job: Job, seq: Sequence_, candidate_index: int, created_at: float) -> Completion:
+    def _completion(job: Job, seq: Generation, candidate_index: int, created_at: float) -> Completion:
         return Completion(prompt_text=job.prompt_text, prompt_token_ids=list(seq.prompt_ids or []),
                           token_ids=list(seq.token_ids), logprobs=list(seq.logprobs), text=seq.text,
                           finish_reason=seq.finish_reason or FINISH_LENGTH, policy_version=seq.policy_version,

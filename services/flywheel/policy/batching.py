@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from flywheel.policy import metrics
-from flywheel.policy.engine import DecodeBatch, PolicyEngine, Sequence_
+from flywheel.policy.decode import DecodeBatch, Generation
+from flywheel.policy.engine import PolicyEngine
 from flywheel.runtime.errors import DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Request:
-    seqs: list[Sequence_]
+    seqs: list[Generation]
     future: asyncio.Future
     submitted: float
     deadline: float | None
@@ -73,7 +74,7 @@ class Batcher:
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.max_queue = max_queue
         self.stats = _Stats()
-        self._queue: collections.deque[tuple[_Request, Sequence_]] = collections.deque()
+        self._queue: collections.deque[tuple[_Request, Generation]] = collections.deque()
         self._queue_lock = threading.Lock()  # the engine thread pops while the loop appends
         self._rate_window = (time.perf_counter(), 0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-engine")
@@ -118,7 +119,7 @@ class Batcher:
         return len(self._queue)
 
     # -- submission ------------------------------------------------------------------------------
-    async def _admit(self, seqs: list[Sequence_], timeout: float | None, *, block: bool,
+    async def _admit(self, seqs: list[Generation], timeout: float | None, *, block: bool,
                      stream: bool) -> _Request:
         self._ensure_started()
         assert self._space is not None and self._wakeup is not None
@@ -140,8 +141,8 @@ class Batcher:
         self._wakeup.set()
         return request
 
-    async def generate(self, seqs: list[Sequence_], *, timeout: float | None = None,
-                       block: bool = False) -> list[Sequence_]:
+    async def generate(self, seqs: list[Generation], *, timeout: float | None = None,
+                       block: bool = False) -> list[Generation]:
         """Generate all `seqs` (possibly across batches); returns them filled in.
 
         block=True waits for queue space instead of failing with Overloaded (internal callers such
@@ -164,7 +165,7 @@ class Batcher:
         self._observe(request, "ok")
         return result
 
-    async def stream(self, seq: Sequence_, *, timeout: float | None = None) -> AsyncIterator[tuple[int, float]]:
+    async def stream(self, seq: Generation, *, timeout: float | None = None) -> AsyncIterator[tuple[int, float]]:
         """Yield (token id, logprob) as they are sampled; on return `seq` holds the full result."""
         request = await self._admit([seq], timeout, block=False, stream=True)
         assert request.stream is not None
@@ -197,10 +198,10 @@ class Batcher:
         metrics.REQUEST_LATENCY.labels(outcome).observe(time.monotonic() - request.submitted)
 
     # -- the batch loop --------------------------------------------------------------------------
-    def _pop(self, room: int) -> list[tuple[_Request, Sequence_]]:
+    def _pop(self, room: int) -> list[tuple[_Request, Generation]]:
         """Engine thread: up to `room` live queued sequences (expired requests are failed on the loop)."""
         assert self._loop is not None
-        taken: list[tuple[_Request, Sequence_]] = []
+        taken: list[tuple[_Request, Generation]] = []
         expired: list[_Request] = []
         now = time.monotonic()
         with self._queue_lock:
@@ -231,7 +232,7 @@ class Batcher:
         owners: dict[int, _Request] = {}
         batch: DecodeBatch | None = None
 
-        def on_step(events: list[tuple[Sequence_, int, float]]) -> None:
+        def on_step(events: list[tuple[Generation, int, float]]) -> None:
             loop.call_soon_threadsafe(self._deliver, events, dict(owners))
 
         while True:
@@ -297,7 +298,7 @@ class Batcher:
         else:
             self._rate_window = (window_start, window_tokens)
 
-    def _rows_done(self, seqs: list[Sequence_], requests: list[_Request]) -> None:
+    def _rows_done(self, seqs: list[Generation], requests: list[_Request]) -> None:
         for request in requests:
             request.pending -= 1
             if request.pending == 0:
@@ -321,7 +322,7 @@ class Batcher:
                 log.exception("policy engine loop failed")
             metrics.TOKENS_PER_SECOND.set(0)
 
-    def _deliver(self, events: list[tuple[Sequence_, int, float]], owners: dict[int, _Request]) -> None:
+    def _deliver(self, events: list[tuple[Generation, int, float]], owners: dict[int, _Request]) -> None:
         now = time.monotonic()
         for seq, token, logprob in events:
             request = owners.get(id(seq))

@@ -24,8 +24,9 @@ class PolicySettings(ServiceSettings):
         None, description="Initial policy checkpoint (HF safetensors dir); unset: the packaged SmolLM2-135M-Instruct.")
     policy_model_version: str = Field("policy-0000", description="Version name of the initial checkpoint.")
     policy_device: str = Field("cpu", description="Torch device of the local engine (cpu, cuda, cuda:1, ...).")
-    policy_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype of the local engine.")
+    policy_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Precision the local engine samples in (and so computes behaviour logprobs in): `auto` "
+        "= bfloat16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16, float32 otherwise.")
     policy_tgi_url: str = Field("http://127.0.0.1:8080", description="Base URL of the TGI server (tgi backend).")
     policy_tgi_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout of one TGI request.")
     policy_tgi_tokenizer_dir: Path | None = Field(

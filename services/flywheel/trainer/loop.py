@@ -297,10 +297,10 @@ class TrainerLoop(ConsumerThread):
         rollouts = list(self._buffer)
         batch = collate(rollouts, pad_token_id=self._pad_id(), weights=self._weights)
         if self.world_size > 1:
-            dist.broadcast_object_list([_encode(rollouts, self._weights)], src=0)
-            stats = self.trainer.step(batch.shard(dist.get_rank(), self.world_size))
+            dist.broadcast_object_list([(*_encode(rollouts, self._weights), self.version)], src=0)
+            stats = self.trainer.step(batch.shard(dist.get_rank(), self.world_size), current_version=self.version)
         else:
-            stats = self.trainer.step(batch)
+            stats = self.trainer.step(batch, current_version=self.version)
         for lag in self._lags:
             metrics.VERSION_LAG.observe(lag)
         metrics.ROLLOUTS.labels("trained").inc(len(rollouts))
@@ -430,8 +430,8 @@ def follow(trainer: PPOTrainer, pad_token_id: int) -> int:
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             return steps
-        payload, weights = box[0]
+        payload, weights, version = box[0]
         rollouts = [common_pb2.ScoredRollout.FromString(b) for b in payload]
         batch = collate(rollouts, pad_token_id=pad_token_id, weights=weights)
-        trainer.step(batch.shard(rank, world))
+        trainer.step(batch.shard(rank, world), current_version=version)
         steps += 1

@@ -44,6 +44,10 @@ _STAT_HELP = {
     "mean_response_length": "Mean response length (tokens).",
     "eos_fraction": "Fraction of responses that ended with EOS or a stop sequence.",
     "episodes_per_second": "Rollouts trained per second of PPO update.",
+    "mismatch_kl": "Per-token KL(sampler || trainer) on rollouts of the current policy version (numerics: "
+                   "sampling precision vs training precision).",
+    "tis_active": "1 when truncated importance sampling corrected the last step for the sampler mismatch.",
+    "tis_weight_mean": "Mean truncated importance weight p_trainer / p_sampler (capped) of the last step.",
 }
 STATS = {name: Gauge(f"flywheel_trainer_{name}", help_text) for name, help_text in _STAT_HELP.items()}
 

@@ -1,6 +1,8 @@
-"""PPO for language models: the maths (pure tensor functions), the config, and `PPOTrainer`.
+"""PPO for language models: the config, the policy + value head model, and `PPOTrainer`.
 
-One PPO step over a batch of scored rollouts (see `batch.RolloutBatch`):
+The maths lives in `kl` (estimators, KL controllers), `advantages` (token rewards, GAE) and
+`losses` (masked statistics, clipped losses, sampler-mismatch KL and truncated importance weights);
+they are re-exported here. One PPO step over a batch of scored rollouts (see `batch.RolloutBatch`):
 
 1. Reference log-probs once per batch under `torch.inference_mode` (frozen reference model).
 2. Values (and current log-probs, for diagnostics) once per batch, also without autograd.
@@ -12,6 +14,13 @@ One PPO step over a batch of scored rollouts (see `batch.RolloutBatch`):
    log-probs, entropy and values; clipped surrogate against the *behaviour* log-probs the rollout
    carries (off-policy ratio), clipped value loss, optional entropy bonus, gradient clipping.
 6. The KL controller (adaptive or fixed) is updated with the batch's observed KL.
+
+Sampler-trainer mismatch: the policy service may sample in another precision (bf16) than the
+trainer computes in (fp32), so its behaviour log-probs differ from the trainer's for the same
+weights. Every step measures KL(sampler || trainer) over the rows of the current policy version
+(`mismatch_kl`). When it exceeds `mismatch_kl_threshold` (or `sampler_correction="tis"`), the
+ratio is taken against the trainer's own recomputation and each token's surrogate is weighted by
+min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection is sticky.
 
 Under DDP (`torch.distributed` initialised, model wrapped in DistributedDataParallel) each rank
 trains on its shard of the batch: whitening uses global statistics (all-reduce) and gradients are
@@ -28,8 +37,26 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+
+from flywheel.trainer.advantages import compute_gae, token_rewards  # noqa: F401 - re-exported
+from flywheel.trainer.batch import RolloutBatch
+from flywheel.trainer.kl import (  # noqa: F401 - re-exported
+    AdaptiveKLController,
+    FixedKLController,
+    kl_controller_for,
+    kl_per_token,
+)
+from flywheel.trainer.losses import (  # noqa: F401 - re-exported
+    _dist_active,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    sampler_mismatch_kl,
+    truncated_is_weights,
+    value_loss,
+)
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -91,7 +118,20 @@ class PPOConfig:
     (the policy service reports log-softmax(logits / temperature))."""
     ratio_logprobs: Literal["behaviour", "recompute"] = "behaviour"
     """Old log-probs for the ratio: the behaviour policy's (carried by the rollout, correct for
-    stale rollouts) or recomputed by the current policy at the start of the step."""
+    stale rollouts) or recomputed by the current policy at the start of the step. Affects only the
+    ratio; the KL penalty's log-probs are `kl_logprobs`."""
+    kl_logprobs: Literal["behaviour", "recompute"] = "behaviour"
+    """Log pi in the KL penalty KL(pi || pi_ref): the rollout's behaviour log-probs (the policy
+    that drew the tokens) or the trainer's recomputation at step start (same precision as the
+    reference's)."""
+    sampler_correction: Literal["auto", "tis", "none"] = "auto"
+    """Sampler-trainer mismatch correction: `tis` always applies truncated importance sampling,
+    `none` never, `auto` once the measured mismatch KL exceeds mismatch_kl_threshold."""
+    tis_cap: float = 2.0
+    """Cap of the truncated importance weight p_trainer / p_sampler (Yao et al. 2025 use 2)."""
+    mismatch_kl_threshold: float = 1e-4
+    """Per-token KL(sampler || trainer) above which `auto` turns the correction on (fp32 sampler
+    and trainer measure ~2e-11; a bf16 sampler against an fp32 trainer ~1.6e-3 on SmolLM2)."""
     max_version_lag: int = 2
     """Rollouts whose policy version is more than this many versions behind are dropped."""
     staleness_weight_decay: float = 1.0
@@ -115,6 +155,10 @@ class PPOConfig:
             (self.target_kl > 0, "target_kl must be > 0"),
             (self.kl_horizon > 0, "kl_horizon must be > 0"),
             (self.ratio_logprobs in ("behaviour", "recompute"), "ratio_logprobs must be behaviour or recompute"),
+            (self.kl_logprobs in ("behaviour", "recompute"), "kl_logprobs must be behaviour or recompute"),
+            (self.sampler_correction in ("auto", "tis", "none"), "sampler_correction must be auto, tis or none"),
+            (self.tis_cap >= 1, "tis_cap must be >= 1"),
+            (self.mismatch_kl_threshold >= 0, "mismatch_kl_threshold must be >= 0"),
             (self.max_version_lag >= 0, "max_version_lag must be >= 0"),
             (0 < self.staleness_weight_decay <= 1, "staleness_weight_decay must be in (0, 1]"),
         ]
@@ -133,176 +177,6 @@ class PPOConfig:
         if "adam_betas" in kwargs:
             kwargs["adam_betas"] = tuple(kwargs["adam_betas"])
         return cls(**kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# The maths: pure functions on tensors (unit-tested against hand-computed values)
-# --------------------------------------------------------------------------------------------
-
-
-def _dist_active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    m = mask if weight is None else mask * weight
-    return (x * m).sum()
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of x over mask (optionally per-element weights, e.g. staleness weights per row)."""
-    m = mask if weight is None else mask * weight
-    return (x * m).sum() / m.sum().clamp_min(1e-8)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, global_stats: bool = False) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """(mean, variance) of x over mask; with global_stats under DDP, over every rank's elements."""
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).to(torch.float64)
-    if global_stats and _dist_active():
-        dist.all_reduce(stats)
-    total, total_sq, n = stats[0], stats[1], stats[2].clamp_min(1.0)
-    mean = total / n
-    var = (total_sq / n - mean * mean).clamp_min(0.0)
-    if unbiased:
-        if n <= 1:
-            raise ValueError("masked_var needs at least two unmasked elements for the unbiased estimate")
-        var = var * n / (n - 1)
-    return mean.to(x.dtype), var.to(x.dtype)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  global_stats: bool = True) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked elements (unbiased var, as in TRL).
-
-    shift_mean=False keeps the mean (used for rewards). Masked positions are zeroed.
-    """
-    mean, var = masked_var(x, mask, unbiased=True, global_stats=global_stats)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
-
-    k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi.
-    """
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}")
-
-
-def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Per-token rewards: -kl_coef * kl on every response token, + score on the last one.
-
-    Returns (rewards, non_score_rewards); both zero beyond each sequence's end.
-    """
-    non_score = -kl_coef * kl * mask
-    lengths = mask.sum(1).long()
-    last = (lengths - 1).clamp_min(0)
-    rewards = non_score.clone()
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    rewards[rows, last] += scores * (lengths > 0).to(scores.dtype)
-    return rewards, non_score
-
-
-def _discount_matrix(length: int, factor: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # M[k, t] = factor ** (k - t) for k >= t, else 0: (x @ M)[t] = sum_{k >= t} factor^(k-t) x[k].
-    idx = torch.arange(length, device=device)
-    exponent = (idx[:, None] - idx[None, :]).to(dtype)
-    lower = exponent >= 0
-    return torch.where(lower, torch.pow(torch.tensor(factor, dtype=dtype, device=device), exponent.clamp_min(0)),
-                       torch.zeros((), dtype=dtype, device=device))
-
-
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation for right-padded sequences, vectorised.
-
-    delta_t = r_t + gamma * V_{t+1} - V_t (V beyond the last token is 0);
-    A_t = sum_k (gamma * lam)^k delta_{t+k}. Returns (advantages, returns = A + V), masked.
-    """
-    values = values * mask
-    rewards = rewards * mask
-    next_values = torch.zeros_like(values)
-    next_values[:, :-1] = values[:, 1:]
-    deltas = (rewards + gamma * next_values - values) * mask
-    length = rewards.shape[1]
-    advantages = deltas @ _discount_matrix(length, gamma * lam, deltas.dtype, deltas.device)
-    advantages = advantages * mask
-    returns = (advantages + values) * mask
-    return advantages, returns
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 +- eps))."""
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    losses = -advantages * ratio
-    losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(losses, losses_clipped), mask, weight)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((losses_clipped > losses).float(), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio * log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: 0.5 * mean of max((V - R)^2, (clip(V, V_old +- eps) - R)^2)."""
-    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    losses = (values - returns) ** 2
-    losses_clipped = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask, weight)
-    with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((losses_clipped > losses).float(), mask)}
-    return loss, stats
-
-
-class FixedKLController:
-    """Constant KL coefficient."""
-
-    def __init__(self, kl_coef: float) -> None:
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-class AdaptiveKLController(FixedKLController):
-    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
-        super().__init__(init_kl_coef)
-        self.target = float(target)
-        self.horizon = int(horizon)
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
-        return self.value
-
-
-def kl_controller_for(config: PPOConfig) -> FixedKLController:
-    if config.adaptive_kl:
-        return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
-    return FixedKLController(config.init_kl_coef)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +288,14 @@ class StepStats:
     eos_fraction: float
     step_seconds: float
     episodes_per_second: float
+    mismatch_kl: float = 0.0
+    """Per-token KL(sampler || trainer) over the batch's rows of the current policy version."""
+    tis_active: float = 0.0
+    """1 when truncated importance sampling corrected this step."""
+    tis_weight_mean: float = 1.0
+    """Mean truncated importance weight over response tokens (1 when inactive)."""
+    tis_capped_fraction: float = 0.0
+    """Fraction of tokens whose importance weight hit tis_cap."""
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, float]:
@@ -464,6 +346,7 @@ class PPOTrainer:
         self.optimizer = optimizer or make_optimizer(policy, config)
         self.kl_ctl = kl_controller_for(config)
         self.global_step = 0
+        self.mismatch_detected = False  # sticky: the sampler's precision does not change at run time
         self._rng = random.Random(config.seed)
 
     @property
@@ -483,13 +366,17 @@ class PPOTrainer:
             self._rng.setstate((rng[0], tuple(rng[1]), rng[2]))
 
     # -- the step ---------------------------------------------------------------------------
-    def _temperature(self, batch: "Any") -> torch.Tensor:
+    def _temperature(self, batch: RolloutBatch) -> torch.Tensor:
         if self.config.temperature is not None:
             return torch.full_like(batch.temperature, float(self.config.temperature))
         return batch.temperature
 
-    def step(self, batch: "Any") -> StepStats:
-        """One PPO update on `batch` (a `RolloutBatch`, this rank's shard under DDP)."""
+    def step(self, batch: RolloutBatch, current_version: str | None = None) -> StepStats:
+        """One PPO update on `batch` (this rank's shard under DDP).
+
+        `current_version` names the policy version the trainer's weights are; the sampler mismatch
+        is measured on the rows sampled by that version (all rows when None).
+        """
         cfg = self.config
         start = time.perf_counter()
         device = next(self.module.parameters()).device
@@ -507,8 +394,19 @@ class PPOTrainer:
                                                       batch.response_ids, temperature, with_entropy=False)
         ref_logprobs = ref_logprobs.clone()
         old_values = old_values.clone() * mask
-        behaviour = batch.behaviour_logprobs if cfg.ratio_logprobs == "behaviour" else cur_logprobs.clone()
-        behaviour = behaviour * mask
+        recomputed = cur_logprobs.clone() * mask
+        behaviour = batch.behaviour_logprobs * mask
+        same = torch.tensor([current_version is None or v == current_version for v in batch.policy_versions],
+                            dtype=mask.dtype, device=device)
+        mismatch_kl = self._global_masked_mean(sampler_mismatch_kl(recomputed, behaviour, mask * same[:, None]),
+                                               mask * same[:, None])
+        if cfg.sampler_correction == "auto" and mismatch_kl > cfg.mismatch_kl_threshold:
+            self.mismatch_detected = True
+        tis = cfg.sampler_correction == "tis" or (cfg.sampler_correction == "auto" and self.mismatch_detected)
+        is_weight = truncated_is_weights(recomputed, behaviour, cfg.tis_cap) * mask if tis else None
+        # the ratio's old log-probs; with TIS the trainer's own (the weights carry the sampler's)
+        old_logprobs = recomputed if tis or cfg.ratio_logprobs == "recompute" else behaviour
+        policy_logprobs = behaviour if cfg.kl_logprobs == "behaviour" else recomputed
 
         scores = batch.scores.clone()
         if cfg.score_clip is not None:
@@ -516,8 +414,8 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~batch.finished).to(scores.dtype)
 
-        kl_k1 = kl_per_token(behaviour, ref_logprobs, "k1") * mask
-        kl_est = kl_per_token(behaviour, ref_logprobs, cfg.kl_estimator) * mask
+        kl_k1 = kl_per_token(policy_logprobs, ref_logprobs, "k1") * mask
+        kl_est = kl_per_token(policy_logprobs, ref_logprobs, cfg.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
         rewards, non_score = token_rewards(scores, kl_est, mask, kl_coef)
         if cfg.whiten_rewards:
@@ -536,8 +434,8 @@ class PPOTrainer:
             self._rng.shuffle(order)
             for begin in range(0, n, mb):
                 idx = torch.tensor(order[begin:begin + mb], dtype=torch.long, device=device)
-                loss, parts = self.minibatch_loss(batch, idx, temperature, behaviour, advantages, returns,
-                                                  old_values, weight)
+                loss, parts = self.minibatch_loss(batch, idx, temperature, old_logprobs, advantages, returns,
+                                                  old_values, weight, is_weight)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm and cfg.max_grad_norm > 0:
@@ -582,11 +480,17 @@ class PPOTrainer:
             eos_fraction=float(batch.finished.float().mean()),
             step_seconds=elapsed,
             episodes_per_second=n / elapsed if elapsed > 0 else math.inf,
+            mismatch_kl=mismatch_kl,
+            tis_active=float(tis),
+            tis_weight_mean=float(masked_mean(is_weight, mask)) if is_weight is not None else 1.0,
+            tis_capped_fraction=float(masked_mean((is_weight >= cfg.tis_cap).float(), mask))
+            if is_weight is not None else 0.0,
         )
 
-    def minibatch_loss(self, batch: "Any", idx: torch.Tensor, temperature: torch.Tensor, old_logprobs: torch.Tensor,
-                       advantages: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
-                       weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def minibatch_loss(self, batch: RolloutBatch, idx: torch.Tensor, temperature: torch.Tensor,
+                       old_logprobs: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+                       old_values: torch.Tensor, weight: torch.Tensor,
+                       is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one minibatch (rows `idx` of the batch): one forward of policy + value head."""
         cfg = self.config
         mask = batch.response_mask[idx]
@@ -599,7 +503,8 @@ class PPOTrainer:
             batch.response_ids[idx, :width], temperature[idx], with_entropy=True, entropy_grad=cfg.ent_coef > 0)
         w = weight[idx, :width]
         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx, :width], advantages[idx, :width], mask,
-                                        cfg.cliprange, w)
+                                        cfg.cliprange, w,
+                                        is_weight[idx, :width] if is_weight is not None else None)
         vf_loss, vf_stats = value_loss(values, old_values[idx, :width], returns[idx, :width], mask,
                                        cfg.cliprange_value, w)
         ent = masked_mean(entropy, mask, w)
@@ -609,6 +514,14 @@ class PPOTrainer:
         return loss, parts
 
     # -- DDP-aware reductions -----------------------------------------------------------------
+    def _global_masked_mean(self, local_mean: torch.Tensor, mask: torch.Tensor) -> float:
+        """A masked mean over every rank's elements, from this rank's mean and mask."""
+        count = mask.sum().double()
+        t = torch.stack([local_mean.double() * count, count])
+        if _dist_active():
+            dist.all_reduce(t)
+        return float(t[0] / t[1].clamp_min(1.0))
+
     def _global_mean(self, x: torch.Tensor) -> float:
         t = torch.stack([x.detach().double().sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
                                                                  device=x.device)])

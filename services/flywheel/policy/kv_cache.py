@@ -1,0 +1,180 @@
+"""A preallocated KV cache of slots and the one-token decoder forward pass that uses it.
+
+Layout: one tensor per keys/values of shape [layers, slots, kv_heads, capacity, head_dim]. Row r of
+a running batch lives in slot r and keeps its tokens at columns [0, length_r): no left padding,
+so a joining row is copied in once and nothing is concatenated, shifted or trimmed per step.
+A decode step writes each row's new key/value at its own column and attends over columns
+[0, max length) with a per-row mask. When a row leaves, the last row moves into its slot (one copy),
+so live rows always occupy slots [0, n).
+
+`decode_forward` is the Llama-family decoder (SmolLM2, Llama, Mistral-style: RMSNorm, rotary
+embeddings, grouped-query attention, gated SiLU MLP) for a single new token per row, written with
+plain tensor ops over the model's own modules and weights: no per-step mask building, cache
+objects or concatenations. q/k/v and gate/up projections run as one matmul each over weights fused
+in place (the model's own parameters become views of the fused tensors, so memory is not doubled).
+The prefill still runs through the model's regular forward; tests compare both paths' logprobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_CAPACITY_ROUND = 64  # columns are allocated in chunks so growing is rare
+
+
+def supports_fast_decode(model: Any) -> bool:
+    """True when `model` has the Llama-family layout `decode_forward` implements."""
+    try:
+        inner = model.model
+        layer = inner.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        needed = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                  layer.input_layernorm, layer.post_attention_layernorm, inner.norm, inner.embed_tokens,
+                  inner.rotary_emb)
+    except AttributeError:
+        return False
+    act = getattr(model.config, "hidden_act", "silu")
+    return all(n is not None for n in needed) and act == "silu" and not getattr(model.config, "sliding_window", None)
+
+
+class FusedDecoder:
+    """Per-policy state of the fast path: fused projections and the rotary table for every position."""
+
+    def __init__(self, model: Any, max_positions: int) -> None:
+        self.model = model
+        config = model.config
+        self.layers = list(model.model.layers)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.device = model.model.embed_tokens.weight.device
+        self.qkv = [_fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                    for layer in self.layers]
+        self.gate_up = [_fuse([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+        with torch.inference_mode():
+            probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+            positions = torch.arange(max_positions, device=self.device)[None, :]
+            cos, sin = model.model.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim], the model's own rotary values
+        self.scaling = self.head_dim ** -0.5
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [sum(out), in] weight for several projections of the same input; the modules keep views of it."""
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+        start = 0
+        for m in linears:
+            end = start + m.out_features
+            m.weight.data = weight[start:end]
+            if m.bias is not None and bias is not None:
+                m.bias.data = bias[start:end]
+            start = end
+    return weight, bias
+
+
+class SlotKVCache:
+    """Keys/values of up to `slots` rows, `capacity` columns each; grows (rarely) by reallocating."""
+
+    def __init__(self, decoder: FusedDecoder, slots: int, capacity: int) -> None:
+        self.decoder = decoder
+        self.keys = self.values = torch.empty(0)
+        self._allocate(slots, capacity)
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def _allocate(self, slots: int, capacity: int, keep: int = 0) -> None:
+        d = self.decoder
+        capacity = -(-capacity // _CAPACITY_ROUND) * _CAPACITY_ROUND
+        shape = (len(d.layers), slots, d.kv_heads, capacity, d.head_dim)
+        keys = torch.zeros(shape, dtype=d.dtype, device=d.device)
+        values = torch.zeros(shape, dtype=d.dtype, device=d.device)
+        if keep:
+            width = min(self.capacity, capacity)
+            keys[:, :keep, :, :width] = self.keys[:, :keep, :, :width]
+            values[:, :keep, :, :width] = self.values[:, :keep, :, :width]
+        self.keys, self.values = keys, values
+
+    def reserve(self, slots: int, capacity: int, live: int) -> None:
+        """Make room for `slots` rows of `capacity` columns, keeping the first `live` slots."""
+        if slots > self.slots or capacity > self.capacity:
+            self._allocate(max(slots, self.slots), max(capacity, self.capacity), keep=live)
+
+    def write_prefill(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy one row's prompt KV ([layers, kv_heads, length, head_dim]) into `slot` from column 0."""
+        length = keys.shape[2]
+        self.keys[:, slot, :, :length] = keys
+        self.values[:, slot, :, :length] = values
+
+    def move(self, targets: list[int], sources: list[int]) -> None:
+        """Slot `targets[i]` takes the contents of slot `sources[i]` (compaction after rows leave)."""
+        if targets:
+            t = torch.tensor(targets, device=self.keys.device)
+            s = torch.tensor(sources, device=self.keys.device)
+            self.keys[:, t] = self.keys[:, s]
+            self.values[:, t] = self.values[:, s]
+
+
+def decode_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] for one new token per row; rows are slots [0, n), `positions` their lengths so far.
+
+    Writes each row's key/value at column positions[r] and attends over columns [0, positions[r]].
+    """
+    d = decoder
+    n = tokens.shape[0]
+    width = int(positions.max()) + 1
+    rows = torch.arange(n, device=tokens.device)
+    columns = torch.arange(width, device=tokens.device)
+    masked = columns[None, :] > positions[:, None]  # [n, width]: future and unused columns
+    bias = torch.zeros((n, 1, 1, width), dtype=torch.float32, device=tokens.device)
+    bias.masked_fill_(masked[:, None, None, :], float("-inf"))
+    cos, sin = d.cos[positions][:, None, :], d.sin[positions][:, None, :]  # [n, 1, head_dim]
+    group = d.heads // d.kv_heads
+    q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    hidden = d.model.model.embed_tokens(tokens)  # [n, hidden]
+    for index, layer in enumerate(d.layers):
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        weight, b = d.qkv[index]
+        qkv = F.linear(x, weight, b)
+        q = qkv[:, :q_size].view(n, d.heads, d.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(n, d.kv_heads, d.head_dim)
+        v = qkv[:, q_size + kv_size:].view(n, d.kv_heads, d.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        layer_keys, layer_values = cache.keys[index], cache.values[index]
+        layer_keys[rows, :, positions] = k
+        layer_values[rows, :, positions] = v
+        keys = layer_keys[:n, :, :width]  # [n, kv_heads, width, head_dim]
+        values = layer_values[:n, :, :width]
+        scores = torch.matmul(q.view(n, d.kv_heads, group, d.head_dim), keys.transpose(-1, -2))
+        scores = scores.float() * d.scaling + bias  # [n, kv_heads, group, width], softmax in float32 as HF
+        probs = torch.softmax(scores, dim=-1).to(d.dtype)
+        attended = torch.matmul(probs, values).reshape(n, q_size)
+        hidden = residual + layer.self_attn.o_proj(attended)
+        residual = hidden
+        x = layer.post_attention_layernorm(hidden)
+        weight, b = d.gate_up[index]
+        gate, up = F.linear(x, weight, b).chunk(2, dim=-1)
+        hidden = residual + layer.mlp.down_proj(F.silu(gate) * up)
+    hidden = d.model.model.norm(hidden)
+    return d.model.lm_head(hidden)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
