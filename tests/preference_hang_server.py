@@ -23,7 +23,7 @@ def main(hang_file: Path) -> None:
     settings = PreferenceSettings()
     logging.basicConfig(level=settings.log_level.upper())
     runtime = build_service(settings, after_produce=hang_after_produce).runtime
-    asyncio.run(runtime.serve(ready=False))
+    asyncio.run(runtime.serve())  # SERVING once its store caught up (readiness conditions)
 
 
 if __name__ == "__main__":

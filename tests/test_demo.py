@@ -118,12 +118,14 @@ def test_ctrl_c_writes_the_report_and_stops_every_child(tmp_path: Path) -> None:
     reader = threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True)
     reader.start()
     try:
-        # Interrupt once the services run and the raters are rating.
-        wait_until(lambda: any("collecting preferences" in line for line in lines) or demo.poll() is not None,
-                   timeout_s=420, what="the demo to start collecting preferences")
+        # Interrupt while the services start (the broker is up, a service is loading its model): the
+        # hardest moment to clean up after, and the cheapest to reach.
+        wait_until(lambda: any("starting services" in line for line in lines) or demo.poll() is not None,
+                   timeout_s=300, what="the demo to start its services")
         assert demo.poll() is None, "".join(lines)[-4000:]
         run_dir = the_run_dir(workdir)
-        assert processes_of(run_dir), "expected the run's services and broker to be running"
+        wait_until(lambda: len(processes_of(run_dir)) >= 2, timeout_s=120,
+                   what="the broker and a service of the run to be running")
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=180)
     finally:
@@ -133,8 +135,7 @@ def test_ctrl_c_writes_the_report_and_stops_every_child(tmp_path: Path) -> None:
     assert demo.returncode == 0, output[-4000:]
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert "interrupted by the user" in report["notes"], report["notes"]
-    assert report["records"] and report["records"][0]["version"] == "policy-0000", report
-    assert "prompts_sent" in report["counters"], report["counters"]
+    assert {"prompts_sent", "trainer_steps"} <= set(report["counters"]), report["counters"]  # what ran so far
     assert not processes_of(run_dir), processes_of(run_dir)
     kafka_errors = [line for line in output.splitlines() if "ERROR" in line and "kafka" in line]
     assert not kafka_errors, "\n".join(kafka_errors[:20])

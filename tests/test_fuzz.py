@@ -383,7 +383,7 @@ def test_fuzz_preference(kafka_bootstrap: str, tmp_path: Path) -> None:
 
     async def start() -> Any:
         built = build_service(settings)
-        await built.runtime.start(ready=False)
+        await built.runtime.start()  # SERVING once the store caught up (its readiness condition)
         deadline = time.monotonic() + 120
         while not built.servicer.ready and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

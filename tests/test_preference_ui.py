@@ -311,7 +311,7 @@ async def test_submission_during_restart_is_not_lost(browser, ui_service, kafka_
     await poll(driver, lambda: "kept" in text_of(driver, "error"), "the page saying the answer is kept")
     event_id = driver.execute_script("return JSON.parse(localStorage.getItem('fw_pending_submission')).event_id")
     restarted = build_service(settings)  # same home (store, sessions), same UI port
-    await restarted.runtime.start(ready=False)
+    await restarted.runtime.start()  # SERVING once the store caught up (its readiness condition)
     try:
         await wait_until_async(lambda: restarted.servicer.ready, what="the restarted service ready")
         await wait_until_async(lambda: restarted.store.events([event_id]), timeout_s=30,

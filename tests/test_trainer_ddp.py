@@ -74,8 +74,9 @@ def worker(out_dir: Path) -> None:
     kls = []
     if rank == 0:
         for _ in range(2):
-            dist.broadcast_object_list([_encode(rollouts, [1.0] * len(rollouts))], src=0)
-            kls.append(trainer.step(collate(rollouts).shard(rank, world)).kl)
+            # (records, weights, the trainer's current version: which rows the mismatch KL measures)
+            dist.broadcast_object_list([(*_encode(rollouts, [1.0] * len(rollouts)), None)], src=0)
+            kls.append(trainer.step(collate(rollouts).shard(rank, world), current_version=None).kl)
         dist.broadcast_object_list([None], src=0)
         followed = 2
     else:
