@@ -25,10 +25,13 @@ MIN_IMPROVEMENT = 0.1  # VADER compound, on a [-1, 1] scale; the full demo reach
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(1800)
 def test_loop_raises_held_out_ground_truth(tmp_path):
     config = LoopConfig(
-        minutes=12.0,            # from start-up; PPO gets what the bootstrap leaves of it (~6 min)
+        # From start-up; PPO gets what the bootstrap leaves of it. 12 minutes left ~6 for PPO until the
+        # reward model started training in its own process and the raters moved to leases; measured
+        # 2026-12-01: the bootstrap now takes ~9.5 minutes and 12 left only 4 PPO steps.
+        minutes=16.0,
         bootstrap_prompts=80,    # x 8 candidates, ranked by 3 of 6 raters (one adversarial)
         reward_retrain_minutes=0,
         eval_every=0,            # held-out evaluation of the base policy and the last version only
