@@ -88,7 +88,7 @@ async def test_reward_model_job_and_cli(kafka_bootstrap, unique, settings_factor
 
 
 @pytest.mark.slow
-def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(tmp_path):
+def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(tmp_path, monkeypatch):
     import torch
 
     from flywheel.trainer.service import RewardJobRunner
@@ -98,11 +98,14 @@ def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(
                              cache_dir=tmp_path / "cache")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the demo runs the trainer; the job asks for 2 in its own process
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the demo's trainer environment
     try:
         job = runner.submit(_pairs_file(tmp_path / "pairs.jsonl", n=6).as_uri(), 1)
         wait_until(lambda: job.state in ("succeeded", "failed"), 300, what="the reward-model job")
         assert job.state == "succeeded", job.message
         assert torch.get_num_threads() == 1
+        # The job itself trained with its own 2 threads, not the trainer's inherited OMP_NUM_THREADS=1.
+        assert job.model_version.metrics["train_threads"] == 2
     finally:
         torch.set_num_threads(threads)
         runner.shutdown()

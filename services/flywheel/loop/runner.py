@@ -14,6 +14,7 @@ the hidden ground truth on held-out prompts for every policy version to show tha
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,10 @@ class LoopConfig:
     prompts_in_flight: int = 8
     # Every process gets one torch thread: on 2 shared cores, more threads per process thrash.
     torch_threads: int = 1
+    # ...except reward-model training jobs: the first runs alone (the trainer is paused, the policy idle)
+    # and with one thread took 2.1 of the learning test's minutes; inside the trainer process, before
+    # jobs got their own process, training used up to 4 threads.
+    reward_job_torch_threads: int = field(default_factory=lambda: min(4, len(os.sched_getaffinity(0))))
     # held-out evaluation
     eval_prompts: int = 48
     eval_temperature: float = 0.7
@@ -191,7 +196,8 @@ class LoopRunner:
                 TrainerSettings, trainer_batch_size=c.ppo_batch_size, trainer_mini_batch_size=c.ppo_mini_batch_size,
                 trainer_ppo_epochs=c.ppo_epochs, trainer_learning_rate=c.learning_rate, trainer_kl_coef=c.kl_coef,
                 trainer_adaptive_kl=c.adaptive_kl, trainer_target_kl=c.target_kl, trainer_kl_horizon=c.kl_horizon,
-                trainer_reward_epochs=c.reward_epochs, trainer_start_paused=True,
+                trainer_reward_epochs=c.reward_epochs, trainer_reward_job_torch_threads=c.reward_job_torch_threads,
+                trainer_start_paused=True,
                 trainer_keep_checkpoints=c.keep_checkpoints,
                 trainer_reward_output_dir=self.cluster.run_dir / "home" / "checkpoints" / "reward"))
         env.update(c.extra_env.get(name, {}))

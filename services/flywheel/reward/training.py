@@ -376,7 +376,7 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
 
     metrics: dict[str, float] = {
         "train_pairs": float(len(train)), "eval_pairs": float(len(held_out)), "steps": float(step),
-        "train_loss": running, "train_seconds": train_seconds,
+        "train_loss": running, "train_seconds": train_seconds, "train_threads": float(torch.get_num_threads()),
     }
     metrics.update({f"eval_{k}": v for k, v in final.items()})
     metrics.update(normalization)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import subprocess
 import sys
@@ -143,6 +144,14 @@ class RewardJobRunner:
             cmd += ["--output-dir", str(self.output_dir)]
         return cmd
 
+    def job_env(self) -> dict[str, str]:
+        """The trainer's environment, with OpenMP's thread count matching the job's torch threads (an
+        inherited OMP_NUM_THREADS=1 would otherwise cap torch's inter-op pools and its default)."""
+        env = dict(os.environ)
+        if self.torch_threads > 0:
+            env["OMP_NUM_THREADS"] = str(self.torch_threads)
+        return env
+
     def _run(self, job: RewardJob) -> None:
         job.state = "running"
         try:
@@ -150,7 +159,7 @@ class RewardJobRunner:
                 result_file = Path(tmp) / "result.json"
                 with self._lock:
                     self._process = subprocess.Popen(self.command(job, result_file), stdout=subprocess.DEVNULL,
-                                                     stderr=subprocess.PIPE, text=True)
+                                                     stderr=subprocess.PIPE, text=True, env=self.job_env())
                 try:
                     _, stderr = self._process.communicate(timeout=self.timeout_s)
                 except subprocess.TimeoutExpired:

@@ -82,6 +82,9 @@ class TrainerSettings(ServiceSettings):
         "e.g. [\"s3://datasets\"]); none by default, so no request makes the trainer fetch from anywhere.")
     trainer_reward_max_queued_jobs: int = Field(
         4, ge=1, description="Reward-model training jobs queued or running at once; more is RESOURCE_EXHAUSTED.")
+    trainer_reward_job_torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads of a reward-model training job (its own process; also its "
+        "OMP_NUM_THREADS). 0: the trainer's own torch_threads.")
 
     def reward_dataset_roots(self) -> list[Path]:
         return list(self.trainer_reward_dataset_roots) or [self.home / "preference" / "exports"]
