@@ -15,8 +15,9 @@ Each fault prints one row: produced (inputs sent), acknowledged (inputs the brok
 acknowledged), found (distinct outputs present), missing, duplicates (extra copies of an output
 id), differing duplicates (copies whose content differs), DLQ (records dead-lettered from the
 inputs), and time to resume: seconds from the restarted service reporting SERVING (or the broker
-accepting connections) to its first new output. Prompts carry explicit seeds, so a redelivered
-prompt must reproduce the same text under the same id.
+accepting connections) to its first new output. Half the prompts carry explicit seeds, half none (the
+policy derives their seeds), and either way a redelivered prompt must reproduce the same text under
+the same id.
 
 The trainer's kill -9 (checkpoint -> publish -> commit window) is covered by
 tests/test_trainer_kill9.py and tests/test_trainer_loop.py.
@@ -220,7 +221,9 @@ class Chaos:
         for i in range(self.prompts):
             prompt = common_pb2.Prompt(
                 prompt_id=f"{prefix}{i:04d}", text=f"Write one sentence about the number {i}.", split="train",
-                sampling=common_pb2.SamplingParams(n=CANDIDATES, max_new_tokens=8, temperature=1.0, seed=1000 + i))
+                sampling=common_pb2.SamplingParams(n=CANDIDATES, max_new_tokens=8, temperature=1.0))
+            if i % 2 == 0:  # the others carry no seed: the policy derives one from (prompt id, version, candidate)
+                prompt.sampling.seed = 1000 + i
             self.producer.send(PROMPTS, prompt, key=prompt.prompt_id)
         self.producer.flush(60)
         return self.prompts
