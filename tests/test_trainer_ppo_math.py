@@ -427,3 +427,16 @@ def test_compute_dtype_setting_reaches_the_config():
     assert TrainerSettings(trainer_dtype="auto").ppo_config().compute_dtype == "auto"
     with pytest.raises(ValueError, match="compute_dtype"):
         PPOConfig(compute_dtype="float16").validate()  # type: ignore[arg-type]
+
+
+def test_kl_penalty_leaves_out_a_corrected_sampler_mismatch():
+    """A bf16 sampler against the fp32 trainer: uncorrected, its precision noise shows up as KL to the
+    (identical) reference; once TIS corrects, the penalty compares the trainer's own log-probs: KL 0."""
+    lm, ref = _tiny()
+    mixed = collate(_bf16_rollouts(lm, rlen=12))
+    plain = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, sampler_correction="none"),
+                       PolicyWithValueHead(lm), ref).step(mixed, current_version="policy-0000")
+    assert abs(plain.kl) > 1e-4
+    corrected = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, mismatch_kl_threshold=1e-8),
+                           PolicyWithValueHead(lm), ref).step(mixed, current_version="policy-0000")
+    assert corrected.tis_active == 1.0 and corrected.kl == 0.0

@@ -20,7 +20,9 @@ trainer computes in (fp32), so its behaviour log-probs differ from the trainer's
 weights. Every step measures KL(sampler || trainer) over the rows of the current policy version
 (`mismatch_kl`). When it exceeds `mismatch_kl_threshold` (or `sampler_correction="tis"`), the
 ratio is taken against the trainer's own recomputation and each token's surrogate is weighted by
-min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection is sticky.
+min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection is sticky. While
+it corrects, the KL penalty also takes log pi from the trainer's recomputation: the reference's
+log-probs come from the trainer's numerics, and the sampler's would add precision noise to the KL.
 
 Trainer precision (`compute_dtype`): bfloat16 runs the forward passes of policy, value head and
 reference under `torch.autocast`; master weights, gradients, the optimizer and the loss maths
@@ -28,6 +30,7 @@ reference under `torch.autocast`; master weights, gradients, the optimizer and t
 the KL penalty takes log pi from the trainer's recomputation (same precision, exactly 0 KL while
 the weights equal the reference's), whatever `kl_logprobs` says; an fp32 sampler's log-probs now
 differ from the trainer's, which the mismatch KL measures and TIS corrects like a bf16 sampler.
+`kl_logprobs` thus applies only while sampler and trainer compute alike.
 
 Under DDP (`torch.distributed` initialised, model wrapped in DistributedDataParallel) each rank
 trains on its shard of the batch: whitening uses global statistics (all-reduce) and gradients are
@@ -131,7 +134,7 @@ class PPOConfig:
     kl_logprobs: Literal["behaviour", "recompute"] = "behaviour"
     """Log pi in the KL penalty KL(pi || pi_ref): the rollout's behaviour log-probs (the policy
     that drew the tokens) or the trainer's recomputation at step start (same precision as the
-    reference's)."""
+    reference's). Always the recomputation while TIS corrects or compute_dtype is not float32."""
     sampler_correction: Literal["auto", "tis", "none"] = "auto"
     """Sampler-trainer mismatch correction: `tis` always applies truncated importance sampling,
     `none` never, `auto` once the measured mismatch KL exceeds mismatch_kl_threshold."""
@@ -421,8 +424,9 @@ class PPOTrainer:
         is_weight = truncated_is_weights(recomputed, behaviour, cfg.tis_cap) * mask if tis else None
         # the ratio's old log-probs; with TIS the trainer's own (the weights carry the sampler's)
         old_logprobs = recomputed if tis or cfg.ratio_logprobs == "recompute" else behaviour
-        # under autocast the reference's log-probs carry bf16 noise: compare it with same-precision ones
-        kl_source = cfg.kl_logprobs if self.compute_dtype == "float32" else "recompute"
+        # the reference's log-probs carry the trainer's numerics: when the sampler's differ (a detected
+        # mismatch, or autocast here), compare them with the trainer's own, not with precision noise
+        kl_source = "recompute" if tis or self.compute_dtype != "float32" else cfg.kl_logprobs
         policy_logprobs = behaviour if kl_source == "behaviour" else recomputed
 
         scores = batch.scores.clone()
