@@ -196,8 +196,11 @@ def run_precision(precisions: list[str], steps: int, threads: int) -> list[dict[
         torch.manual_seed(cfg.seed)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
-        trainer.step(batch.select(range(cfg.mini_batch_size)))  # warm-up: kernels and allocator, 1/8 of a step
+        policy = PolicyWithValueHead(lm)
+        initial = {k: v.clone() for k, v in policy.state_dict().items()}
+        PPOTrainer(cfg, policy, ref).step(batch.select(range(cfg.mini_batch_size)))  # warm-up: kernels, 1/8 step
+        policy.load_state_dict(initial)  # the timed step starts where the sampler was: policy == reference
+        trainer = PPOTrainer(cfg, policy, ref)
         wall, cpu, stats = [], [], []
         for _ in range(steps):
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -207,7 +210,7 @@ def run_precision(precisions: list[str], steps: int, threads: int) -> list[dict[
         rows.append({"dtype": dtype, "resolved": trainer.compute_dtype, "step_s": min(wall), "cpu_s": min(cpu),
                      "mismatch_kl": stats[0].mismatch_kl, "tis": stats[0].tis_active, "kl": stats[0].kl,
                      "tokens": stats[0].num_tokens, "rows": len(batch), "width": batch.input_ids.shape[1]})
-        del trainer, lm, ref
+        del trainer, policy, initial, lm, ref
     return rows
 
 
