@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from flywheel import checkpoints
-from flywheel.reward.scorers.base import Scorer, check_lengths
 from flywheel.precision import autocast, resolve_dtype
+from flywheel.reward.scorers.base import Scorer, check_lengths
 from flywheel.reward.scorers.chunking import plan_chunks
 from flywheel.versions import BASE_REWARD_VERSION
 
