@@ -311,7 +311,7 @@ def main() -> None:
     parser.add_argument("--precision-only", action="store_true", help="only the PPO step time per precision")
     parser.add_argument("--worker", choices=["trl", "flywheel"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.precision_only or not args.worker:
+    if not args.worker:  # the precision table runs in this process
         sys.path.insert(0, str(REPO / "services"))
     if args.precision_only:
         rows = run_precision(["float32", "bfloat16"], args.precision_steps, args.precision_threads)
