@@ -24,6 +24,11 @@ A second table, "apps", measures what another app sees (`--apps-only` runs just 
 A second table, "batching headroom", measures what batching can gain on this machine at all:
 in-process batch 32 vs batch 1 on pairs of *equal* token length (no padding), at several lengths.
 Batched gRPC cannot beat naive by more than this factor, whatever the server does.
+
+A "precision" table (`--precision-only` runs just it) scores the same pairs in process at
+reward_dtype float32 (the baseline) and bfloat16 (autocast), same weights, interleaved rounds:
+seqs/s at batch max_batch_size and batch 1, and how far bf16 moves the scores (max |diff| against
+the fp32 scores' spread, and the share of score pairs whose order it keeps).
 """
 
 from __future__ import annotations
@@ -105,6 +110,41 @@ def in_process(scorer, pairs, batch_size: int, duration_s: float) -> float:
         return batch_size
 
     return measure(step, duration_s)
+
+
+def precision_table(args, scorer, pairs) -> None:
+    """seqs/s per reward_dtype on the same pairs and weights, and the bf16 scores' distance from fp32."""
+    import statistics
+
+    import torch
+
+    from flywheel.reward.scorers import TransformerRewardScorer
+
+    low = TransformerRewardScorer(max_length=args.max_length, max_batch_size=args.max_batch_size, dtype="bfloat16")
+    low.model.load_state_dict(scorer.model.state_dict())  # the fresh head is random: share it
+    if low.dtype == scorer.dtype:
+        print(f"precision: reward_dtype bfloat16 resolved to {low.dtype}; nothing to compare")
+        return
+    sample = pairs[:128]
+    exact = torch.tensor(scorer.score([p for p, _ in sample], [r for _, r in sample]))
+    approx = torch.tensor(low.score([p for p, _ in sample], [r for _, r in sample]))
+    gaps, moved = exact[:, None] - exact[None, :], approx[:, None] - approx[None, :]
+    kept = float(((gaps * moved > 0) | (gaps == 0)).float().mean())
+    rates: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for s in (scorer, low):
+            for b in (args.max_batch_size, 1):
+                rates.setdefault((s.dtype, b), []).append(in_process(s, pairs, b, args.duration))
+    median = {key: statistics.median(v) for key, v in rates.items()}
+    print(f"\nprecision: in-process scoring, medians of {args.rounds} rounds; load average now "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"{'reward_dtype':12} {'batch':>5} {'seqs/s':>9} {'x float32':>10}")
+    print("-" * 40)
+    for (dtype, b), rate in median.items():
+        print(f"{dtype:12} {b:>5} {rate:9.1f} {rate / median[('float32', b)]:10.2f}")
+    print(f"bf16 vs fp32 scores on {len(sample)} pairs: max |diff| {float((approx - exact).abs().max()):.2e}, "
+          f"mean {float((approx - exact).abs().mean()):.2e}, fp32 score std {float(exact.std()):.2e}; "
+          f"pairwise order kept {kept:.1%}")
 
 
 class Server:
@@ -331,6 +371,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: min(cores, 4))")
     parser.add_argument("--skip-unbatched-server", action="store_true")
     parser.add_argument("--apps-only", action="store_true", help="only the apps table (HTTP, latency, auth)")
+    parser.add_argument("--precision-only", action="store_true", help="only the precision table (fp32 vs bf16)")
     parser.add_argument("--headroom-lengths", type=int, nargs="*", default=[24, 48, 96],
                         help="token lengths of the batching-headroom table (none: skip it)")
     args = parser.parse_args()
@@ -352,6 +393,9 @@ def main() -> None:
           f"per point, load average at start {load:.1f}", flush=True)
     if args.apps_only:
         apps_table(args, scorer, pairs, threads)
+        return
+    if args.precision_only:
+        precision_table(args, scorer, pairs)
         return
     c_max = max(args.concurrency)
     samples: dict[tuple[str, int], list[float]] = {}
@@ -406,6 +450,7 @@ def main() -> None:
                                                           args.duration):
             print(f"{tokens:>6} {batched_rate:10.1f} {single_rate:9.1f} {batched_rate / single_rate:7.2f}x")
 
+    precision_table(args, scorer, pairs)
     print()
     apps_table(args, scorer, pairs, threads)
 

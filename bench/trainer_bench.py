@@ -1,6 +1,6 @@
 """PPO episodes/s: Flywheel's PPOTrainer vs TRL 1.9.2's experimental PPOTrainer, same model and batch.
 
-    python bench/trainer_bench.py [--updates 6] [--repeats 2]
+    python bench/trainer_bench.py [--updates 6] [--repeats 2] [--precision-steps 1] [--precision-only]
 
 Setup (identical for both): a 2-layer, 64-dim GPT-2 (random weights, SmolLM2's 49k tokenizer),
 a tiny GPT-2 sequence-classification reward model, batch 8 prompts of 8 tokens, 16-token sampled
@@ -15,6 +15,14 @@ warm-up update, then `--updates` timed updates; the best of `--repeats` runs is 
 - Flywheel end-to-end: HF generate (behaviour log-probs from the generation scores, as the policy
   service reports them) + reward-model forward + `PPOTrainer.step`. The "update only" row is what
   the trainer service itself spends per batch (generation and scoring happen in other services).
+
+A second table, PPO step time per precision (`trainer_dtype`), runs the real policy at the loop's
+PPO config (SmolLM2-135M, batch 32 of 8 samples x 4 chat prompts with 24-token responses, ~60
+tokens a row, minibatch 8, 2 epochs; LoopConfig): float32 (the baseline) against bfloat16
+autocast, each with a fresh fp32 policy + reference, one short warm-up step on 8 rows, then
+`--precision-steps` timed steps on the same batch. Its behaviour log-probs are the fp32 model's (an
+fp32 sampler), so the table also shows the sampler-trainer mismatch KL each trainer precision
+measures and whether TIS switched on.
 """
 
 from __future__ import annotations
@@ -124,6 +132,104 @@ def run_flywheel(updates: int, threads: int) -> dict[str, float]:
 
 
 # -----------------------------------------------------------------------------------------------
+# PPO step time per precision on the real policy (SmolLM2-135M) at the loop's config
+# -----------------------------------------------------------------------------------------------
+
+
+def loop_batch(lm, tokenizer, config):
+    """32 sampled rollouts as the loop makes them (4 chat prompts x 8 candidates), fp32 behaviour log-probs."""
+    import dataclasses
+
+    import torch
+
+    from flywheel.trainer.batch import collate
+    from flywheel.trainer.ppo import response_forward
+    from flywheel.v1 import common_pb2
+
+    prompts = ["What is your favourite food?", "Tell me about the weather today.",
+               "How do you feel about Mondays?", "Do you like music?"]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    rollouts = []
+    for text in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.inference_mode():
+            out = lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                              temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_new_tokens, num_return_sequences=config.candidates,
+                              eos_token_id=eos, pad_token_id=eos)
+        for seq in out[:, ids.shape[1]:].tolist():
+            response = seq[:seq.index(eos) + 1] if eos in seq else seq
+            rollouts.append(common_pb2.ScoredRollout(reward=float(len(rollouts) % 5) - 2.0, rollout=common_pb2.Rollout(
+                rollout_id=f"r{len(rollouts)}", prompt_token_ids=ids[0].tolist(), response_token_ids=response,
+                token_logprobs=[0.0] * len(response), policy_version="policy-0000",
+                sampling=common_pb2.SamplingParams(temperature=config.temperature))))
+    batch = collate(rollouts, pad_token_id=eos)
+    with torch.inference_mode():
+        behaviour, _, _ = response_forward(lm, batch.input_ids, batch.attention_mask, batch.prompt_lengths,
+                                           batch.response_ids, batch.temperature)
+    return dataclasses.replace(batch, behaviour_logprobs=behaviour.clone() * batch.response_mask)
+
+
+def run_precision(precisions: list[str], steps: int, threads: int) -> list[dict[str, float]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.loop.runner import LoopConfig
+    from flywheel.models import smollm2_checkpoint
+    from flywheel.trainer.ppo import PolicyWithValueHead, PPOTrainer
+    from flywheel.trainer.settings import TrainerSettings
+
+    torch.set_num_threads(threads)
+    loop = LoopConfig()
+    path = smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = loop_batch(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer, loop)
+    rows = []
+    for dtype in precisions:
+        cfg = TrainerSettings(
+            trainer_batch_size=loop.ppo_batch_size, trainer_mini_batch_size=loop.ppo_mini_batch_size,
+            trainer_ppo_epochs=loop.ppo_epochs, trainer_learning_rate=loop.learning_rate,
+            trainer_kl_coef=loop.kl_coef, trainer_adaptive_kl=loop.adaptive_kl, trainer_target_kl=loop.target_kl,
+            trainer_kl_horizon=loop.kl_horizon, trainer_dtype=dtype).ppo_config()
+        torch.manual_seed(cfg.seed)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        policy = PolicyWithValueHead(lm)
+        initial = {k: v.clone() for k, v in policy.state_dict().items()}
+        PPOTrainer(cfg, policy, ref).step(batch.select(range(cfg.mini_batch_size)))  # warm-up: kernels, 1/8 step
+        policy.load_state_dict(initial)  # the timed step starts where the sampler was: policy == reference
+        trainer = PPOTrainer(cfg, policy, ref)
+        wall, cpu, stats = [], [], []
+        for _ in range(steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            stats.append(trainer.step(batch))
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
+        rows.append({"dtype": dtype, "resolved": trainer.compute_dtype, "step_s": min(wall), "cpu_s": min(cpu),
+                     "mismatch_kl": stats[0].mismatch_kl, "tis": stats[0].tis_active, "kl": stats[0].kl,
+                     "tokens": stats[0].num_tokens, "rows": len(batch), "width": batch.input_ids.shape[1]})
+        del trainer, policy, initial, lm, ref
+    return rows
+
+
+def print_precision_table(rows: list[dict[str, float]], steps: int, threads: int) -> None:
+    base = rows[0]
+    print(f"PPO step time per precision - SmolLM2-135M, the loop's config (batch {base['rows']}, minibatch 8, "
+          f"2 epochs, {base['tokens']} response tokens, rows up to {base['width']} tokens), {threads} threads, "
+          f"best of {steps} step(s) after an 8-row warm-up; load average {os.getloadavg()[0]:.1f}")
+    print()
+    print("| trainer_dtype | computes in | step s (wall) | CPU s | vs float32 (CPU) | mismatch KL vs fp32 sampler "
+          "| TIS | KL(pi‖ref) at step 0 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['resolved']} | {r['step_s']:.1f} | {r['cpu_s']:.1f} | "
+              f"{base['cpu_s'] / r['cpu_s']:.2f}x | {r['mismatch_kl']:.2e} | {'on' if r['tis'] else 'off'} | "
+              f"{r['kl']:.2g} |")
+
+
+# -----------------------------------------------------------------------------------------------
 # TRL 1.9.2 (runs inside the TRL venv)
 # -----------------------------------------------------------------------------------------------
 
@@ -199,8 +305,18 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=6, help="timed PPO updates per run (after 1 warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per system; the best is reported")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--precision-steps", type=int, default=1,
+                        help="timed SmolLM2 PPO steps per precision (one fp32 step: ~50 s on one core)")
+    parser.add_argument("--precision-threads", type=int, default=1, help="torch threads of the precision table")
+    parser.add_argument("--precision-only", action="store_true", help="only the PPO step time per precision")
     parser.add_argument("--worker", choices=["trl", "flywheel"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.worker:  # the precision table runs in this process
+        sys.path.insert(0, str(REPO / "services"))
+    if args.precision_only:
+        rows = run_precision(["float32", "bfloat16"], args.precision_steps, args.precision_threads)
+        print_precision_table(rows, args.precision_steps, args.precision_threads)
+        return
     if args.worker:
         fn = run_trl if args.worker == "trl" else run_flywheel
         print("RESULT " + json.dumps(fn(args.updates, args.threads)))
@@ -247,6 +363,9 @@ def main() -> None:
     print("all runs (episodes/s wall): TRL " + ", ".join(f"{r['episodes_per_s']:.2f}" for r in trl_runs)
           + "; Flywheel " + ", ".join(f"{r['episodes_per_s']:.2f}" for r in fw_runs))
     print("CPU-seconds count the work done, so they are the fairer figure on a shared, loaded machine.")
+    print()
+    rows = run_precision(["float32", "bfloat16"], args.precision_steps, args.precision_threads)
+    print_precision_table(rows, args.precision_steps, args.precision_threads)
 
 
 if __name__ == "__main__":

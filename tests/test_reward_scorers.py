@@ -288,3 +288,23 @@ async def test_a_lone_sequential_caller_never_waits_for_a_batch_to_fill() -> Non
         assert [r.values for r in results] == [[1.0], [2.0], [3.0], [4.0]] and scorer.calls[3:] == [4]
     finally:
         await batcher.stop()
+
+
+def test_bf16_scores_stay_close_to_fp32_on_real_minilm() -> None:
+    """reward_dtype=bfloat16 (autocast) moves the real MiniLM's scores by ~1e-3 and keeps their order."""
+    import torch
+
+    bf16 = build_scorer(RewardSettings(reward_dtype="bfloat16", reward_max_length=64))
+    fp32 = TransformerRewardScorer(max_length=64)
+    assert (bf16.dtype, fp32.dtype) == ("bfloat16", "float32")
+    with torch.no_grad():  # a fresh head scores ~0 for everything: give it a spread worth ranking
+        head = fp32.model.classifier
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    bf16.model.load_state_dict(fp32.model.state_dict())
+    prompts = [*PROMPTS, "Summarise the plot.", "Explain photosynthesis briefly."]
+    responses = [*RESPONSES, "lol idk", "Plants turn light, water and carbon dioxide into sugar and oxygen."]
+    exact, low = fp32.score(prompts, responses), bf16.score(prompts, responses)
+    assert low != exact  # bf16 really computed
+    assert low == pytest.approx(exact, abs=0.02)  # measured: max |diff| ~3e-3 on scores of spread ~0.1-0.5
+    clear = [(i, j) for i in range(len(exact)) for j in range(len(exact)) if exact[i] - exact[j] > 0.04]
+    assert clear and all(low[i] > low[j] for i, j in clear)  # pairs > 2x the tolerance apart keep their order

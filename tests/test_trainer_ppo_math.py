@@ -385,3 +385,58 @@ def test_truncated_is_weights_are_capped_and_carry_no_gradient():
     w = truncated_is_weights(trainer_lp, sampler_lp, cap=2.0)
     assert w.tolist()[0] == pytest.approx([1.0, 2.0, math.exp(-0.1)])
     assert not w.requires_grad
+
+
+def test_bf16_autocast_step_matches_fp32_and_keeps_the_kl_penalty_clean():
+    """compute_dtype=bfloat16: one step's stats match fp32's; weights and grads stay fp32; the KL
+    penalty compares same-precision log-probs (0 while policy == reference), and the fp32 sampler
+    against the bf16 trainer is a measured mismatch that TIS corrects."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        lm, ref = _tiny()
+        rollouts = collate(_rollouts(lm, rlen=12))  # behaviour log-probs from the fp32 model (an fp32 sampler)
+        cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, learning_rate=1e-3, init_kl_coef=0.1,
+                        kl_estimator="k3", compute_dtype=dtype, mismatch_kl_threshold=1e-8)
+        trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
+        results[dtype] = (trainer.step(rollouts, current_version="policy-0000"), trainer, lm)
+    (exact, _, lm32), (low, trainer, lm16) = results["float32"], results["bfloat16"]
+    assert trainer.compute_dtype == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in lm16.parameters())
+    assert all(s.dtype == torch.float32 for st in trainer.optimizer.state.values() for s in st.values()
+               if torch.is_tensor(s) and s.numel() > 1)
+    # the forward passes really ran in bf16: the fp32 sampler now differs from the trainer
+    assert low.mismatch_kl > 1000 * max(exact.mismatch_kl, 1e-12) and low.tis_active == 1.0
+    assert exact.tis_active == 0.0
+    # KL(pi || ref) = 0 at step start in both: bf16 noise does not leak into the penalty
+    assert exact.kl == pytest.approx(0.0, abs=1e-5) and low.kl == 0.0 and low.kl_estimator_value == 0.0
+    for name in ("mean_reward", "advantage_mean", "return_mean", "value_mean"):
+        assert getattr(low, name) == pytest.approx(getattr(exact, name), abs=1e-5), name
+    for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm"):
+        assert getattr(low, name) == pytest.approx(getattr(exact, name), rel=0.05, abs=2e-3), name
+    assert low.ratio == pytest.approx(1.0, abs=1e-2)
+    start = torch.cat([p.detach().flatten() for p in _tiny()[0].parameters()])
+    step32, step16 = (torch.cat([p.detach().flatten() for p in m.parameters()]) - start for m in (lm32, lm16))
+    cosine = float(torch.nn.functional.cosine_similarity(step32, step16, dim=0))
+    assert cosine > 0.9, cosine  # both updates went the same way (Adam's first steps are ~lr * sign(grad))
+
+
+def test_compute_dtype_setting_reaches_the_config():
+    from flywheel.trainer.settings import TrainerSettings
+
+    assert TrainerSettings().ppo_config().compute_dtype == "float32"  # opt-in
+    assert TrainerSettings(trainer_dtype="auto").ppo_config().compute_dtype == "auto"
+    with pytest.raises(ValueError, match="compute_dtype"):
+        PPOConfig(compute_dtype="float16").validate()  # type: ignore[arg-type]
+
+
+def test_kl_penalty_leaves_out_a_corrected_sampler_mismatch():
+    """A bf16 sampler against the fp32 trainer: uncorrected, its precision noise shows up as KL to the
+    (identical) reference; once TIS corrects, the penalty compares the trainer's own log-probs: KL 0."""
+    lm, ref = _tiny()
+    mixed = collate(_bf16_rollouts(lm, rlen=12))
+    plain = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, sampler_correction="none"),
+                       PolicyWithValueHead(lm), ref).step(mixed, current_version="policy-0000")
+    assert abs(plain.kl) > 1e-4
+    corrected = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, mismatch_kl_threshold=1e-8),
+                           PolicyWithValueHead(lm), ref).step(mixed, current_version="policy-0000")
+    assert corrected.tis_active == 1.0 and corrected.kl == 0.0

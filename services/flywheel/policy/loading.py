@@ -1,7 +1,7 @@
 """Loading a policy checkpoint: model, tokenizer, chat template, validation and numeric precision.
 
-`resolve_dtype("auto")` picks bfloat16 where the hardware computes it natively (CUDA with bf16
-support; a CPU with AMX-BF16 or AVX512-BF16, read from /proc/cpuinfo) and float32 otherwise.
+`resolve_dtype("auto")` (flywheel.precision, shared with the reward scorer and the trainer) picks
+bfloat16 where the hardware computes it natively and float32 otherwise.
 The dtype that loads the weights is the dtype that samples, so the behaviour logprobs a rollout
 carries are that precision's (reported as `LoadedPolicy.dtype_name`).
 """
@@ -11,38 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from flywheel.policy.kv_cache import supports_fast_decode
+from flywheel.precision import DTYPES, cpu_has_bf16, resolve_dtype  # noqa: F401 - one detection, re-exported
 from flywheel.versions import BASE_POLICY_VERSION as BASE_VERSION  # one definition (flywheel.versions)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes bf16 matmuls natively (AMX-BF16 or AVX512-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """The concrete dtype name for a setting: `auto` -> bfloat16 where native, else float32."""
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} (auto, {', '.join(DTYPES)})")
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
-
 
 class CheckpointError(Exception):
     """A checkpoint that cannot serve: missing files, incompatible tokenizer, non-finite outputs."""

@@ -87,7 +87,10 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
     scoring: ScoringHandler | None = None
     reload: ModelVersionFollower | None = None
     producer = None
-    hot_reload = settings.reward_reload_enabled and reward_model_of(scorer) is not None
+    model = reward_model_of(scorer)
+    if model is not None:
+        log.info("reward model %s scores in %s (reward_dtype %s)", model.version, model.dtype, settings.reward_dtype)
+    hot_reload = settings.reward_reload_enabled and model is not None
     if settings.reward_reload_enabled and not hot_reload:
         log.info("hot reload off: scorer %s has no reward model to replace", scorer.name)
     if settings.reward_worker_enabled or hot_reload:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -26,6 +27,10 @@ class RewardSettings(ServiceSettings):
         None, description="Where non-local checkpoints are copied before loading (default: <home>/reward-models).")
     reward_max_length: int = Field(256, gt=0, description="Max tokens per (prompt, response) pair; longer pairs "
                                    "are truncated longest-first.")
+    reward_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32", description="Precision the transformer scorer scores in (weights stay fp32; bfloat16 runs "
+        "the forward pass under autocast). `auto` = bfloat16 on CPUs with AMX-BF16/AVX512-BF16, float32 "
+        "otherwise; scores move by ~1e-3 (docs/policy.md, Precision).")
     reward_max_batch_size: int = Field(32, gt=0, description="Dynamic batching: max items in one forward pass.")
     reward_forward_overhead_tokens: int = Field(
         32, ge=0, description="Fixed cost of one forward pass, in token positions: a batch is split into "

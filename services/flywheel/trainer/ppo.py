@@ -20,7 +20,17 @@ trainer computes in (fp32), so its behaviour log-probs differ from the trainer's
 weights. Every step measures KL(sampler || trainer) over the rows of the current policy version
 (`mismatch_kl`). When it exceeds `mismatch_kl_threshold` (or `sampler_correction="tis"`), the
 ratio is taken against the trainer's own recomputation and each token's surrogate is weighted by
-min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection is sticky.
+min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection is sticky. While
+it corrects, the KL penalty also takes log pi from the trainer's recomputation: the reference's
+log-probs come from the trainer's numerics, and the sampler's would add precision noise to the KL.
+
+Trainer precision (`compute_dtype`): bfloat16 runs the forward passes of policy, value head and
+reference under `torch.autocast`; master weights, gradients, the optimizer and the loss maths
+(logsumexp, KL, GAE, whitening) stay fp32. The reference's log-probs then carry bf16 noise, so
+the KL penalty takes log pi from the trainer's recomputation (same precision, exactly 0 KL while
+the weights equal the reference's), whatever `kl_logprobs` says; an fp32 sampler's log-probs now
+differ from the trainer's, which the mismatch KL measures and TIS corrects like a bf16 sampler.
+`kl_logprobs` thus applies only while sampler and trainer compute alike.
 
 Under DDP (`torch.distributed` initialised, model wrapped in DistributedDataParallel) each rank
 trains on its shard of the batch: whitening uses global statistics (all-reduce) and gradients are
@@ -39,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flywheel.precision import autocast, resolve_dtype
 from flywheel.trainer.advantages import compute_gae, token_rewards  # noqa: F401 - re-exported
 from flywheel.trainer.batch import RolloutBatch
 from flywheel.trainer.kl import (  # noqa: F401 - re-exported
@@ -123,7 +134,7 @@ class PPOConfig:
     kl_logprobs: Literal["behaviour", "recompute"] = "behaviour"
     """Log pi in the KL penalty KL(pi || pi_ref): the rollout's behaviour log-probs (the policy
     that drew the tokens) or the trainer's recomputation at step start (same precision as the
-    reference's)."""
+    reference's). Always the recomputation while TIS corrects or compute_dtype is not float32."""
     sampler_correction: Literal["auto", "tis", "none"] = "auto"
     """Sampler-trainer mismatch correction: `tis` always applies truncated importance sampling,
     `none` never, `auto` once the measured mismatch KL exceeds mismatch_kl_threshold."""
@@ -132,6 +143,10 @@ class PPOConfig:
     mismatch_kl_threshold: float = 1e-4
     """Per-token KL(sampler || trainer) above which `auto` turns the correction on (fp32 sampler
     and trainer measure ~2e-11; a bf16 sampler against an fp32 trainer ~1.6e-3 on SmolLM2)."""
+    compute_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Precision of the step's forward passes: bfloat16 = `torch.autocast` (fp32 master weights and
+    loss maths; the KL penalty then uses recomputed log-probs), auto = bfloat16 where the hardware
+    has it (flywheel.precision). float32 until the learning test shows bf16 learns as well."""
     max_version_lag: int = 2
     """Rollouts whose policy version is more than this many versions behind are dropped."""
     staleness_weight_decay: float = 1.0
@@ -159,6 +174,7 @@ class PPOConfig:
             (self.sampler_correction in ("auto", "tis", "none"), "sampler_correction must be auto, tis or none"),
             (self.tis_cap >= 1, "tis_cap must be >= 1"),
             (self.mismatch_kl_threshold >= 0, "mismatch_kl_threshold must be >= 0"),
+            (self.compute_dtype in ("float32", "bfloat16", "auto"), "compute_dtype must be float32, bfloat16 or auto"),
             (self.max_version_lag >= 0, "max_version_lag must be >= 0"),
             (0 < self.staleness_weight_decay <= 1, "staleness_weight_decay must be in (0, 1]"),
         ]
@@ -340,7 +356,9 @@ class PPOTrainer:
         self.ref_model = ref_model.eval()
         disable_dropout(policy)
         disable_dropout(ref_model)
-        self.ref_model.to(next(_unwrap(policy).parameters()).device)
+        device = next(_unwrap(policy).parameters()).device
+        self.ref_model.to(device)
+        self.compute_dtype = resolve_dtype(config.compute_dtype, str(device))
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
         self.optimizer = optimizer or make_optimizer(policy, config)
@@ -387,7 +405,7 @@ class PPOTrainer:
         n = batch.input_ids.shape[0]
 
         self.policy.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.compute_dtype, device):
             ref_logprobs, _, _ = response_forward(self.ref_model, batch.input_ids, batch.attention_mask,
                                                   batch.prompt_lengths, batch.response_ids, temperature)
             cur_logprobs, _, old_values = self.module(batch.input_ids, batch.attention_mask, batch.prompt_lengths,
@@ -406,7 +424,10 @@ class PPOTrainer:
         is_weight = truncated_is_weights(recomputed, behaviour, cfg.tis_cap) * mask if tis else None
         # the ratio's old log-probs; with TIS the trainer's own (the weights carry the sampler's)
         old_logprobs = recomputed if tis or cfg.ratio_logprobs == "recompute" else behaviour
-        policy_logprobs = behaviour if cfg.kl_logprobs == "behaviour" else recomputed
+        # the reference's log-probs carry the trainer's numerics: when the sampler's differ (a detected
+        # mismatch, or autocast here), compare them with the trainer's own, not with precision noise
+        kl_source = "recompute" if tis or self.compute_dtype != "float32" else cfg.kl_logprobs
+        policy_logprobs = behaviour if kl_source == "behaviour" else recomputed
 
         scores = batch.scores.clone()
         if cfg.score_clip is not None:
@@ -498,9 +519,10 @@ class PPOTrainer:
         width = max(width, 1)
         seq_len = int((batch.prompt_lengths[idx] + mask.sum(1).long()).max().item())
         mask = mask[:, :width]
-        logprobs, entropy, values = self.policy(
-            batch.input_ids[idx, :seq_len], batch.attention_mask[idx, :seq_len], batch.prompt_lengths[idx],
-            batch.response_ids[idx, :width], temperature[idx], with_entropy=True, entropy_grad=cfg.ent_coef > 0)
+        with autocast(self.compute_dtype, mask.device):  # the forward only; backward follows its dtypes
+            logprobs, entropy, values = self.policy(
+                batch.input_ids[idx, :seq_len], batch.attention_mask[idx, :seq_len], batch.prompt_lengths[idx],
+                batch.response_ids[idx, :width], temperature[idx], with_entropy=True, entropy_grad=cfg.ent_coef > 0)
         w = weight[idx, :width]
         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx, :width], advantages[idx, :width], mask,
                                         cfg.cliprange, w,

@@ -60,6 +60,10 @@ class TrainerSettings(ServiceSettings):
     trainer_ratio_logprobs: Literal["behaviour", "recompute"] = Field(
         "behaviour", description="Old log-probs of the PPO ratio: the behaviour policy's (from the rollout) "
         "or recomputed by the current policy.")
+    trainer_dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="Precision of the PPO step's forward passes: bfloat16 runs policy, value head and "
+        "reference under torch.autocast (fp32 weights, optimizer and loss maths); `auto` = bfloat16 on CUDA with "
+        "bf16 and on CPUs with AMX-BF16/AVX512-BF16. Opt-in: not yet shown to learn as well (docs/policy.md).")
     trainer_max_version_lag: int = Field(2, ge=0, description="Drop rollouts more than this many policy versions "
                                          "behind the trainer.")
     trainer_staleness_weight_decay: float = Field(
@@ -100,7 +104,8 @@ class TrainerSettings(ServiceSettings):
             kl_estimator=self.trainer_kl_estimator, adaptive_kl=self.trainer_adaptive_kl,
             init_kl_coef=self.trainer_kl_coef, target_kl=self.trainer_target_kl, kl_horizon=self.trainer_kl_horizon,
             missing_eos_penalty=self.trainer_missing_eos_penalty, score_clip=self.trainer_score_clip,
-            ratio_logprobs=self.trainer_ratio_logprobs, max_version_lag=self.trainer_max_version_lag,
+            ratio_logprobs=self.trainer_ratio_logprobs, compute_dtype=self.trainer_dtype,
+            max_version_lag=self.trainer_max_version_lag,
             staleness_weight_decay=self.trainer_staleness_weight_decay, seed=self.trainer_seed,
         ).validate()
 

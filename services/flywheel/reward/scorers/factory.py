@@ -111,7 +111,7 @@ def transformer_from_settings(settings: "RewardSettings", model_uri: str | None 
     return TransformerRewardScorer(uri, max_length=settings.reward_max_length,
                                    max_batch_size=settings.reward_max_batch_size,
                                    forward_overhead_tokens=settings.reward_forward_overhead_tokens,
-                                   cache_dir=cache)
+                                   cache_dir=cache, dtype=settings.reward_dtype)
 
 
 def _single(kind: str, settings: "RewardSettings") -> Scorer:
