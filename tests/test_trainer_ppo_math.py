@@ -192,9 +192,9 @@ def test_adaptive_kl_controller_hand_computed():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="cliprange"):
-        PPOConfig(cliprange=0).validate()
+        PPOConfig(cliprange=0)
     with pytest.raises(ValueError, match="kl_estimator"):
-        PPOConfig(kl_estimator="k9").validate()  # type: ignore[arg-type]
+        PPOConfig(kl_estimator="k9")  # type: ignore[arg-type]
     cfg = PPOConfig(adaptive_kl=True, adam_betas=(0.8, 0.9))
     assert PPOConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -251,7 +251,7 @@ def test_ratio_uses_behaviour_logprobs():
 
 def test_step_kl_zero_against_identical_reference_and_missing_eos_penalty():
     lm, ref = _tiny()
-    cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, init_kl_coef=0.0, missing_eos_penalty=1.0)
+    cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, kl_coef=0.0, missing_eos_penalty=1.0)
     trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
     stats = trainer.step(collate(_rollouts(lm, finished=False)))
     assert stats.kl == pytest.approx(0.0, abs=1e-4)  # behaviour == policy == reference at step start
@@ -264,7 +264,7 @@ def test_step_kl_zero_against_identical_reference_and_missing_eos_penalty():
 def test_step_changes_policy_and_adaptive_kl_moves():
     lm, ref = _tiny()
     before = [p.detach().clone() for p in lm.parameters()]
-    cfg = PPOConfig(ppo_epochs=2, mini_batch_size=2, adaptive_kl=True, init_kl_coef=0.2, target_kl=6.0,
+    cfg = PPOConfig(ppo_epochs=2, mini_batch_size=2, adaptive_kl=True, kl_coef=0.2, target_kl=6.0,
                     kl_horizon=100, learning_rate=1e-3)
     trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
     trainer.step(collate(_rollouts(lm)))
@@ -302,7 +302,7 @@ def test_ppo_learns_a_simple_reward():
     torch.manual_seed(0)
     lm, ref = _tiny()
     lm.eval()
-    trainer = PPOTrainer(PPOConfig(ppo_epochs=4, mini_batch_size=8, learning_rate=3e-3, init_kl_coef=0.01),
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=4, mini_batch_size=8, learning_rate=3e-3, kl_coef=0.01),
                          PolicyWithValueHead(lm), ref)
     good = torch.zeros(1000, dtype=torch.bool)
     good[:100] = True  # 10% of the vocabulary
