@@ -44,7 +44,8 @@ SCENARIOS: dict[str, tuple[list[str], list[str], list[str]]] = {
     "scoring-only-hpa": (["scoring-only-values.yaml"], [], MONITORING),
     "keda": (["keda-values.yaml"], [], MONITORING + KEDA),
     "kafka-internal": (["kafka-internal-values.yaml"], [], MONITORING),
-    "shared-checkpoints": ([], ["checkpoints.shared.enabled=true", "trainer.persistence.enabled=false"], []),
+    "shared-checkpoints": ([], ["checkpoints.shared.enabled=true", "trainer.persistence.enabled=false",
+                                "rewardTraining.job.enabled=true"], []),
     "secure": (["secure-values.yaml"], [], MONITORING + KEDA + CERT_MANAGER),
     "gpu-multinode": (["gpu-multinode-values.yaml"], [], MONITORING),
 }
@@ -113,12 +114,15 @@ def values() -> dict:
 
 
 def pod_specs(docs: list[dict]):
-    """(resource, pod spec) for every workload, including the helm test hook pod."""
+    """(resource, pod spec) for every workload, including the helm test hook pod and the
+    reward-training job template."""
     for doc in docs:
         if doc["kind"] == "Pod":
             yield doc, doc["spec"]
         elif doc["kind"] in ("Deployment", "StatefulSet"):
             yield doc, doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "CronJob":
+            yield doc, doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -218,7 +222,7 @@ def test_standard_labels_everywhere(rendered) -> None:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_container_is_hardened_with_probes_and_limits(rendered, scenario: str) -> None:
     for doc, spec in pod_specs(rendered[scenario]):
-        hook = "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        runs_to_completion = "helm.sh/hook" in doc["metadata"].get("annotations", {}) or doc["kind"] == "CronJob"
         pod_sc = spec.get("securityContext", {})
         assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
         assert spec.get("automountServiceAccountToken") is False
@@ -238,7 +242,7 @@ def test_every_container_is_hardened_with_probes_and_limits(rendered, scenario: 
             limits = container.get("resources", {}).get("limits", {})
             requests = container.get("resources", {}).get("requests", {})
             assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests), where
-            if not hook:
+            if not runs_to_completion:
                 assert "livenessProbe" in container and "readinessProbe" in container, where
             mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
             assert "/tmp" in mounts, f"{where}: read-only root needs a writable /tmp"
@@ -325,7 +329,7 @@ def test_env_names_are_settings_fields(rendered, scenario: str) -> None:
     configmaps = by_kind(docs, "ConfigMap")
     checked = 0
     for doc, spec in pod_specs(docs):
-        name = component(doc)
+        name = {"reward-train": "trainer"}.get(component(doc), component(doc))  # the job runs as the trainer
         if name not in SERVICES:
             continue
         cls = settings_class(name)
@@ -382,11 +386,12 @@ def test_shared_checkpoints_are_written_by_the_trainer_only(rendered) -> None:
     for doc, spec in pod_specs(docs):
         name = component(doc)
         mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
-        if name in ("policy", "reward", "trainer"):
+        if name in ("policy", "reward", "trainer", "reward-train"):
             assert mounts["checkpoints"]["mountPath"] == "/var/lib/flywheel/shared"
-            assert mounts["checkpoints"].get("readOnly", False) is (name != "trainer")
+            assert mounts["checkpoints"].get("readOnly", False) is (name not in ("trainer", "reward-train"))
         elif name == "preference":
             assert "checkpoints" not in mounts
+    assert "rel-flywheel-reward-train" in by_kind(docs, "CronJob")
     trainer_cm = by_kind(docs, "ConfigMap")["rel-flywheel-trainer"]["data"]
     assert trainer_cm["FLYWHEEL_TRAINER_CHECKPOINT_URI"] == "file:///var/lib/flywheel/shared/checkpoints/policy"
 
