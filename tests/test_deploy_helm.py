@@ -16,12 +16,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "flywheel"
@@ -642,15 +642,12 @@ def test_in_chart_kraft_config_boots_a_real_broker(rendered, tmp_path) -> None:
     broker = subprocess.Popen([*java[:1], "-Xmx512m", f"-Dkafka.logs.dir={tmp_path}", *java[1:], "kafka.Kafka",
                                str(tmp_path / "server.properties")], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        created = None
-        while time.monotonic() < deadline and created is None:
+        def broker_runs() -> None:
             assert broker.poll() is None, (tmp_path / "kafka.log").read_text()[-3000:]
-            try:
-                created = ensure_topics(f"127.0.0.1:{port}", partitions=3, replication_factor=1)
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(1)
-        assert created, "Flywheel could not create its topics on the in-chart broker config"
+
+        # raises "not up yet" until the broker listens
+        created = wait_until(lambda: ensure_topics(f"127.0.0.1:{port}", partitions=3, replication_factor=1), 120,
+                             interval_s=1, what="Flywheel's topics on the in-chart broker config", alive=broker_runs)
         assert "flywheel.prompts.v1" in created and "flywheel.prompts.v1.dlq" in created
     finally:
         broker.terminate()
@@ -717,15 +714,12 @@ def test_in_chart_sasl_ssl_broker_boots_and_admits_only_its_users(helm, tmp_path
                                kafka_sasl_password=password, kafka_ssl_cafile=tls_dir / "ca.crt",
                                kafka_topic_partitions=1)
     try:
-        deadline = time.monotonic() + 240
-        created = None
-        while created is None:
+        def broker_runs() -> None:
             assert broker.poll() is None, (tmp_path / "broker.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-3000:]
-            try:
-                created = ensure_topics_for(settings("SCRAM-SHA-512"))
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(2)
+
+        # raises "not up yet" until the broker listens
+        created = wait_until(lambda: ensure_topics_for(settings("SCRAM-SHA-512")), 240, interval_s=2,
+                             what="topics over SASL_SSL", alive=broker_runs)
         assert "flywheel.prompts.v1.dlq" in created
         assert ensure_topics_for(settings("PLAIN")) == []  # the same user over PLAIN: all exist already
         bad = settings("SCRAM-SHA-512", password="wrong")
