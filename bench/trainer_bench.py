@@ -94,7 +94,7 @@ def run_flywheel(updates: int, threads: int) -> dict[str, float]:
     tokenizer, policy_lm, ref, reward_model, _ = _models()
     policy_lm.eval()
     reward_model.eval()
-    trainer = PPOTrainer(PPOConfig(ppo_epochs=EPOCHS, mini_batch_size=BATCH, init_kl_coef=KL_COEF, learning_rate=LR,
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=EPOCHS, mini_batch_size=BATCH, kl_coef=KL_COEF, learning_rate=LR,
                                    max_grad_norm=0.5), PolicyWithValueHead(policy_lm), ref)
     prompts = _prompts(BATCH * (updates + 1), len(tokenizer))
     total, update_only, cpu = [], [], []

@@ -47,6 +47,7 @@ from flywheel.bus import TypedProducer, ensure_topics  # noqa: E402
 from flywheel.bus.topics import PREFERENCES, PROMPTS, ROLLOUTS, SCORED_ROLLOUTS  # noqa: E402
 from flywheel.loop.local import KAFKA_SH, SERVICE_NAMES, LocalCluster, wait_serving  # noqa: E402
 from flywheel.v1 import common_pb2, preference_pb2_grpc  # noqa: E402
+from waiting import wait_until  # noqa: E402  (tests/ is on sys.path: pytest, or the script's own dir)
 
 CANDIDATES = 2
 
@@ -165,12 +166,12 @@ def first_after(seen: Seen, prefix: str, since: float) -> float | None:
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
+    """`wait_until` that reports instead of failing: the harness measures what happened either way."""
+    try:
+        wait_until(predicate, timeout_s, interval_s)
+    except AssertionError:
+        return False
+    return True
 
 
 class Chaos:

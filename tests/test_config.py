@@ -97,3 +97,27 @@ def test_settings_env_names_variables_from_the_fields() -> None:
     assert parsed.trainer_start_paused and parsed.trainer_batch_size == 8
     with pytest.raises(KeyError, match="did you mean 'trainer_batch_size'"):
         settings_env(TrainerSettings, trainer_batchsize=8)
+
+
+def test_ppo_settings_are_generated_from_the_one_ppo_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flywheel.docs import known_env_names
+    from flywheel.runtime.config import UnknownSettingError, check_environment, settings_env
+    from flywheel.trainer.ppo_config import PPOConfig
+    from flywheel.trainer.settings import TrainerSettings
+
+    for name, info in PPOConfig.model_fields.items():  # same type, default, bounds and docs
+        setting = TrainerSettings.model_fields[f"trainer_{name}"]
+        assert (setting.annotation, setting.default, setting.metadata, setting.description) == (
+            info.annotation, info.default, info.metadata, info.description), name
+    chosen = dict(trainer_kl_coef=0.3, trainer_adam_betas=(0.8, 0.9), trainer_sampler_correction="none")
+    for variable, value in settings_env(TrainerSettings, **chosen).items():
+        monkeypatch.setenv(variable, value)
+    assert TrainerSettings().ppo_config() == PPOConfig(kl_coef=0.3, adam_betas=(0.8, 0.9), sampler_correction="none")
+    monkeypatch.setenv("FLYWHEEL_TRAINER_CLIPRANGE", "0")
+    with pytest.raises(ValidationError, match="trainer_cliprange"):
+        TrainerSettings()
+
+    known = known_env_names()
+    check_environment(known, {"FLYWHEEL_TRAINER_KL_COEF": "0.1", "FLYWHEEL_TRAINER_TIS_CAP": "3"})
+    with pytest.raises(UnknownSettingError, match="FLYWHEEL_TRAINER_KL_COEFF: did you mean FLYWHEEL_TRAINER_KL_COEF"):
+        check_environment(known, {"FLYWHEEL_TRAINER_KL_COEFF": "0.1"})

@@ -16,12 +16,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "flywheel"
@@ -44,7 +44,8 @@ SCENARIOS: dict[str, tuple[list[str], list[str], list[str]]] = {
     "scoring-only-hpa": (["scoring-only-values.yaml"], [], MONITORING),
     "keda": (["keda-values.yaml"], [], MONITORING + KEDA),
     "kafka-internal": (["kafka-internal-values.yaml"], [], MONITORING),
-    "shared-checkpoints": ([], ["checkpoints.shared.enabled=true", "trainer.persistence.enabled=false"], []),
+    "shared-checkpoints": ([], ["checkpoints.shared.enabled=true", "trainer.persistence.enabled=false",
+                                "rewardTraining.job.enabled=true"], []),
     "secure": (["secure-values.yaml"], [], MONITORING + KEDA + CERT_MANAGER),
     "gpu-multinode": (["gpu-multinode-values.yaml"], [], MONITORING),
 }
@@ -113,12 +114,15 @@ def values() -> dict:
 
 
 def pod_specs(docs: list[dict]):
-    """(resource, pod spec) for every workload, including the helm test hook pod."""
+    """(resource, pod spec) for every workload, including the helm test hook pod and the
+    reward-training job template."""
     for doc in docs:
         if doc["kind"] == "Pod":
             yield doc, doc["spec"]
         elif doc["kind"] in ("Deployment", "StatefulSet"):
             yield doc, doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "CronJob":
+            yield doc, doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -218,7 +222,7 @@ def test_standard_labels_everywhere(rendered) -> None:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_container_is_hardened_with_probes_and_limits(rendered, scenario: str) -> None:
     for doc, spec in pod_specs(rendered[scenario]):
-        hook = "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        runs_to_completion = "helm.sh/hook" in doc["metadata"].get("annotations", {}) or doc["kind"] == "CronJob"
         pod_sc = spec.get("securityContext", {})
         assert pod_sc.get("runAsNonRoot") is True and pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
         assert spec.get("automountServiceAccountToken") is False
@@ -238,7 +242,7 @@ def test_every_container_is_hardened_with_probes_and_limits(rendered, scenario: 
             limits = container.get("resources", {}).get("limits", {})
             requests = container.get("resources", {}).get("requests", {})
             assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests), where
-            if not hook:
+            if not runs_to_completion:
                 assert "livenessProbe" in container and "readinessProbe" in container, where
             mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
             assert "/tmp" in mounts, f"{where}: read-only root needs a writable /tmp"
@@ -325,7 +329,7 @@ def test_env_names_are_settings_fields(rendered, scenario: str) -> None:
     configmaps = by_kind(docs, "ConfigMap")
     checked = 0
     for doc, spec in pod_specs(docs):
-        name = component(doc)
+        name = {"reward-train": "trainer"}.get(component(doc), component(doc))  # the job runs as the trainer
         if name not in SERVICES:
             continue
         cls = settings_class(name)
@@ -382,11 +386,12 @@ def test_shared_checkpoints_are_written_by_the_trainer_only(rendered) -> None:
     for doc, spec in pod_specs(docs):
         name = component(doc)
         mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
-        if name in ("policy", "reward", "trainer"):
+        if name in ("policy", "reward", "trainer", "reward-train"):
             assert mounts["checkpoints"]["mountPath"] == "/var/lib/flywheel/shared"
-            assert mounts["checkpoints"].get("readOnly", False) is (name != "trainer")
+            assert mounts["checkpoints"].get("readOnly", False) is (name not in ("trainer", "reward-train"))
         elif name == "preference":
             assert "checkpoints" not in mounts
+    assert "rel-flywheel-reward-train" in by_kind(docs, "CronJob")
     trainer_cm = by_kind(docs, "ConfigMap")["rel-flywheel-trainer"]["data"]
     assert trainer_cm["FLYWHEEL_TRAINER_CHECKPOINT_URI"] == "file:///var/lib/flywheel/shared/checkpoints/policy"
 
@@ -637,15 +642,12 @@ def test_in_chart_kraft_config_boots_a_real_broker(rendered, tmp_path) -> None:
     broker = subprocess.Popen([*java[:1], "-Xmx512m", f"-Dkafka.logs.dir={tmp_path}", *java[1:], "kafka.Kafka",
                                str(tmp_path / "server.properties")], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        created = None
-        while time.monotonic() < deadline and created is None:
+        def broker_runs() -> None:
             assert broker.poll() is None, (tmp_path / "kafka.log").read_text()[-3000:]
-            try:
-                created = ensure_topics(f"127.0.0.1:{port}", partitions=3, replication_factor=1)
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(1)
-        assert created, "Flywheel could not create its topics on the in-chart broker config"
+
+        # raises "not up yet" until the broker listens
+        created = wait_until(lambda: ensure_topics(f"127.0.0.1:{port}", partitions=3, replication_factor=1), 120,
+                             interval_s=1, what="Flywheel's topics on the in-chart broker config", alive=broker_runs)
         assert "flywheel.prompts.v1" in created and "flywheel.prompts.v1.dlq" in created
     finally:
         broker.terminate()
@@ -712,15 +714,12 @@ def test_in_chart_sasl_ssl_broker_boots_and_admits_only_its_users(helm, tmp_path
                                kafka_sasl_password=password, kafka_ssl_cafile=tls_dir / "ca.crt",
                                kafka_topic_partitions=1)
     try:
-        deadline = time.monotonic() + 240
-        created = None
-        while created is None:
+        def broker_runs() -> None:
             assert broker.poll() is None, (tmp_path / "broker.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "broker.log").read_text()[-3000:]
-            try:
-                created = ensure_topics_for(settings("SCRAM-SHA-512"))
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(2)
+
+        # raises "not up yet" until the broker listens
+        created = wait_until(lambda: ensure_topics_for(settings("SCRAM-SHA-512")), 240, interval_s=2,
+                             what="topics over SASL_SSL", alive=broker_runs)
         assert "flywheel.prompts.v1.dlq" in created
         assert ensure_topics_for(settings("PLAIN")) == []  # the same user over PLAIN: all exist already
         bad = settings("SCRAM-SHA-512", password="wrong")

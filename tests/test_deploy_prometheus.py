@@ -17,7 +17,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "charts" / "flywheel" / "files" / "prometheus-rules.yaml"
@@ -268,12 +268,15 @@ def service_metrics(kafka_bootstrap, tmp_path_factory) -> dict[str, set[str]]:
         ports[service] = (grpc_port, metrics_port)
     scraped: dict[str, set[str]] = {}
     try:
-        deadline = time.monotonic() + 420
         pending = set(SERVICES)
-        while pending and time.monotonic() < deadline:
-            for service in sorted(pending):
+
+        def all_running() -> None:
+            for service in pending:
                 proc, log = procs[service]
                 assert proc.poll() is None, f"{service} exited:\n{log.read_text()[-4000:]}"
+
+        def all_serving_and_scraped() -> bool:
+            for service in sorted(pending):
                 grpc_port, metrics_port = ports[service]
                 check = subprocess.run([sys.executable, str(HEALTHCHECK), "--address", f"127.0.0.1:{grpc_port}",
                                         "--service", f"flywheel.v1.{service.capitalize()}Service", "--timeout", "2"],
@@ -282,9 +285,13 @@ def service_metrics(kafka_bootstrap, tmp_path_factory) -> dict[str, set[str]]:
                     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
                         scraped[service] = exported_names(reply.read().decode())
                     pending.discard(service)
-            time.sleep(1)
-        assert not pending, "never SERVING: " + "; ".join(
-            f"{s}:\n{procs[s][1].read_text()[-3000:]}" for s in pending)
+            return not pending
+
+        try:
+            wait_until(all_serving_and_scraped, 420, interval_s=1, what="every service SERVING", alive=all_running)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; never SERVING: " + "; ".join(
+                f"{s}:\n{procs[s][1].read_text()[-3000:]}" for s in pending)) from None
     finally:
         for proc, _ in procs.values():
             if proc.poll() is None:

@@ -35,6 +35,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from waiting import wait_until_async
+
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 EXAMPLES = 12  # generated messages per RPC
@@ -384,10 +386,7 @@ def test_fuzz_preference(kafka_bootstrap: str, tmp_path: Path) -> None:
     async def start() -> Any:
         built = build_service(settings)
         await built.runtime.start()  # SERVING once the store caught up (its readiness condition)
-        deadline = time.monotonic() + 120
-        while not built.servicer.ready and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert built.servicer.ready, "store did not catch up"
+        await wait_until_async(lambda: built.servicer.ready, 120, what="the store to catch up")
         return built
 
     built = service.run(start())

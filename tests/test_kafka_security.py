@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from conftest import KAFKA_SH, free_port
 from kafka.admin import KafkaAdminClient
 from tls_certs import make_pki
+from waiting import wait_until, wait_until_async
 
 from flywheel.bus import Topic, consumer_for, ensure_topics_for, producer_for
 from flywheel.reward.app import build_app
@@ -65,10 +65,7 @@ def test_admin_producer_and_consumer_authenticate(secure_broker, mechanism: str,
     consumer = consumer_for(settings, topic, f"g-{unique}", producer)
     try:
         producer.send_and_wait(topic, common_pb2.Rollout(rollout_id="r1"), key="p")
-        got: list = []
-        deadline = time.monotonic() + 60
-        while not got and time.monotonic() < deadline:
-            got = consumer.poll(timeout_ms=500)
+        got = wait_until(lambda: consumer.poll(timeout_ms=500), 60, interval_s=0, what="r1 delivered")
         assert [d.value.rollout_id for d in got] == ["r1"]
     finally:
         consumer.close()
@@ -110,10 +107,13 @@ async def test_reward_service_scores_through_sasl_ssl(secure_broker, unique, set
                                                        response_text=["Great, thanks!", "Awful.", "Fine."][i]))
         await asyncio.to_thread(producer.flush, 30)
         got: dict[str, float] = {}
-        deadline = time.monotonic() + 90
-        while len(got) < 3 and time.monotonic() < deadline:
+
+        async def all_scored() -> bool:
             for delivery in await asyncio.to_thread(reader.poll, 500):
                 got[delivery.value.rollout.rollout_id] = delivery.value.reward
+            return len(got) >= 3
+
+        await wait_until_async(all_scored, 90, interval_s=0, what="three scored rollouts")
         assert set(got) == {"r0", "r1", "r2"}
         assert got["r0"] > got["r1"]  # VADER: "Great, thanks!" is more positive than "Awful."
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 
 import grpc
@@ -91,9 +90,12 @@ async def test_prompts_become_rollouts_on_kafka(kafka_bootstrap, topics, produce
                              dead_letters=producer)
     try:
         got: list = []
-        deadline = time.monotonic() + 240
-        while len(got) < 7 and time.monotonic() < deadline:
+
+        async def seven() -> bool:
             got.extend(await asyncio.to_thread(consumer.poll, 500))
+            return len(got) >= 7
+
+        await wait_until_async(seven, 240, interval_s=0, what="7 rollouts")
     finally:
         consumer.close()
     rollouts = [d.value for d in got]
@@ -120,10 +122,8 @@ async def test_prompts_become_rollouts_on_kafka(kafka_bootstrap, topics, produce
     dlq = TypedConsumer(Topic(topics["prompts"].dlq, common_pb2.Prompt), bootstrap_servers=kafka_bootstrap,
                         group_id=f"dlq-{unique}", dead_letters=producer)
     try:
-        dead: list = []
-        deadline = time.monotonic() + 30
-        while not dead and time.monotonic() < deadline:
-            dead.extend(await asyncio.to_thread(dlq.poll, 500))
+        dead = await wait_until_async(lambda: asyncio.to_thread(dlq.poll, 500), 30, interval_s=0,
+                                      what="the bad prompt on the dead-letter topic")
     finally:
         dlq.close()
     assert [d.value.prompt_id for d in dead] == ["kp-bad"]

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -23,6 +22,7 @@ from flywheel.runtime.client import aio_channel
 from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 from conftest import REPO, free_port
+from waiting import wait_until
 
 REMOTE_VERSION = "policy-0007"
 
@@ -41,17 +41,15 @@ def tgi_url(tmp_path_factory):
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"policy process did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        def healthy() -> bool:  # refused connections count as "not yet"
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                return resp.status == 200
+
+        def running() -> None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"policy process exited:\n{log.read_text()[-3000:]}")
+
+        wait_until(healthy, 180, interval_s=0.3, what="the policy process's /health", alive=running)
         yield url
     finally:
         proc.terminate()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from flywheel.preference.auth import SCOPE_ADMIN, TokenStore
 from flywheel.preference.export import read_pairs
 from flywheel.preference.settings import PreferenceSettings
 from flywheel.v1 import common_pb2, preference_pb2, preference_pb2_grpc
+from waiting import wait_until, wait_until_async
+
 
 def rollouts_for(prompt_id: str, n: int = 4, version: str = "policy-0001") -> list[common_pb2.Rollout]:
     texts = ["I love this, wonderful!", "It is fine.", "This is bad.", "Terrible, awful, I hate it."]
@@ -51,20 +53,13 @@ async def start_service(settings: PreferenceSettings, raters=("alice", "bob", "c
     tokens.close()
     service = build_service(settings)
     await service.runtime.start()
-    deadline = time.monotonic() + 60
-    while not service.servicer.ready and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert service.servicer.ready, "store did not catch up"
+    await wait_until_async(lambda: service.servicer.ready, 60, what="the store to catch up")
     return service, f"127.0.0.1:{service.runtime.grpc_port}", issued
 
 
 async def wait_known(service, response_ids, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(service.store.responses(list(response_ids))) == len(set(response_ids)):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("rollouts never reached the store")
+    await wait_until_async(lambda: len(service.store.responses(list(response_ids))) == len(set(response_ids)),
+                           timeout_s, what="the rollouts to reach the store")
 
 
 def publish_rollouts(bootstrap: str, rollouts) -> None:
@@ -80,17 +75,17 @@ def topic_events(bootstrap: str, topic: str, predicate, expect: int, timeout_s: 
     c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
                       group_id=None)
     got = []
+
+    def read() -> int:
+        for records in c.poll(timeout_ms=200).values():
+            got.extend(r for r in records if predicate(r.value))
+        return len(got)
+
     try:
-        deadline = time.monotonic() + timeout_s
-        end = None
-        while time.monotonic() < deadline:
-            for records in c.poll(timeout_ms=200).values():
-                got.extend(r for r in records if predicate(r.value))
-            if len(got) >= expect:
-                if end is None:
-                    end = time.monotonic() + 1.0  # keep reading a little: more than expected is a failure
-                elif time.monotonic() > end:
-                    break
+        wait_until(lambda: read() >= expect, timeout_s, interval_s=0, what=f"{expect} matching records on {topic}")
+        # keep reading a little: more than expected is a failure (the usual outcome is none within 1 s)
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: read() > expect, 1.0, interval_s=0)
         return got
     finally:
         c.close()
@@ -471,10 +466,7 @@ async def test_a_second_instance_follows_events_written_by_the_first(harness, pr
         req = ranking(prompt, [4, 3, 2, 1])
         async with aio.insecure_channel(harness.target) as ch:
             await preference_pb2_grpc.PreferenceServiceStub(ch).SubmitRanking(req, metadata=auth(harness.tokens["alice"]))
-        deadline = time.monotonic() + 20
-        while not b.store.events([req.event_id]) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert b.store.events([req.event_id]), "instance B never saw A's event"
+        await wait_until_async(lambda: b.store.events([req.event_id]), 20, what="instance B to see A's event")
         async with aio.insecure_channel(target_b) as ch:
             ack = await preference_pb2_grpc.PreferenceServiceStub(ch).SubmitRanking(
                 req, metadata=auth(harness.tokens["alice"]))

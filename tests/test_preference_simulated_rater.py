@@ -21,6 +21,7 @@ from flywheel.preference.validation import ranks_are_valid
 from flywheel.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 
 from test_preference_service import start_service, wait_known  # noqa: E402  (tests/ is on sys.path)
+from waiting import wait_until  # noqa: E402
 
 TEXTS = ["What a wonderful, delightful idea, I love it!", "That sounds good.", "It is a table.",
          "This is bad and sad.", "Horrible, disgusting, the worst thing ever."]
@@ -83,11 +84,12 @@ async def test_runner_rates_rollouts_and_consensus_follows_ground_truth(kafka_bo
             runner = SimulatedRaterRunner(consumer, clients, raters_per_prompt=5, max_wait_s=5.0,
                                           accept=lambda r: r.prompt_id.startswith(f"sim-{unique}-"))
             # other tests' rollouts may be on the topic too: run until ours are all rated
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+
+            def all_ours_rated() -> bool:
                 runner.run_once()
-                if runner.prompts_rated >= len(prompts):
-                    break
+                return runner.prompts_rated >= len(prompts)
+
+            wait_until(all_ours_rated, 60, interval_s=0, what="our prompts rated")
             consumer.close()
             for _, c in clients:
                 c.close()

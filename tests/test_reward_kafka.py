@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from grpc import aio
@@ -18,7 +17,7 @@ from flywheel.reward.training import publish_model_version
 from flywheel.reward.worker import HEADER_ROLLOUT_ID
 from flywheel.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from conftest import committed_offsets
-from waiting import wait_until_async
+from waiting import wait_until, wait_until_async
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
@@ -44,10 +43,13 @@ def read_records(kafka_bootstrap: str, topic_name: str, n: int, timeout_s: float
                              enable_auto_commit=False, group_id=None)
     try:
         got: list = []
-        deadline = time.monotonic() + timeout_s
-        while not done(got) and time.monotonic() < deadline:
+
+        def enough() -> bool:
             for records in consumer.poll(timeout_ms=200).values():
                 got.extend(records)
+            return done(got)
+
+        wait_until(enough, timeout_s, interval_s=0, what=f"records on {topic_name}")
         return got
     finally:
         consumer.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 from flywheel.bus import TypedConsumer, TypedProducer
 from flywheel.bus.topics import Topic
 from flywheel.v1 import common_pb2, policy_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from waiting import wait_until, wait_until_async
 
 from test_trainer_loop import trainer_settings
 
@@ -27,11 +27,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _drain(bootstrap: str, topic: Topic, group: str, expect: int, timeout_s: float = 60) -> list:
     consumer = TypedConsumer(topic, bootstrap_servers=bootstrap, group_id=group, dead_letters=TypedProducer(bootstrap))
-    out = []
-    deadline = time.monotonic() + timeout_s
+    out: list = []
     try:
-        while len(out) < expect and time.monotonic() < deadline:
-            out.extend(d.value for d in consumer.poll(timeout_ms=300))
+        wait_until(lambda: out.extend(d.value for d in consumer.poll(timeout_ms=300)) or len(out) >= expect,
+                   timeout_s, interval_s=0, what=f"{expect} records on {topic.name}")
     finally:
         consumer.close()
     return out
@@ -82,18 +81,18 @@ async def test_prompts_to_new_policy_version_reloaded_with_lineage(kafka_bootstr
     async with grpc.aio.insecure_channel(trainer_target) as tch, grpc.aio.insecure_channel(policy_target) as pch:
         tstub = trainer_pb2_grpc.TrainerServiceStub(tch)
         pstub = policy_pb2_grpc.PolicyServiceStub(pch)
-        deadline = time.monotonic() + 180
-        status = await tstub.Status(trainer_pb2.StatusRequest())
-        while status.step < 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
+        async def stepped():
             status = await tstub.Status(trainer_pb2.StatusRequest())
+            return status if status.step >= 1 else None
+
+        status = await wait_until_async(stepped, 180, interval_s=0.5, what="the first PPO step")
         assert status.policy_version.version == "policy-0001", status
         # The policy service hot-reloads the new version from the model-versions topic.
-        served = await pstub.GetModelVersion(common_pb2.GetModelVersionRequest())
-        while served.version != "policy-0001" and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            served = await pstub.GetModelVersion(common_pb2.GetModelVersionRequest())
-        assert served.version == "policy-0001"
+
+        async def serving_it() -> bool:
+            return (await pstub.GetModelVersion(common_pb2.GetModelVersionRequest())).version == "policy-0001"
+
+        await wait_until_async(serving_it, 120, interval_s=0.5, what="the policy service to serve policy-0001")
 
         # New prompts are now sampled by the new version (its rollouts carry it).
         for p in _prompts(200, 1):

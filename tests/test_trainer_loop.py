@@ -12,6 +12,7 @@ import pytest
 from flywheel.bus import TypedConsumer, TypedProducer, ensure_topics
 from flywheel.bus.topics import MODEL_VERSIONS, SCORED_ROLLOUTS, Topic
 from flywheel.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from waiting import wait_until, wait_until_async
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,25 @@ def read_versions(bootstrap: str, topic: Topic, unique: str, expect: int, timeou
     consumer = TypedConsumer(topic, bootstrap_servers=bootstrap, group_id=f"reader-{unique}-{time.time()}",
                              dead_letters=TypedProducer(bootstrap))
     out: list[common_pb2.ModelVersion] = []
-    deadline = time.monotonic() + timeout_s
+
+    def enough() -> bool:
+        out.extend(d.value for d in consumer.poll(timeout_ms=500))
+        return done(out) if done else len(out) >= expect
+
     try:
-        while not (done(out) if done else len(out) >= expect) and time.monotonic() < deadline:
-            out.extend(d.value for d in consumer.poll(timeout_ms=500))
+        wait_until(enough, timeout_s, interval_s=0, what=f"model versions on {topic.name}")
     finally:
         consumer.close()
     return out
+
+
+def run_until(loop, condition, what: str, timeout_s: float = 60) -> None:
+    """Drive the trainer loop (poll, train, checkpoint, commit) on this thread until `condition()` holds."""
+    def step() -> bool:
+        loop.run_once()
+        return condition()
+
+    wait_until(step, timeout_s, interval_s=0, what=what)
 
 
 def trainer_settings(settings_factory, bootstrap: str, unique: str, model: Path, tmp_path: Path, **extra):
@@ -105,12 +118,13 @@ async def test_loop_trains_publishes_and_serves_status(kafka_bootstrap, unique, 
 
         status = await stub.Resume(trainer_pb2.ResumeRequest())
         assert status.state != trainer_pb2.TRAINER_STATE_PAUSED
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        async def two_steps_over_every_rollout():
             status = await stub.Status(trainer_pb2.StatusRequest())
-            if status.step >= 2 and status.rollouts_consumed >= 12:
-                break
-            await asyncio.sleep(0.5)
+            return status if status.step >= 2 and status.rollouts_consumed >= 12 else None
+
+        status = await wait_until_async(two_steps_over_every_rollout, 120, interval_s=0.5,
+                                        what="two steps over all 12 rollouts")
         assert status.step == 2
         assert status.policy_version.version == "policy-0002"
         assert status.policy_version.parent_version == "policy-0001"
@@ -203,10 +217,8 @@ def test_crash_between_checkpoint_and_commit_trains_nothing_twice(kafka_bootstra
 
     second = build_app(settings)
     assert second.loop.version == "policy-0001"
-    deadline = time.monotonic() + 60
     # 4 consumed before the crash (restored from the checkpoint) + all 8 again (4 redelivered, 4 new)
-    while second.loop.snapshot().counters.consumed < 12 and time.monotonic() < deadline:
-        second.loop.run_once()
+    run_until(second.loop, lambda: second.loop.snapshot().counters.consumed >= 12, "12 rollouts consumed")
     snap = second.loop.snapshot()
     second.loop.consumer.close()
     assert snap.version == "policy-0002"
@@ -231,12 +243,9 @@ def test_stale_rollouts_dropped_and_counted(kafka_bootstrap, unique, settings_fa
     fresh = [scored(20 + i, version="policy-0001") for i in range(4)]
     produce(kafka_bootstrap, scored_topic, first)
     app = build_app(settings)
-    deadline = time.monotonic() + 60
-    while app.loop.trainer.global_step < 1 and time.monotonic() < deadline:
-        app.loop.run_once()
+    run_until(app.loop, lambda: app.loop.trainer.global_step >= 1, "step 1")
     produce(kafka_bootstrap, scored_topic, stale + fresh)
-    while app.loop.trainer.global_step < 2 and time.monotonic() < deadline:
-        app.loop.run_once()
+    run_until(app.loop, lambda: app.loop.trainer.global_step >= 2, "step 2")
     snap = app.loop.snapshot()
     app.loop.consumer.close()
     assert snap.counters.dropped_stale == 3
@@ -257,17 +266,14 @@ def test_restarted_trainer_reannounces_identically_and_keeps_the_model_name(kafk
     ensure_topics(kafka_bootstrap, [scored_topic, versions_topic], partitions=1)
     produce(kafka_bootstrap, scored_topic, [scored(i) for i in range(4)])
     first = build_app(settings)
-    deadline = time.monotonic() + 60
-    while first.loop.trainer.global_step < 1 and time.monotonic() < deadline:
-        first.loop.run_once()
+    run_until(first.loop, lambda: first.loop.trainer.global_step >= 1, "step 1")
     first.loop.consumer.close()
 
     second = build_app(settings)  # resumes from policy-0001's directory
     assert second.loop.model_name == tiny_model.name
     second.loop.announce()
     produce(kafka_bootstrap, scored_topic, [scored(10 + i, version="policy-0001") for i in range(4)])
-    while second.loop.trainer.global_step < 2 and time.monotonic() < deadline:
-        second.loop.run_once()
+    run_until(second.loop, lambda: second.loop.trainer.global_step >= 2, "step 2")
     second.loop.consumer.close()
 
     published = read_versions(kafka_bootstrap, versions_topic, unique, expect=3)

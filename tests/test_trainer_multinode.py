@@ -16,11 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import free_port
+from waiting import wait_until
 from test_deploy_helm import by_kind, helm, render  # noqa: F401 - `helm` is a fixture
 from test_trainer_loop import produce, read_versions, scored
 
@@ -89,15 +89,16 @@ def test_rendered_two_node_trainer_runs_a_ppo_step(helm, kafka_bootstrap, unique
         # pod 0's readiness probe, as rendered (its non-zero pods answer "ready" without a server)
         probe = [part.replace("/opt/flywheel/bin/grpc_health_check.py", str(HEALTH_CHECK))  # where the image has it
                  for part in container["readinessProbe"]["exec"]["command"]]
-        deadline = time.monotonic() + 420
-        while True:
+        def ranks_run() -> None:
             for proc, _ in pods:
                 assert proc.poll() is None, f"a rank exited early:\n{logs()}"
-            env0 = {**base_env, "HOSTNAME": "rel-flywheel-trainer-0", "FLYWHEEL_GRPC_PORT": str(grpc_port)}
-            if subprocess.run(probe, env=env0, capture_output=True, timeout=60).returncode == 0:
-                break
-            assert time.monotonic() < deadline, f"rank 0 never became ready:\n{logs()}"
-            time.sleep(2)
+
+        env0 = {**base_env, "HOSTNAME": "rel-flywheel-trainer-0", "FLYWHEEL_GRPC_PORT": str(grpc_port)}
+        try:
+            wait_until(lambda: subprocess.run(probe, env=env0, capture_output=True, timeout=60).returncode == 0, 420,
+                       interval_s=2, what="rank 0's readiness probe", alive=ranks_run)
+        except AssertionError as exc:
+            raise AssertionError(f"rank 0 never became ready ({exc}):\n{logs()}") from None
         env1 = {**base_env, "HOSTNAME": "rel-flywheel-trainer-1", "FLYWHEEL_GRPC_PORT": str(free_port())}
         assert subprocess.run(probe, env=env1, capture_output=True, timeout=60).returncode == 0
 

@@ -192,9 +192,9 @@ def test_adaptive_kl_controller_hand_computed():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="cliprange"):
-        PPOConfig(cliprange=0).validate()
+        PPOConfig(cliprange=0)
     with pytest.raises(ValueError, match="kl_estimator"):
-        PPOConfig(kl_estimator="k9").validate()  # type: ignore[arg-type]
+        PPOConfig(kl_estimator="k9")  # type: ignore[arg-type]
     cfg = PPOConfig(adaptive_kl=True, adam_betas=(0.8, 0.9))
     assert PPOConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -251,7 +251,7 @@ def test_ratio_uses_behaviour_logprobs():
 
 def test_step_kl_zero_against_identical_reference_and_missing_eos_penalty():
     lm, ref = _tiny()
-    cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, init_kl_coef=0.0, missing_eos_penalty=1.0)
+    cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, kl_coef=0.0, missing_eos_penalty=1.0)
     trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
     stats = trainer.step(collate(_rollouts(lm, finished=False)))
     assert stats.kl == pytest.approx(0.0, abs=1e-4)  # behaviour == policy == reference at step start
@@ -264,7 +264,7 @@ def test_step_kl_zero_against_identical_reference_and_missing_eos_penalty():
 def test_step_changes_policy_and_adaptive_kl_moves():
     lm, ref = _tiny()
     before = [p.detach().clone() for p in lm.parameters()]
-    cfg = PPOConfig(ppo_epochs=2, mini_batch_size=2, adaptive_kl=True, init_kl_coef=0.2, target_kl=6.0,
+    cfg = PPOConfig(ppo_epochs=2, mini_batch_size=2, adaptive_kl=True, kl_coef=0.2, target_kl=6.0,
                     kl_horizon=100, learning_rate=1e-3)
     trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
     trainer.step(collate(_rollouts(lm)))
@@ -302,7 +302,7 @@ def test_ppo_learns_a_simple_reward():
     torch.manual_seed(0)
     lm, ref = _tiny()
     lm.eval()
-    trainer = PPOTrainer(PPOConfig(ppo_epochs=4, mini_batch_size=8, learning_rate=3e-3, init_kl_coef=0.01),
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=4, mini_batch_size=8, learning_rate=3e-3, kl_coef=0.01),
                          PolicyWithValueHead(lm), ref)
     good = torch.zeros(1000, dtype=torch.bool)
     good[:100] = True  # 10% of the vocabulary
@@ -388,15 +388,15 @@ def test_truncated_is_weights_are_capped_and_carry_no_gradient():
 
 
 def test_bf16_autocast_step_matches_fp32_and_keeps_the_kl_penalty_clean():
-    """compute_dtype=bfloat16: one step's stats match fp32's; weights and grads stay fp32; the KL
+    """dtype=bfloat16: one step's stats match fp32's; weights and grads stay fp32; the KL
     penalty compares same-precision log-probs (0 while policy == reference), and the fp32 sampler
     against the bf16 trainer is a measured mismatch that TIS corrects."""
     results = {}
     for dtype in ("float32", "bfloat16"):
         lm, ref = _tiny()
         rollouts = collate(_rollouts(lm, rlen=12))  # behaviour log-probs from the fp32 model (an fp32 sampler)
-        cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, learning_rate=1e-3, init_kl_coef=0.1,
-                        kl_estimator="k3", compute_dtype=dtype, mismatch_kl_threshold=1e-8)
+        cfg = PPOConfig(ppo_epochs=1, mini_batch_size=2, learning_rate=1e-3, kl_coef=0.1,
+                        kl_estimator="k3", dtype=dtype, mismatch_kl_threshold=1e-8)
         trainer = PPOTrainer(cfg, PolicyWithValueHead(lm), ref)
         results[dtype] = (trainer.step(rollouts, current_version="policy-0000"), trainer, lm)
     (exact, _, lm32), (low, trainer, lm16) = results["float32"], results["bfloat16"]
@@ -423,10 +423,10 @@ def test_bf16_autocast_step_matches_fp32_and_keeps_the_kl_penalty_clean():
 def test_compute_dtype_setting_reaches_the_config():
     from flywheel.trainer.settings import TrainerSettings
 
-    assert TrainerSettings().ppo_config().compute_dtype == "float32"  # opt-in
-    assert TrainerSettings(trainer_dtype="auto").ppo_config().compute_dtype == "auto"
-    with pytest.raises(ValueError, match="compute_dtype"):
-        PPOConfig(compute_dtype="float16").validate()  # type: ignore[arg-type]
+    assert TrainerSettings().ppo_config().dtype == "float32"  # opt-in
+    assert TrainerSettings(trainer_dtype="auto").ppo_config().dtype == "auto"
+    with pytest.raises(ValueError, match="dtype"):
+        PPOConfig(dtype="float16")  # type: ignore[arg-type]
 
 
 def test_kl_penalty_leaves_out_a_corrected_sampler_mismatch():

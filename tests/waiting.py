@@ -15,14 +15,18 @@ T = TypeVar("T")
 
 
 def wait_until(condition: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05,
-               what: str = "condition") -> T:
+               what: str = "condition", alive: Callable[[], object] | None = None) -> T:
     """Call `condition` until it returns something truthy; return that value.
 
     Exceptions raised by `condition` count as "not yet" (the last one is reported on timeout).
+    `alive`, called before each try, fails the wait at once by raising (e.g. asserting that the
+    process being waited for has not exited), instead of at the timeout.
     """
     deadline = time.monotonic() + timeout_s
     last: object = None
     while True:
+        if alive is not None:
+            alive()
         try:
             value = condition()
             if value:

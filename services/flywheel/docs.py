@@ -22,8 +22,10 @@ def settings_classes() -> dict[str, type[ServiceSettings]]:
             if exc.name not in (f"flywheel.{name}", f"flywheel.{name}.settings"):
                 raise
             continue
-        for _, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, ServiceSettings) and obj is not ServiceSettings and obj.__module__ == module.__name__:
+        for attr, obj in inspect.getmembers(module, inspect.isclass):
+            # Private classes are building blocks (the trainer's generated PPO settings base), not a service's.
+            if (issubclass(obj, ServiceSettings) and obj is not ServiceSettings and obj.__module__ == module.__name__
+                    and not attr.startswith("_")):
                 found[name] = obj
     return found
 

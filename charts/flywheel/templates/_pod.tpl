@@ -1,3 +1,23 @@
+{{/* Kafka client identity and SASL credentials (from kafka.sasl.existingSecret) of a container: $. */}}
+{{- define "flywheel.kafkaClientEnv" -}}
+- name: FLYWHEEL_KAFKA_CLIENT_ID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- if include "flywheel.kafkaSasl" . }}
+- name: FLYWHEEL_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.sasl.existingSecret }}
+      key: username
+- name: FLYWHEEL_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.sasl.existingSecret }}
+      key: password
+{{- end }}
+{{- end -}}
+
 {{/* Pod template of a service component: dict "root" $ "name" <component> "c" <values>. */}}
 {{- define "flywheel.podTemplate" -}}
 {{- $root := .root -}}
@@ -60,22 +80,7 @@ spec:
             name: {{ . }}
         {{- end }}
       env:
-        - name: FLYWHEEL_KAFKA_CLIENT_ID
-          valueFrom:
-            fieldRef:
-              fieldPath: metadata.name
-        {{- if include "flywheel.kafkaSasl" $root }}
-        - name: FLYWHEEL_KAFKA_SASL_USERNAME
-          valueFrom:
-            secretKeyRef:
-              name: {{ $root.Values.kafka.sasl.existingSecret }}
-              key: username
-        - name: FLYWHEEL_KAFKA_SASL_PASSWORD
-          valueFrom:
-            secretKeyRef:
-              name: {{ $root.Values.kafka.sasl.existingSecret }}
-              key: password
-        {{- end }}
+        {{- include "flywheel.kafkaClientEnv" $root | nindent 8 }}
         # Static group membership: a restarted pod keeps its partitions (no rebalance, no wait for
         # its old session); a pod that goes away for good releases them on SIGTERM or after
         # kafka_session_timeout_ms.

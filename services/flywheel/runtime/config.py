@@ -157,7 +157,7 @@ def settings_env(cls: type[BaseSettings], **values: object) -> dict[str, str]:
             raise KeyError(f"{cls.__name__} has no setting {name!r}{hint}")
         if isinstance(value, bool):
             text = "true" if value else "false"
-        elif isinstance(value, (list, dict)):
+        elif isinstance(value, (list, tuple, dict)):
             text = json.dumps(value)
         else:
             text = str(value)

@@ -23,7 +23,7 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 
 class _KLSettings(Protocol):
     adaptive_kl: bool
-    init_kl_coef: float
+    kl_coef: float
     target_kl: float
     kl_horizon: int
 
@@ -60,5 +60,5 @@ class AdaptiveKLController(FixedKLController):
 
 def kl_controller_for(config: _KLSettings) -> FixedKLController:
     if config.adaptive_kl:
-        return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
-    return FixedKLController(config.init_kl_coef)
+        return AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+    return FixedKLController(config.kl_coef)

@@ -118,7 +118,7 @@ def load_trainer(config: PPOConfig, store: CheckpointStore, base_model_path: str
         store.load_value_head(latest.version, policy.value_head)
     module = wrap(policy) if wrap else policy
     trainer = PPOTrainer(config, module, ref)
-    log.info("PPO forward passes in %s (trainer_dtype %s)", trainer.compute_dtype, config.compute_dtype)
+    log.info("PPO forward passes in %s (trainer_dtype %s)", trainer.compute_dtype, config.dtype)
     if latest is not None:
         if opt_state is not None:
             trainer.optimizer.load_state_dict(opt_state)

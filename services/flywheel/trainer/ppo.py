@@ -1,4 +1,4 @@
-"""PPO for language models: the config, the policy + value head model, and `PPOTrainer`.
+"""PPO for language models: the policy + value head model and `PPOTrainer` (config: `ppo_config`).
 
 The maths lives in `kl` (estimators, KL controllers), `advantages` (token rewards, GAE) and
 `losses` (masked statistics, clipped losses, sampler-mismatch KL and truncated importance weights);
@@ -24,7 +24,7 @@ min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection i
 it corrects, the KL penalty also takes log pi from the trainer's recomputation: the reference's
 log-probs come from the trainer's numerics, and the sampler's would add precision noise to the KL.
 
-Trainer precision (`compute_dtype`): bfloat16 runs the forward passes of policy, value head and
+Trainer precision (`dtype`): bfloat16 runs the forward passes of policy, value head and
 reference under `torch.autocast`; master weights, gradients, the optimizer and the loss maths
 (logsumexp, KL, GAE, whitening) stay fp32. The reference's log-probs then carry bf16 noise, so
 the KL penalty takes log pi from the trainer's recomputation (same precision, exactly 0 KL while
@@ -42,8 +42,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,132 +68,7 @@ from flywheel.trainer.losses import (  # noqa: F401 - re-exported
     truncated_is_weights,
     value_loss,
 )
-
-# --------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PPOConfig:
-    """Every PPO knob, with defaults chosen against common practice (see docs/trainer.md).
-
-    TRL 1.9.2 experimental PPOConfig (for comparison): kl_coef 0.05, cliprange 0.2,
-    cliprange_value 0.2, vf_coef 0.1, gamma 1.0, lam 0.95, num_ppo_epochs 4, whiten rewards off,
-    kl_estimator k1, learning_rate 3e-6. Ziegler et al. 2019 / early TRL: adaptive KL (init 0.2,
-    target 6, horizon 10000).
-    """
-
-    learning_rate: float = 1e-5
-    """AdamW learning rate (TRL: 3e-6 for 1B-class models; small models tolerate more)."""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    ppo_epochs: int = 4
-    """Passes over each batch (TRL num_ppo_epochs = 4)."""
-    mini_batch_size: int = 4
-    """Sequences per optimizer step, per rank."""
-    gamma: float = 1.0
-    """Discount; 1.0 is standard for LM rewards given at the last token."""
-    lam: float = 0.95
-    """GAE lambda (TRL: 0.95)."""
-    cliprange: float = 0.2
-    """Clip of the probability ratio in the surrogate objective (TRL: 0.2)."""
-    cliprange_value: float = 0.2
-    """Clip of the value update around the old values (TRL: 0.2)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (TRL: 0.1)."""
-    ent_coef: float = 0.0
-    """Entropy bonus weight; 0 disables it (common for RLHF)."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip; <= 0 disables it."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """k1 = log p - log q (unbiased, can be negative per token); k3 = (r - 1) - log r with
-    r = q/p (unbiased, always >= 0, lower variance) (Schulman, "Approximating KL divergence")."""
-    adaptive_kl: bool = False
-    """Adaptive KL controller (Ziegler et al.) instead of a fixed coefficient."""
-    init_kl_coef: float = 0.05
-    """Initial (or fixed) KL coefficient (TRL: 0.05 fixed; adaptive mode traditionally 0.2)."""
-    target_kl: float = 6.0
-    """Adaptive mode: target KL per sequence, in nats (Ziegler et al.: 6)."""
-    kl_horizon: int = 10_000
-    """Adaptive mode: horizon in sequences (Ziegler et al.: 10000)."""
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    score_clip: float | None = None
-    """Clip reward-model scores to [-score_clip, score_clip] (None = no clip)."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of responses that did not finish (truncated at max length)."""
-    temperature: float | None = None
-    """Temperature the log-probs are computed at; None = each rollout's own sampling temperature
-    (the policy service reports log-softmax(logits / temperature))."""
-    ratio_logprobs: Literal["behaviour", "recompute"] = "behaviour"
-    """Old log-probs for the ratio: the behaviour policy's (carried by the rollout, correct for
-    stale rollouts) or recomputed by the current policy at the start of the step. Affects only the
-    ratio; the KL penalty's log-probs are `kl_logprobs`."""
-    kl_logprobs: Literal["behaviour", "recompute"] = "behaviour"
-    """Log pi in the KL penalty KL(pi || pi_ref): the rollout's behaviour log-probs (the policy
-    that drew the tokens) or the trainer's recomputation at step start (same precision as the
-    reference's). Always the recomputation while TIS corrects or compute_dtype is not float32."""
-    sampler_correction: Literal["auto", "tis", "none"] = "auto"
-    """Sampler-trainer mismatch correction: `tis` always applies truncated importance sampling,
-    `none` never, `auto` once the measured mismatch KL exceeds mismatch_kl_threshold."""
-    tis_cap: float = 2.0
-    """Cap of the truncated importance weight p_trainer / p_sampler (Yao et al. 2025 use 2)."""
-    mismatch_kl_threshold: float = 1e-4
-    """Per-token KL(sampler || trainer) above which `auto` turns the correction on (fp32 sampler
-    and trainer measure ~2e-11; a bf16 sampler against an fp32 trainer ~1.6e-3 on SmolLM2)."""
-    compute_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
-    """Precision of the step's forward passes: bfloat16 = `torch.autocast` (fp32 master weights and
-    loss maths; the KL penalty then uses recomputed log-probs), auto = bfloat16 where the hardware
-    has it (flywheel.precision). float32 until the learning test shows bf16 learns as well."""
-    max_version_lag: int = 2
-    """Rollouts whose policy version is more than this many versions behind are dropped."""
-    staleness_weight_decay: float = 1.0
-    """Kept rollouts are weighted decay ** lag in the losses (1.0 = no down-weighting)."""
-    value_head_init_std: float = 0.0
-    """Std of the value head's initial weights (0 = start from zero values)."""
-    seed: int = 0
-
-    def validate(self) -> "PPOConfig":
-        checks = [
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
-            (self.mini_batch_size >= 1, "mini_batch_size must be >= 1"),
-            (0 <= self.gamma <= 1, "gamma must be in [0, 1]"),
-            (0 <= self.lam <= 1, "lam must be in [0, 1]"),
-            (self.cliprange > 0, "cliprange must be > 0"),
-            (self.cliprange_value > 0, "cliprange_value must be > 0"),
-            (self.vf_coef >= 0, "vf_coef must be >= 0"),
-            (self.kl_estimator in ("k1", "k3"), "kl_estimator must be k1 or k3"),
-            (self.init_kl_coef >= 0, "init_kl_coef must be >= 0"),
-            (self.target_kl > 0, "target_kl must be > 0"),
-            (self.kl_horizon > 0, "kl_horizon must be > 0"),
-            (self.ratio_logprobs in ("behaviour", "recompute"), "ratio_logprobs must be behaviour or recompute"),
-            (self.kl_logprobs in ("behaviour", "recompute"), "kl_logprobs must be behaviour or recompute"),
-            (self.sampler_correction in ("auto", "tis", "none"), "sampler_correction must be auto, tis or none"),
-            (self.tis_cap >= 1, "tis_cap must be >= 1"),
-            (self.mismatch_kl_threshold >= 0, "mismatch_kl_threshold must be >= 0"),
-            (self.compute_dtype in ("float32", "bfloat16", "auto"), "compute_dtype must be float32, bfloat16 or auto"),
-            (self.max_version_lag >= 0, "max_version_lag must be >= 0"),
-            (0 < self.staleness_weight_decay <= 1, "staleness_weight_decay must be in (0, 1]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PPOConfig":
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        if "adam_betas" in kwargs:
-            kwargs["adam_betas"] = tuple(kwargs["adam_betas"])
-        return cls(**kwargs)
-
+from flywheel.trainer.ppo_config import PPOConfig
 
 # --------------------------------------------------------------------------------------------
 # Model: causal LM + value head, one forward for taken-token log-probs, entropy and values
@@ -351,14 +226,14 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, policy: nn.Module, ref_model: nn.Module, *,
                  optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.config = config.validate()
+        self.config = config
         self.policy = policy
         self.ref_model = ref_model.eval()
         disable_dropout(policy)
         disable_dropout(ref_model)
         device = next(_unwrap(policy).parameters()).device
         self.ref_model.to(device)
-        self.compute_dtype = resolve_dtype(config.compute_dtype, str(device))
+        self.compute_dtype = resolve_dtype(config.dtype, str(device))
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
         self.optimizer = optimizer or make_optimizer(policy, config)
