@@ -172,8 +172,8 @@ async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, s
                       common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_POLICY, version="policy-0010",
                                               checkpoint_uri=checkpoints["reward-0001"].as_uri())):
             await asyncio.to_thread(publish_model_version, stale, kafka_bootstrap, t["versions"].name)
-        # the follower has considered (and rejected) the broken reward-0009, the newest of them
-        await wait_until_async(lambda: app.reload.newest_considered >= 9, 30, what="the stale versions handled")
+        # the follower has rejected reward-0009, the newest of them (outside the checkpoint roots)
+        await wait_until_async(lambda: "reward-0009" in app.reload.rejected, 30, what="the stale versions handled")
         reply = await stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30)
         assert reply.scorer_version == "reward-0002"
     assert app.reload is not None and app.reload.loaded == ["reward-0002"]
