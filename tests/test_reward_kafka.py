@@ -116,7 +116,8 @@ async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, s
     t = topics_for(kafka_bootstrap, unique)
     settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
                                 reward_model_uri=str(checkpoints["reward-0001"]), reward_worker_enabled=False,
-                                reward_instance_id=unique, kafka_poll_timeout_ms=200, reward_max_wait_ms=2.0)
+                                reward_instance_id=unique, kafka_poll_timeout_ms=200, reward_max_wait_ms=2.0,
+                                checkpoint_roots=[checkpoints["reward-0002"].parent])
     app = build_app(settings, rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
     target = await serve(app.runtime)
     new_model = TransformerRewardScorer(checkpoints["reward-0002"], max_length=settings.reward_max_length)
