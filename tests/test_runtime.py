@@ -309,6 +309,23 @@ def test_uri_policy_confines_locations(tmp_path) -> None:
         assert err.value.field == "dataset_uri"
 
 
+async def test_serving_process_freezes_its_start_up_heap(settings_factory) -> None:
+    """A full GC pass over a built service (~500,000 objects with torch loaded) stops every thread,
+    health included, for 0.1-0.45 s; `serve` (the process entry) takes them out of full passes."""
+    import gc
+
+    runtime, _ = build(settings_factory())
+    gc.unfreeze()
+    serving = asyncio.ensure_future(runtime.serve())
+    try:
+        await wait_until_async(lambda: runtime.grpc_port is not None, 30, what="the runtime started")
+        assert gc.get_freeze_count() > 0
+    finally:
+        await runtime.stop(grace=0)
+        await serving
+        gc.unfreeze()  # the rest of the test process collects as usual
+
+
 def test_checkpoint_locations_default_to_the_home_checkpoints(tmp_path) -> None:
     from flywheel.runtime.config import ServiceSettings
 
