@@ -60,7 +60,8 @@ class ModelVersionFollower(Generic[Model]):
 
     @property
     def newest_considered(self) -> int:
-        """Number of the newest version loaded or rejected so far (older ones are ignored)."""
+        """Number of the newest version loaded or rejected so far (older ones are ignored); versions
+        refused for their location do not count."""
         return self._newest_considered
 
     def __call__(self, batch: Sequence[Delivery[common_pb2.ModelVersion]]) -> list[Rejection]:
