@@ -313,6 +313,7 @@ async def test_serving_process_freezes_its_start_up_heap(settings_factory) -> No
     """A full GC pass over a built service (~500,000 objects with torch loaded) stops every thread,
     health included, for 0.1-0.45 s; `serve` (the process entry) takes them out of full passes."""
     import gc
+    import signal
 
     runtime, _ = build(settings_factory())
     gc.unfreeze()
@@ -324,6 +325,8 @@ async def test_serving_process_freezes_its_start_up_heap(settings_factory) -> No
         await runtime.stop(grace=0)
         await serving
         gc.unfreeze()  # the rest of the test process collects as usual
+        for sig in (signal.SIGTERM, signal.SIGINT):  # serve() installed them: Ctrl-C stops pytest again
+            asyncio.get_running_loop().remove_signal_handler(sig)
 
 
 def test_checkpoint_locations_default_to_the_home_checkpoints(tmp_path) -> None:
