@@ -320,7 +320,7 @@ def test_chart_ports_are_the_code_defaults(rendered, service: str) -> None:
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_env_names_are_settings_fields(rendered, scenario: str) -> None:
+def test_env_names_are_settings_fields(rendered, scenario: str, monkeypatch) -> None:
     docs = rendered[scenario]
     configmaps = by_kind(docs, "ConfigMap")
     checked = 0
@@ -342,7 +342,10 @@ def test_env_names_are_settings_fields(rendered, scenario: str) -> None:
         env = {k: v for k, v in configmaps[f"rel-flywheel-{name}"]["data"].items()}
         env |= {e["name"]: "from-secret" for e in container.get("env", [])
                 if e["name"].startswith("FLYWHEEL_") and "secretKeyRef" in e.get("valueFrom", {})}
-        parsed = cls(_env_file=None, **{k[len("FLYWHEEL_"):].lower(): v for k, v in env.items()})
+        with monkeypatch.context() as environment:  # parsed as the service parses them (JSON lists too)
+            for key, value in env.items():
+                environment.setenv(key, value)
+            parsed = cls(_env_file=None)
         assert parsed.grpc_port == values()[name]["grpcPort"]
         checked += 1
     if scenario != "all-off":
