@@ -18,7 +18,7 @@ full garbage-collector passes, not the services' event loops (asyncio debug mode
 over 40 ms while fuzzing): with torch and transformers loaded, a generation-2 collection walks
 ~500,000 objects in 0.1-0.45 s with the GIL held, stopping every thread. Services freeze their
 start-up heap (`ServiceRuntime.serve` -> `freeze_startup_heap`), and so do these tests; with it,
-in two runs of this file at load average 3-8, the slowest answer per service was 11-61 ms (p50
+in three runs of this file at load average 3-8, the slowest answer per service was 11-78 ms (p50
 2-12 ms). The 250 ms bound leaves room for the scheduler on a loaded 2-core runner and still
 fails on one full collection or a blocked event loop.
 """
