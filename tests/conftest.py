@@ -87,14 +87,15 @@ def unique() -> str:
 
 @pytest.fixture
 def settings_factory(tmp_path: Path):
-    """Settings for an in-test service: loopback, free ports (0), state under tmp_path."""
+    """Settings for an in-test service: loopback, free ports (0), state under tmp_path (where tests also
+    write the checkpoints they announce: the allowed checkpoint root)."""
 
     def make(cls=None, **overrides):
         from flywheel.runtime.config import ServiceSettings
 
         cls = cls or ServiceSettings
         base = dict(host="127.0.0.1", grpc_port=0, metrics_port=0, home=tmp_path / "home", shutdown_grace_s=1.0,
-                    shutdown_delay_s=0.0, preference_ui_port=0)
+                    shutdown_delay_s=0.0, preference_ui_port=0, checkpoint_roots=[tmp_path])
         base.update(overrides)
         return cls(**base)
 

@@ -455,8 +455,12 @@ def test_trainer_checkpoints_are_shared_read_only_with_policy_and_reward(compose
     mount = "checkpoints:/var/lib/flywheel/shared"
     assert mount in services["trainer"]["volumes"]
     assert f"{mount}:ro" in services["policy"]["volumes"] and f"{mount}:ro" in services["reward"]["volumes"]
-    assert services["trainer"]["environment"]["FLYWHEEL_TRAINER_CHECKPOINT_URI"].startswith(
-        "file:///var/lib/flywheel/shared/")
+    trainer_env = services["trainer"]["environment"]
+    assert trainer_env["FLYWHEEL_TRAINER_CHECKPOINT_URI"].startswith("file:///var/lib/flywheel/shared/checkpoints/")
+    assert trainer_env["FLYWHEEL_TRAINER_REWARD_OUTPUT_DIR"].startswith("/var/lib/flywheel/shared/checkpoints/")
+    for name in ("policy", "reward"):  # ... the only place they load announced versions from
+        roots = json.loads(services[name]["environment"]["FLYWHEEL_CHECKPOINT_ROOTS"])
+        assert roots == ["/var/lib/flywheel/shared/checkpoints"]
 
 
 def test_image_constraints_are_generated_from_the_lock() -> None:

@@ -324,7 +324,7 @@ def test_chart_ports_are_the_code_defaults(rendered, service: str) -> None:
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_env_names_are_settings_fields(rendered, scenario: str) -> None:
+def test_env_names_are_settings_fields(rendered, scenario: str, monkeypatch) -> None:
     docs = rendered[scenario]
     configmaps = by_kind(docs, "ConfigMap")
     checked = 0
@@ -346,7 +346,10 @@ def test_env_names_are_settings_fields(rendered, scenario: str) -> None:
         env = {k: v for k, v in configmaps[f"rel-flywheel-{name}"]["data"].items()}
         env |= {e["name"]: "from-secret" for e in container.get("env", [])
                 if e["name"].startswith("FLYWHEEL_") and "secretKeyRef" in e.get("valueFrom", {})}
-        parsed = cls(_env_file=None, **{k[len("FLYWHEEL_"):].lower(): v for k, v in env.items()})
+        with monkeypatch.context() as environment:  # parsed as the service parses them (JSON lists too)
+            for key, value in env.items():
+                environment.setenv(key, value)
+            parsed = cls(_env_file=None)
         assert parsed.grpc_port == values()[name]["grpcPort"]
         checked += 1
     if scenario != "all-off":
@@ -394,6 +397,24 @@ def test_shared_checkpoints_are_written_by_the_trainer_only(rendered) -> None:
     assert "rel-flywheel-reward-train" in by_kind(docs, "CronJob")
     trainer_cm = by_kind(docs, "ConfigMap")["rel-flywheel-trainer"]["data"]
     assert trainer_cm["FLYWHEEL_TRAINER_CHECKPOINT_URI"] == "file:///var/lib/flywheel/shared/checkpoints/policy"
+    assert trainer_cm["FLYWHEEL_TRAINER_REWARD_OUTPUT_DIR"] == "/var/lib/flywheel/shared/checkpoints/reward"
+    for name in ("policy", "reward"):  # where they may load announced versions from: the trainer's writes
+        data = by_kind(docs, "ConfigMap")[f"rel-flywheel-{name}"]["data"]
+        assert json.loads(data["FLYWHEEL_CHECKPOINT_ROOTS"]) == ["/var/lib/flywheel/shared/checkpoints"]
+
+
+def test_policy_and_reward_may_load_from_where_the_trainer_writes(helm) -> None:
+    """An object-store checkpoint URI of the trainer is allowed (scheme://host) for policy and reward;
+    without one (and no shared volume) they keep the service default, <home>/checkpoints."""
+    docs = render(helm, "default", "--set", "trainer.config.trainer_checkpoint_uri=s3://Ckpt:9000/flywheel/policy",
+                  "--set", "reward.config.checkpoint_remote={s3://mine}")
+    maps = by_kind(docs, "ConfigMap")
+    assert json.loads(maps["rel-flywheel-policy"]["data"]["FLYWHEEL_CHECKPOINT_REMOTE"]) == ["s3://ckpt"]
+    assert json.loads(maps["rel-flywheel-reward"]["data"]["FLYWHEEL_CHECKPOINT_REMOTE"]) == ["s3://mine"]  # user wins
+    for name in ("preference", "trainer"):
+        assert "FLYWHEEL_CHECKPOINT_REMOTE" not in maps[f"rel-flywheel-{name}"]["data"]
+    default = by_kind(render(helm, "default"), "ConfigMap")
+    assert not any("FLYWHEEL_CHECKPOINT_" in key for cm in default.values() for key in cm.get("data", {}))
 
 
 # -- wiring: selectors, autoscaling, monitoring ------------------------------------------------------

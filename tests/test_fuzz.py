@@ -9,14 +9,24 @@ random enums and nesting) and raw bytes; per HTTP route, random JSON and raw bod
 derandomized and bounded in count (see EXAMPLES) so CI is stable.
 
 Asserted for every call: no INTERNAL or UNKNOWN status, no 5xx. Throughout each service's run,
-a separate thread on its own channel checks health every 50 ms: 95% of answers within 100 ms and
-none over 1 s (the tail tolerates CPU contention from other processes; a blocked loop does not pass).
-Process RSS growth over a service's run stays under RSS_GROWTH_LIMIT.
+a separate thread on its own channel checks health (gRPC, and the policy's HTTP /health, each timed
+on its own) every 20 ms: 99% of answers within 100 ms (in a run of under 100 checks, all but one)
+and none over 250 ms. Process RSS growth over a service's run stays under RSS_GROWTH_LIMIT.
+
+Health latency, measured on 2 cores shared with other work: the slow answers (up to 503 ms) were
+full garbage-collector passes, not the services' event loops (asyncio debug mode logged no callback
+over 40 ms while fuzzing): with torch and transformers loaded, a generation-2 collection walks
+~500,000 objects in 0.1-0.45 s with the GIL held, stopping every thread. Services freeze their
+start-up heap (`ServiceRuntime.serve` -> `freeze_startup_heap`), and so do these tests; with it,
+in three runs of this file at load average 3-8, the slowest answer per service was 11-78 ms (p50
+2-12 ms). The 250 ms bound leaves room for the scheduler on a loaded 2-core runner and still
+fails on one full collection or a blocked event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import threading
@@ -35,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flywheel.runtime.process import freeze_startup_heap
 from waiting import wait_until_async
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -42,8 +53,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 EXAMPLES = 12  # generated messages per RPC
 RAW_EXAMPLES = 6  # raw byte strings per RPC
 CALL_TIMEOUT_S = 10.0
-HEALTH_BUDGET_S = 0.100  # 95% of health answers: one scheduler hiccup on a shared runner is not a stall
-HEALTH_STALL_S = 1.0  # every health answer (a blocked event loop took seconds before these fixes)
+HEALTH_BUDGET_S = 0.100  # 99% of health answers (see the module docstring for what was measured)
+HEALTH_STALL_S = 0.250  # every health answer: a full GC pass or a blocked event loop takes longer
 RSS_GROWTH_LIMIT = 768 * 1024 * 1024
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -131,23 +142,24 @@ class ServiceThread:
 
 
 class HealthWatch:
-    """Checks health from its own thread and channel every 50 ms; records every latency."""
+    """Checks health from its own thread every 20 ms; records every answer's latency, per check."""
 
-    def __init__(self, check: Callable[[], None]) -> None:
-        self.check = check
-        self.latencies: list[float] = []
+    def __init__(self, checks: dict[str, Callable[[], None]]) -> None:
+        self.checks = checks
+        self.latencies: dict[str, list[float]] = {name: [] for name in checks}
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fuzz-health", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            start = time.perf_counter()
-            try:
-                self.check()
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion
-                self.failures.append(repr(exc)[:200])
-            self.latencies.append(time.perf_counter() - start)
+        while not self._stop.wait(0.02):
+            for name, check in self.checks.items():
+                start = time.perf_counter()
+                try:
+                    check()
+                except Exception as exc:  # noqa: BLE001 - reported by the assertion
+                    self.failures.append(f"{name}: {exc!r}"[:200])
+                self.latencies[name].append(time.perf_counter() - start)
 
     def __enter__(self) -> "HealthWatch":
         self._thread.start()
@@ -168,30 +180,36 @@ def watched(grpc_target: str, service: str, http_health: str | None = None) -> I
     channel = grpc.insecure_channel(grpc_target)
     stub = health_pb2_grpc.HealthStub(channel)
 
-    def check() -> None:
+    def grpc_check() -> None:
         stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-        if http_health:
-            with urllib.request.urlopen(http_health, timeout=1.0) as resp:
-                resp.read()
 
-    check()  # connect first: the budget is for answers, not for establishing the channel
+    def http_check() -> None:
+        with urllib.request.urlopen(http_health, timeout=1.0) as resp:
+            resp.read()
+
+    checks = {"grpc": grpc_check, **({"http": http_check} if http_health else {})}
+    for check in checks.values():
+        check()  # connect first: the budget is for answers, not for establishing the channel
+    freeze_startup_heap()  # as a service process does once built (ServiceRuntime.serve)
     rss_before = rss_bytes()
     try:
-        with HealthWatch(check) as watch:
+        with HealthWatch(checks) as watch:
             yield watch
     finally:
         channel.close()
+        gc.unfreeze()  # this process goes on to other tests: let their garbage be collected
     assert not watch.failures, watch.failures[:3]
-    assert watch.latencies, "health was never checked"
-    slow = sorted(watch.latencies)[-3:]
-    print(f"{service}: {len(watch.latencies)} health checks, p50 "
-          f"{sorted(watch.latencies)[len(watch.latencies) // 2] * 1000:.1f} ms, slowest {[round(x * 1000) for x in slow]} ms,"
-          f" RSS +{(rss_bytes() - rss_before) / 2**20:.0f} MiB")
-    ordered = sorted(watch.latencies)
-    p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-    detail = f"slowest {[round(s * 1000) for s in slow]} ms of {len(ordered)} checks"
-    assert p95 <= HEALTH_BUDGET_S, f"95th percentile health latency {p95 * 1000:.0f} ms; {detail}"
-    assert ordered[-1] <= HEALTH_STALL_S, f"health stalled {ordered[-1] * 1000:.0f} ms; {detail}"
+    for name, latencies in watch.latencies.items():
+        assert latencies, f"{name} health was never checked"
+        ordered = sorted(latencies)
+        over = [t for t in ordered if t > HEALTH_BUDGET_S]
+        detail = (f"{service} {name} health: {len(ordered)} checks, p50 {ordered[len(ordered) // 2] * 1000:.1f} ms, "
+                  f"p99 {ordered[int(len(ordered) * 0.99)] * 1000:.1f} ms, slowest "
+                  f"{[round(t * 1000) for t in ordered[-3:]]} ms, load {os.getloadavg()[0]:.1f}")
+        print(detail)
+        assert len(over) <= max(1, len(ordered) // 100), f"{len(over)} answers over {HEALTH_BUDGET_S * 1000:.0f} ms; {detail}"
+        assert ordered[-1] <= HEALTH_STALL_S, f"health took {ordered[-1] * 1000:.0f} ms; {detail}"
+    print(f"{service}: RSS +{(rss_bytes() - rss_before) / 2**20:.0f} MiB")
     assert rss_bytes() - rss_before < RSS_GROWTH_LIMIT
 
 

@@ -19,6 +19,7 @@ from flywheel.v1 import common_pb2
 from waiting import wait_until_async
 
 POISON_URI = "gcs://flywheel-no-such-bucket/checkpoint"  # gcsfs is not installed: ImportError
+POISON_REMOTE = ["gcs://flywheel-no-such-bucket"]  # allowed, so the load itself fails
 
 
 def test_version_names_round_trip() -> None:
@@ -86,7 +87,8 @@ async def test_poison_reward_version_does_not_wedge_reload(kafka_bootstrap, uniq
     topic = _versions_topic(kafka_bootstrap, unique)
     settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
                                 reward_model_uri=str(good["reward-0001"]), reward_worker_enabled=False,
-                                reward_instance_id=unique, kafka_poll_timeout_ms=200)
+                                reward_instance_id=unique, kafka_poll_timeout_ms=200,
+                                checkpoint_remote=POISON_REMOTE)
     app = build_app(settings, versions_topic=topic)
     await serve(app.runtime)
     rejected = _count("flywheel_reward_reloads_total", "rejected")
@@ -118,7 +120,8 @@ async def test_poison_policy_version_does_not_wedge_reload(kafka_bootstrap, uniq
     topic = _versions_topic(kafka_bootstrap, unique)
     settings = settings_factory(PolicySettings, kafka_bootstrap_servers=kafka_bootstrap, policy_http_enabled=False,
                                 policy_worker_enabled=False, policy_model_versions_topic=topic.name,
-                                kafka_consumer_group=f"policy-{unique}", kafka_poll_timeout_ms=200)
+                                kafka_consumer_group=f"policy-{unique}", kafka_poll_timeout_ms=200,
+                                checkpoint_remote=POISON_REMOTE)
     threads = torch.get_num_threads()
     parts = build_components(settings, LocalBackend(PolicyEngine.from_checkpoint(), max_batch_size=4))
     try:
@@ -135,3 +138,75 @@ async def test_poison_policy_version_does_not_wedge_reload(kafka_bootstrap, uniq
         assert _count("flywheel_policy_reloads_total", "rejected") == rejected + 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_checkpoints_outside_the_allowed_locations_are_rejected_unread(tmp_path) -> None:
+    """The URI of a version on the topic is checked before anything is read: refused versions are
+    rejected and counted, never loaded, and (not counting as considered) hide no other version."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from flywheel.bus.codec import Delivery
+    from flywheel.model_follower import ModelVersionFollower
+    from flywheel.runtime.uris import UriPolicy
+
+    root, outside = tmp_path / "checkpoints", tmp_path / "elsewhere" / "reward-0009"
+    (root / "reward-0002").mkdir(parents=True)
+    outside.mkdir(parents=True)
+    reloads = Counter("test_reloads", "reloads", ["outcome"], registry=CollectorRegistry())
+    read: list[str] = []
+    serving = ["reward-0001"]
+
+    def load(mv: common_pb2.ModelVersion) -> str:
+        read.append(mv.checkpoint_uri)
+        return mv.version
+
+    follower = ModelVersionFollower("reward", load, lambda model: None, serving.append,
+                                    current_version=lambda: serving[-1], reloads=reloads,
+                                    uri_policy=UriPolicy("checkpoint_uri", [root], ["s3://checkpoints"]))
+    forged = {"reward-0009": outside.as_uri(),  # exists, loadable, but not where checkpoints live
+              "reward-0008": "http://169.254.169.254/latest/meta-data",
+              "reward-0007": f"file://{root}/%2E%2E/elsewhere/reward-0009",  # ".." once decoded
+              "reward-0006": "s3://other-bucket/reward-0006",
+              "reward-0005": "/" + "x" * 2000}
+    batch = [Delivery("versions", 0, n, "REWARD", common_pb2.ModelVersion(
+        kind=common_pb2.MODEL_KIND_REWARD, version=version, checkpoint_uri=uri))
+        for n, (version, uri) in enumerate([*forged.items(), ("reward-0002", (root / "reward-0002").as_uri())])]
+    assert follower(batch) == []
+    assert read == [(root / "reward-0002").as_uri()] and serving[-1] == "reward-0002"
+    assert set(follower.rejected) == set(forged)
+    assert all("checkpoint_uri" in why for why in follower.rejected.values())
+    assert reloads.labels("rejected")._value.get() == len(forged)
+    follower(batch)  # a replay (restart, rebalance) rejects nothing twice and reads nothing more
+    assert reloads.labels("rejected")._value.get() == len(forged) and len(read) == 1
+    assert reloads.labels("loaded")._value.get() == 1
+
+
+async def test_reward_version_outside_the_checkpoint_roots_is_rejected_unread(
+        kafka_bootstrap, unique, settings_factory, serve, tmp_path) -> None:
+    """On the real broker: a version naming a loadable checkpoint outside `checkpoint_roots` is
+    rejected and counted without being loaded; a version published after it still loads."""
+    from flywheel.reward.app import build_app
+    from flywheel.reward.settings import RewardSettings
+    from flywheel.reward.testing import tiny_reward_checkpoint
+
+    roots = tmp_path / "checkpoints"
+    serving = tiny_reward_checkpoint(roots / "reward-0001", version="reward-0001", seed=1)
+    allowed = tiny_reward_checkpoint(roots / "reward-0002", version="reward-0002", seed=2)
+    outside = tiny_reward_checkpoint(tmp_path / "elsewhere" / "reward-0005", version="reward-0005", seed=5)
+    topic = _versions_topic(kafka_bootstrap, unique)
+    settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
+                                reward_model_uri=str(serving), reward_worker_enabled=False,
+                                reward_instance_id=unique, kafka_poll_timeout_ms=200, checkpoint_roots=[roots])
+    app = build_app(settings, versions_topic=topic)
+    await serve(app.runtime)
+    rejected = _count("flywheel_reward_reloads_total", "rejected")
+    _publish(kafka_bootstrap, topic, common_pb2.ModelVersion(
+        kind=common_pb2.MODEL_KIND_REWARD, version="reward-0005", checkpoint_uri=outside.as_uri()))
+    await wait_until_async(lambda: "reward-0005" in app.reload.rejected, 60, what="reward-0005 rejected")
+    assert "PermissionDenied: checkpoint_uri" in app.reload.rejected["reward-0005"]
+    assert _count("flywheel_reward_reloads_total", "rejected") == rejected + 1
+    # numbered below the refused one: a forged version number hides nothing
+    _publish(kafka_bootstrap, topic, common_pb2.ModelVersion(
+        kind=common_pb2.MODEL_KIND_REWARD, version="reward-0002", checkpoint_uri=allowed.as_uri()))
+    await wait_until_async(lambda: app.reload.loaded == ["reward-0002"], 60, what="reward-0002 loaded")
+    assert app.batcher.scorer.version == "reward-0002"

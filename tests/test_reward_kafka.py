@@ -118,7 +118,8 @@ async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, s
     t = topics_for(kafka_bootstrap, unique)
     settings = settings_factory(RewardSettings, kafka_bootstrap_servers=kafka_bootstrap,
                                 reward_model_uri=str(checkpoints["reward-0001"]), reward_worker_enabled=False,
-                                reward_instance_id=unique, kafka_poll_timeout_ms=200, reward_max_wait_ms=2.0)
+                                reward_instance_id=unique, kafka_poll_timeout_ms=200, reward_max_wait_ms=2.0,
+                                checkpoint_roots=[checkpoints["reward-0002"].parent])
     app = build_app(settings, rollouts_topic=t["rollouts"], scored_topic=t["scored"], versions_topic=t["versions"])
     target = await serve(app.runtime)
     new_model = TransformerRewardScorer(checkpoints["reward-0002"], max_length=settings.reward_max_length)
@@ -174,8 +175,8 @@ async def test_hot_reload_under_load_loses_no_request(kafka_bootstrap, unique, s
                       common_pb2.ModelVersion(kind=common_pb2.MODEL_KIND_POLICY, version="policy-0010",
                                               checkpoint_uri=checkpoints["reward-0001"].as_uri())):
             await asyncio.to_thread(publish_model_version, stale, kafka_bootstrap, t["versions"].name)
-        # the follower has considered (and rejected) the broken reward-0009, the newest of them
-        await wait_until_async(lambda: app.reload.newest_considered >= 9, 30, what="the stale versions handled")
+        # the follower has rejected reward-0009, the newest of them (outside the checkpoint roots)
+        await wait_until_async(lambda: "reward-0009" in app.reload.rejected, 30, what="the stale versions handled")
         reply = await stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30)
         assert reply.scorer_version == "reward-0002"
     assert app.reload is not None and app.reload.loaded == ["reward-0002"]

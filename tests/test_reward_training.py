@@ -169,13 +169,14 @@ def test_cli_train(tmp_path, tiny_dir) -> None:
     from flywheel.reward.cli import app
 
     data = write_pairs_jsonl(ROWS * 4, tmp_path / "pairs.jsonl")
+    # no --output-dir: under FLYWHEEL_HOME, where reward services load announced versions from by default
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--base-model", str(tiny_dir),
-                                      "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
-                                      "--batch-size", "4", "--max-length", "32", "--eval-fraction", "0.5"])
+                                      "--max-steps", "2", "--batch-size", "4", "--max-length", "32",
+                                      "--eval-fraction", "0.5"], env={"FLYWHEEL_HOME": str(tmp_path / "home")})
     assert result.exit_code == 0, result.output
     body = json.loads(result.output[result.output.index("{"):])
     assert body["model_version"]["version"] == "reward-0001"
-    assert (tmp_path / "out" / "reward-0001" / "model.safetensors").exists()
+    assert (tmp_path / "home" / "checkpoints" / "reward" / "reward-0001" / "model.safetensors").exists()
     bad = CliRunner().invoke(app, ["train"])
     assert bad.exit_code != 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -298,13 +299,45 @@ def test_uri_policy_confines_locations(tmp_path) -> None:
     assert check_uri((root / "b").as_uri(), policy).local_path == root.resolve() / "b"
     assert check_uri("s3://datasets/x.jsonl", policy).local_path is None
     for uri in ("/etc/passwd", "file:///etc/passwd", str(root / "escape" / "passwd"), str(root / ".." / "x"),
-                "http://127.0.0.1:9/x", "s3://other/x", "bogusproto://x", "relative.jsonl"):
+                "http://127.0.0.1:9/x", "s3://other/x", "bogusproto://x", "relative.jsonl",
+                f"file://{root}/%2E%2E/x", f"file://{root}/escape%2Fpasswd"):  # checked as opened: decoded
         with pytest.raises(PermissionDenied, match="dataset_uri"):
             check_uri(uri, policy)
     for uri in ("x" * 1025, str(root / ("a" * 256)), "a\nb", "http://[::1/x", "mailto:someone", ""):
         with pytest.raises(InvalidArgument) as err:
             check_uri(uri, policy)
         assert err.value.field == "dataset_uri"
+
+
+async def test_serving_process_freezes_its_start_up_heap(settings_factory) -> None:
+    """A full GC pass over a built service (~500,000 objects with torch loaded) stops every thread,
+    health included, for 0.1-0.45 s; `serve` (the process entry) takes them out of full passes."""
+    import gc
+    import signal
+
+    runtime, _ = build(settings_factory())
+    gc.unfreeze()
+    serving = asyncio.ensure_future(runtime.serve())
+    try:
+        await wait_until_async(lambda: runtime.grpc_port is not None, 30, what="the runtime started")
+        assert gc.get_freeze_count() > 0
+    finally:
+        await runtime.stop(grace=0)
+        await serving
+        gc.unfreeze()  # the rest of the test process collects as usual
+        for sig in (signal.SIGTERM, signal.SIGINT):  # serve() installed them: Ctrl-C stops pytest again
+            asyncio.get_running_loop().remove_signal_handler(sig)
+
+
+def test_checkpoint_locations_default_to_the_home_checkpoints(tmp_path) -> None:
+    from flywheel.runtime.config import ServiceSettings
+
+    policy = ServiceSettings(home=tmp_path).checkpoint_policy()
+    assert policy.field == "checkpoint_uri" and policy.local_roots == [tmp_path / "checkpoints"]
+    assert policy.remote == []
+    configured = ServiceSettings(home=tmp_path, checkpoint_roots=["/ckpt"], checkpoint_remote=["s3://ckpt"])
+    assert configured.checkpoint_policy().local_roots == [Path("/ckpt")]
+    assert configured.checkpoint_policy().remote == ["s3://ckpt"]
 
 
 async def test_liveness_is_serving_while_the_service_is_not_ready(settings_factory, serve) -> None:

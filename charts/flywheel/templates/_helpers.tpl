@@ -144,7 +144,7 @@ default
 {{- $_ := set $managed "trainer_checkpoint_uri" "file:///var/lib/flywheel/shared/checkpoints/policy" }}
 {{- $_ := set $managed "trainer_reward_output_dir" "/var/lib/flywheel/shared/checkpoints/reward" }}
 {{- end }}
-{{- $settings := merge (dict) $managed (deepCopy ($c.config | default dict)) (deepCopy ($root.Values.config | default dict)) -}}
+{{- $settings := merge (dict) $managed (deepCopy ($c.config | default dict)) (deepCopy ($root.Values.config | default dict)) (include "flywheel.checkpointLocations" . | fromJson) -}}
 {{- range $key := keys $settings | sortAlpha }}
 {{- $value := index $settings $key }}
 {{- if not (regexMatch "^[a-z][a-z0-9_]*$" $key) }}
@@ -154,6 +154,38 @@ default
 {{ include "flywheel.envName" $key }}: {{ include "flywheel.settingValue" $value | quote }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* Where policy and reward may load the versions announced on the model-versions topic from (JSON;
+     user config wins): the shared volume the chart's trainer writes to, else the location the trainer
+     is configured to write to (a local path, or an object store's scheme://host). Empty: the service
+     default, <home>/checkpoints. */}}
+{{- define "flywheel.checkpointLocations" -}}
+{{- $root := .root -}}
+{{- $derived := dict -}}
+{{- if has .name (list "policy" "reward") -}}
+{{- $trainer := merge (dict) (deepCopy ($root.Values.trainer.config | default dict)) (deepCopy ($root.Values.config | default dict)) -}}
+{{- $roots := list -}}
+{{- $remote := list -}}
+{{- if $root.Values.checkpoints.shared.enabled -}}
+{{- $roots = append $roots "/var/lib/flywheel/shared/checkpoints" -}}
+{{- else -}}
+{{- with $trainer.trainer_checkpoint_uri -}}
+{{- $uri := urlParse . -}}
+{{- if has $uri.scheme (list "" "file") -}}
+{{- $roots = append $roots $uri.path -}}
+{{- else -}}
+{{- $remote = append $remote (printf "%s://%s" $uri.scheme (regexReplaceAll ":[0-9]+$" $uri.host "") | lower) -}}
+{{- end -}}
+{{- end -}}
+{{- with $trainer.trainer_reward_output_dir -}}
+{{- $roots = append $roots . -}}
+{{- end -}}
+{{- end -}}
+{{- if $roots }}{{ $_ := set $derived "checkpoint_roots" $roots }}{{ end -}}
+{{- if $remote }}{{ $_ := set $derived "checkpoint_remote" $remote }}{{ end -}}
+{{- end -}}
+{{- toJson $derived -}}
 {{- end -}}
 
 {{/* Workload annotations recording the security-scan decisions (checkov skip annotations need a

@@ -117,7 +117,7 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
         if reload:
             assert isinstance(backend, LocalBackend)
             parts.reloader = policy_follower(backend, cache_dir=settings.home / "checkpoints",
-                                             device=settings.policy_device, dtype=settings.policy_dtype)
+                                             uri_policy=settings.checkpoint_policy(), device=settings.policy_device, dtype=settings.policy_dtype)
             group = f"{settings.kafka_consumer_group}-reload-{parts.instance_id}"
             parts.reload_worker = worker_for(settings, versions, group, parts.reloader, parts.producer,
                                              static=False)

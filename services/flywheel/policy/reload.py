@@ -15,16 +15,18 @@ from flywheel.model_follower import ModelVersionFollower
 from flywheel.policy import metrics
 from flywheel.policy.backends import LocalBackend
 from flywheel.policy.engine import LoadedPolicy, load_policy
+from flywheel.runtime.uris import UriPolicy
 from flywheel.v1 import common_pb2
 from flywheel.versions import POLICY
 
 
-def policy_follower(backend: LocalBackend, *, cache_dir: Path, device: str = "cpu",
+def policy_follower(backend: LocalBackend, *, cache_dir: Path, uri_policy: UriPolicy, device: str = "cpu",
                     dtype: str = "float32") -> ModelVersionFollower[LoadedPolicy]:
     def load(mv: common_pb2.ModelVersion) -> LoadedPolicy:
         path = checkpoints.resolve(mv.checkpoint_uri, cache_dir)
         return load_policy(path, mv.version, device=device, dtype=dtype, validate=True)
 
     return ModelVersionFollower(POLICY, load, lambda policy: None, backend.swap,
-                                current_version=lambda: backend.version, reloads=metrics.RELOADS,
+                                current_version=lambda: backend.version, uri_policy=uri_policy,
+                                reloads=metrics.RELOADS,
                                 reload_seconds=metrics.RELOAD_SECONDS)

@@ -106,7 +106,8 @@ def build_app(settings: RewardSettings, *, scorer: Scorer | None = None,
                                       commit_every=scoring.chunk_size))
     if hot_reload:
         assert producer is not None
-        reload = reward_follower(batcher, lambda mv: transformer_from_settings(settings, mv.checkpoint_uri))
+        reload = reward_follower(batcher, lambda mv: transformer_from_settings(settings, mv.checkpoint_uri),
+                                 settings.checkpoint_policy())
         instance = settings.reward_instance_id or uuid.uuid4().hex[:12]
         runtime.add_worker(worker_for(settings, versions_topic, f"{settings.kafka_consumer_group}-reload-{instance}",
                                       reload, producer, static=False))

@@ -52,14 +52,15 @@ def train(
     if sources != 1:
         raise typer.BadParameter("give exactly one of --data, --from-topic, --sentiment-demo")
     configure_process(torch_threads=torch_threads, seed=seed)
+    settings = ServiceSettings()  # the launching trainer's FLYWHEEL_HOME and FLYWHEEL_KAFKA_*
     config = RewardTrainingConfig(
         data=data, base_model=base_model, version=version, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, eval_fraction=eval_fraction,
         center_rewards_coefficient=center_rewards, use_margin=not no_margin, seed=seed, publish=publish,
         bootstrap_servers=bootstrap_servers, model_versions_topic=model_versions_topic,
-        kafka_config=ServiceSettings().kafka_client_config())  # the launching trainer's FLYWHEEL_KAFKA_*
-    if output_dir is not None:
-        config.output_dir = output_dir
+        kafka_config=settings.kafka_client_config(),
+        # under FLYWHEEL_HOME, where the reward service loads announced versions from by default
+        output_dir=output_dir or settings.home / "checkpoints" / "reward")
     try:
         if from_topic:
             config.pairs = load_pairs_from_topic(bootstrap_servers, **config.kafka_config)

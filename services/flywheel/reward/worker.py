@@ -28,6 +28,7 @@ from flywheel.model_follower import ModelVersionFollower
 from flywheel.reward import metrics
 from flywheel.reward.batching import DynamicBatcher
 from flywheel.reward.scorers import EnsembleScorer, Scorer, TransformerRewardScorer, with_reward_model
+from flywheel.runtime.uris import UriPolicy
 from flywheel.v1 import common_pb2
 from flywheel.versions import REWARD
 
@@ -129,8 +130,8 @@ def reward_model_of(scorer: Scorer) -> TransformerRewardScorer | None:
     return None
 
 
-def reward_follower(batcher: DynamicBatcher, load: Callable[[common_pb2.ModelVersion], TransformerRewardScorer]
-                    ) -> ModelVersionFollower[TransformerRewardScorer]:
+def reward_follower(batcher: DynamicBatcher, load: Callable[[common_pb2.ModelVersion], TransformerRewardScorer],
+                    uri_policy: UriPolicy) -> ModelVersionFollower[TransformerRewardScorer]:
     """The shared follower over REWARD versions; `batcher.scorer` must contain a reward model."""
     if reward_model_of(batcher.scorer) is None:
         raise ValueError(f"scorer {batcher.scorer.name!r} has no reward model to hot-reload")
@@ -148,4 +149,4 @@ def reward_follower(batcher: DynamicBatcher, load: Callable[[common_pb2.ModelVer
         return current.version if current is not None else ""
 
     return ModelVersionFollower(REWARD, load, validate, swap, current_version=current_version,
-                                reloads=metrics.RELOADS, reload_seconds=metrics.RELOAD_SECONDS)
+                                uri_policy=uri_policy, reloads=metrics.RELOADS, reload_seconds=metrics.RELOAD_SECONDS)

@@ -18,6 +18,8 @@ from typing import Iterable, Literal, Mapping
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flywheel.runtime.uris import UriPolicy
+
 ENV_PREFIX = "FLYWHEEL_"
 
 
@@ -67,6 +69,14 @@ class ServiceSettings(BaseSettings):
     auth_burst_s: float = Field(1.0, gt=0, description="Quota burst: a key may spend this many seconds' worth of "
                                 "its rate at once.")
     home: Path = Field(default_factory=default_home, description="Directory for caches, checkpoints and state.")
+    checkpoint_roots: list[Path] = Field(
+        default_factory=list, description="Local directories a checkpoint_uri announced on the model-versions "
+        "topic may name (JSON list; empty: <home>/checkpoints, where a trainer sharing this home writes). A version "
+        "anywhere else is rejected without being read.")
+    checkpoint_remote: list[str] = Field(
+        default_factory=list, description="Remote `scheme://host` locations an announced checkpoint_uri may name "
+        "(JSON list, e.g. [\"s3://checkpoints\"]); none by default, so no message makes a service fetch from an "
+        "address its sender chose.")
 
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated Kafka bootstrap servers.")
     kafka_client_id: str = Field("flywheel", description="Kafka client id prefix.")
@@ -133,6 +143,11 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, Path):
             return value.expanduser().absolute()
         return value
+
+    def checkpoint_policy(self) -> UriPolicy:
+        """Where model versions from the topic may be loaded from (checked before any fetch)."""
+        return UriPolicy("checkpoint_uri", list(self.checkpoint_roots) or [self.home / "checkpoints"],
+                         self.checkpoint_remote)
 
     def api_keys_path(self) -> Path:
         return self.auth_keys_db or self.home / "auth" / "keys.sqlite"

@@ -5,10 +5,12 @@ object that changed them would silently slow down or perturb whatever else runs 
 (the trainer's PPO, a benchmark's baseline). Entry points (`flywheel serve`, `python -m
 flywheel.trainer`, `flywheel reward train`) call `configure_process` first (services through
 `start_service_process`, which also refuses unknown FLYWHEEL_* variables); nothing else does.
+`ServiceRuntime.serve`, the one place a service process starts serving, freezes its start-up heap.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 from typing import TYPE_CHECKING
@@ -44,3 +46,17 @@ def start_service_process(settings: "ServiceSettings") -> None:
 
     check_environment(known_env_names())
     configure_process(torch_threads=settings.torch_threads)
+
+
+def freeze_startup_heap() -> int:
+    """Take everything alive once a service is built (imports, the loaded model) out of the cyclic
+    garbage collector's full passes; returns how many objects that is.
+
+    A full (generation 2) collection walks every tracked object holding the GIL, so every thread
+    stops: with torch and transformers loaded that is ~500,000 objects and 0.1-0.45 s measured on
+    2 cores, during which no health check, RPC or Kafka poll is answered. What a service creates
+    later (requests, hot-reloaded models) is collected as before, and frozen objects are still freed
+    by reference counting; only a reference cycle among start-up objects would never be collected."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

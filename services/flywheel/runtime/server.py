@@ -30,6 +30,7 @@ from flywheel import __version__
 from flywheel.runtime import metrics
 from flywheel.runtime.config import ServiceSettings
 from flywheel.runtime.interceptors import ExceptionMappingInterceptor, MetricsInterceptor
+from flywheel.runtime.process import freeze_startup_heap
 from flywheel.runtime.readiness import Readiness
 from flywheel.runtime.tls import TlsFiles
 
@@ -212,7 +213,8 @@ class ServiceRuntime:
             except Exception:  # noqa: BLE001
                 log.exception("stop callback failed")
         if self._metrics_server is not None:
-            self._metrics_server.stop()
+            # shutdown() waits out the HTTP server's 0.5 s poll: not on the event loop
+            await asyncio.to_thread(self._metrics_server.stop)
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:
@@ -224,7 +226,9 @@ class ServiceRuntime:
         await self._stopped.wait()
 
     async def serve(self, *, ready: bool = True) -> None:
-        """Start, then block until SIGTERM/SIGINT has been handled."""
+        """The process entry: start, then block until SIGTERM/SIGINT has been handled."""
         self.install_signal_handlers()
+        frozen = freeze_startup_heap()  # built: a full GC pass over this would stall health for 0.1-0.45 s
+        log.debug("%d start-up objects exempt from full GC passes", frozen)
         await self.start(ready=ready)
         await self.wait_for_termination()

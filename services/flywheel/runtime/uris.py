@@ -1,6 +1,7 @@
-"""Caller-supplied URIs (dataset and export locations) checked before any file or socket is touched.
+"""Caller-supplied URIs checked before any file or socket is touched: dataset and export locations
+from requests, and checkpoint locations announced on the model-versions topic.
 
-A URI from a request may name only:
+Such a URI may name only:
 - a local path (plain or `file://`) that resolves, symlinks followed, inside one of the roots the
   operator configured for that field, or
 - a remote location whose `scheme://host` the operator listed explicitly (e.g. `s3://datasets`);
@@ -18,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from flywheel.runtime.errors import InvalidArgument, PermissionDenied, clip
 
@@ -65,7 +66,9 @@ def check_uri(uri: str, policy: UriPolicy) -> CheckedUri:
         raise InvalidArgument(field, f"not a URI: {exc}") from exc
     scheme = parts.scheme.lower()
     if scheme in ("", "file"):
-        return _check_local(uri, parts.path if scheme == "file" else uri, policy)
+        # A file:// path is percent-decoded, as `flywheel.checkpoints` does when opening it: checking
+        # the encoded text would let "%2E%2E" pass here and become ".." there.
+        return _check_local(uri, unquote(parts.path) if scheme == "file" else uri, policy)
     if not parts.netloc:
         raise InvalidArgument(field, f"{clip(uri)!r} is neither a local path nor scheme://host/path")
     allowed = {entry.lower().rstrip("/") for entry in policy.remote}
