@@ -34,6 +34,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+import os
+_DEBUG = bool(os.environ.get('AGG_DEBUG'))
+_SAFE = float(os.environ.get('AGG_SAFE', '2'))
+_STATS = {'outer': 0}
+_SETTLE = float(os.environ.get('AGG_SETTLE', '0.1'))
+_CUT = float(os.environ.get('AGG_CUT', '1e-8'))
 _MAX_STEP = 3.0          # largest change of one log-strength in one Newton step
 _MAX_HALVINGS = 40       # backtracking line search: step sizes 1, 1/2, ... 2^-40
 _ETA_FLOOR = 1e-9        # accuracies stay inside (0, 1): the Beta prior keeps them there, this guards rounding
@@ -252,7 +258,9 @@ class _Model:
         self.shared = np.flatnonzero((np.bincount(self.cell_prompt, minlength=P) >= 2)[prompt] & (self.a + self.b > 0))
         mass = (self.a + self.b)[self.shared]
         self.rater_mass = np.bincount(self.rater[self.shared], mass, self.R).astype(np.float64)
+        self.two_sided = bool(self.b.any())  # b > 0 only for ties counted as half wins (ties=False)
         self._cached: tuple | None = None
+        self._mixed: tuple | None = None
 
     def probabilities(self, S: np.ndarray, nu: float):
         """Davidson probabilities of every judgement at scores S (the last evaluation is reused)."""
@@ -262,34 +270,65 @@ class _Model:
         self._cached = (S, nu, probabilities)
         return probabilities
 
-    @staticmethod
-    def responsibilities(pw, pl, eta_j):
-        """P(judgement not reversed | its outcome) for the a and b masses, and the outcome likelihoods.
+    def mixture(self, S: np.ndarray, nu: float, eta_j: np.ndarray | None):
+        """P(judgement not reversed | its outcome) for the a and b masses, and the outcome likelihoods
+        (the last evaluation is reused; the b terms are None when no judgement has b mass).
 
         eta_j None: nobody reverses (reliability off), the plain Davidson model.
         """
+        cached = self._mixed
+        if cached is not None and cached[0] is S and cached[1] == nu and cached[2] is eta_j:
+            return cached[3]
+        pw, pl, _ = self.probabilities(S, nu)
         if eta_j is None:
-            return 1.0, 1.0, pw, pl
-        fa = eta_j * pw + (1.0 - eta_j) * pl
-        fb = eta_j * pl + (1.0 - eta_j) * pw
-        return eta_j * pw / fa, eta_j * pl / fb, fa, fb
+            mixed = (1.0, 1.0, pw, pl)
+        else:
+            fa = pl + eta_j * (pw - pl)
+            fb = pw + eta_j * (pl - pw) if self.two_sided else None
+            mixed = (eta_j * pw / fa, eta_j * pl / fb if self.two_sided else None, fa, fb)
+        self._mixed = (S, nu, eta_j, mixed)
+        return mixed
+
+    def split(self, S: np.ndarray, nu: float, eta_j: np.ndarray | None):
+        """EM surrogate masses ("first wins", "second wins" after the expected reversals) and lost information."""
+        if eta_j is None:
+            return self.a, self.b, None
+        ra, rb, _, _ = self.mixture(S, nu, eta_j)
+        A = self.a * ra
+        B = self.a - A
+        missing = A * (1.0 - ra)
+        if self.two_sided:
+            A, B = A + self.b * (1.0 - rb), B + self.b * rb
+            missing = missing + self.b * rb * (1.0 - rb)
+        return A, B, missing
 
     def objective(self, S: np.ndarray, nu: float, eta_j: np.ndarray | None) -> float:
         """Log likelihood (reversals summed out) + log Gamma prior of the strengths."""
-        pw, pl, pt = self.probabilities(S, nu)
-        _, _, fa, fb = self.responsibilities(pw, pl, eta_j)
+        _, _, fa, fb = self.mixture(S, nu, eta_j)
         # elementwise sums, not `@`: a BLAS dot product can be slowed badly by threads on a busy machine
-        ll = float((self.a * np.log(fa)).sum() + (self.b * np.log(fb)).sum())
+        ll = float((self.a * np.log(fa)).sum())
+        if self.two_sided:
+            ll += float((self.b * np.log(fb)).sum())
         if self.has_ties:
-            ll += float((self.t * np.log(pt)).sum())
+            ll += float((self.t * np.log(self.probabilities(S, nu)[2])).sum())
         prior = -self.lam * float(np.where(self.validf, np.exp(np.minimum(S, 700.0)) - S, 0.0).sum())
         return ll + prior
 
-    def hessian(self, S: np.ndarray, curvature: np.ndarray) -> np.ndarray:
-        """(P, K, K) Hessian of the log posterior in S, given -d²/dx² of each judgement's log likelihood."""
-        H = _likelihood_hessian(self.pair_of_prompt, self.P, self.K, curvature)
-        diag = np.where(self.validf, -self.lam * np.exp(np.minimum(S, 700.0)), -1.0)  # padding: -1
-        H[:, np.arange(self.K), np.arange(self.K)] += diag.reshape(self.P, self.K)
+    def hessian(self, S: np.ndarray, curvature: np.ndarray, floor: bool = False) -> np.ndarray:
+        """(P, K, K) Hessian of the log posterior in S, given -d²/dx² of each judgement's log likelihood
+        (`floor`: each pair's summed curvature floored at 0, so the Hessian is negative definite)."""
+        K = self.K
+        H = _likelihood_hessian(self.pair_of_prompt, self.P, K, curvature)
+        diag = np.where(self.validf, -self.lam * np.exp(np.minimum(S, 700.0)), -1.0).reshape(self.P, K)  # padding: -1
+        H[:, np.arange(K), np.arange(K)] += diag
+        if floor:  # only prompts with a pair of negative curvature can be indefinite; floor those that are
+            off_diagonal = 1.0 - np.eye(K)
+            suspect = np.flatnonzero((H * off_diagonal < 0).any((1, 2)))
+            indefinite = suspect[np.linalg.eigvalsh(H[suspect]).max(1) >= 0] if len(suspect) else suspect
+            if len(indefinite):
+                W = np.maximum(H[indefinite], 0.0) * off_diagonal
+                W[:, np.arange(K), np.arange(K)] = diag[indefinite] - W.sum(2)
+                H[indefinite] = W
         return H
 
     def newton_direction(self, S: np.ndarray, A: np.ndarray, B: np.ndarray, missing, nu: float) -> np.ndarray:
@@ -306,7 +345,7 @@ class _Model:
         gd, h = _terms(pw, pl, A, B, self.t)
         g = np.bincount(self.fw, gd, PK) - np.bincount(self.fl, gd, PK)
         g += np.where(self.validf, self.lam * (1.0 - np.exp(np.minimum(S, 700.0))), 0.0)
-        H = self.hessian(S, h if missing is None else np.clip(h - missing, 0.0, None))
+        H = self.hessian(S, h if missing is None else h - missing, floor=missing is not None)
         step = np.linalg.solve(-H, g.reshape(self.P, self.K, 1))[..., 0].ravel()
         return np.clip(step, -_MAX_STEP, _MAX_STEP) * self.validf
 
@@ -344,7 +383,7 @@ class _Model:
         idx, R = self.shared, self.R
         pw, pl, _ = _probabilities(d_held_out[idx], nu)
         diff, a, b, rater = pw - pl, self.a[idx], self.b[idx], self.rater[idx]
-        two_sided = bool(b.any())  # b > 0 only for ties counted as half wins (ties=False)
+        two_sided = self.two_sided
         lo, hi = np.full(R, _ETA_FLOOR), np.full(R, 1.0 - _ETA_FLOOR)
         x = np.clip(eta, lo, hi)
         for steps in range(max_steps + 1):
@@ -389,6 +428,97 @@ def _ascend(objective, x, direction, current: float):
         if math.isfinite(value) and value >= current - slack:
             return trial, value
     return x, current
+
+
+class _Accelerator:
+    """Secant acceleration of the accuracies' fixed-point iteration η ← G(η), steering clear of saddles.
+
+    Plain steps η + f (f = G(η) - η) contract slowly where raters are alike (≈ 0.83 per step for three
+    identical raters: how their accuracies differ is weakly determined). The secants of the last few
+    steps give a model M of the Jacobian of f on the subspace they span (multisecant quasi-Newton,
+    like Anderson acceleration). Its eigenvalues say how the plain iteration behaves there: Re μ < 0
+    attracts, and there the step is Newton's, -M⁻¹f; Re μ > 0 is a fixed point the plain iteration
+    leaves (a saddle: e.g. one honest and one reversed rater taken for two random ones), and there
+    the step goes away from it instead (sign of μ flipped), and such a point is never reported as
+    converged. Outside the subspace, plain steps. Safeguards: when the residual more than doubles
+    the history is dropped; plain steps that turn back on the previous one (raters contradicting
+    each other: a 2-cycle) are damped.
+    """
+
+    MEMORY = int(os.environ.get('AGG_MEM', '5'))
+    SLOWEST = float(os.environ.get('AGG_SLOW', '0.05'))
+    SADDLE = float(os.environ.get('AGG_SADDLE', '0.01'))  # Re μ above this: the plain iteration moves away (below, a slow attracting mode)
+
+    def __init__(self) -> None:
+        self.dx: list[np.ndarray] = []  # secants: differences of successive accuracies
+        self.df: list[np.ndarray] = []  # and of their residuals
+        self.ds: list[np.ndarray] = []  # and of the scores fitted to them
+        self.last: tuple[np.ndarray, np.ndarray, float, np.ndarray] | None = None
+        self.damping = float(os.environ.get('AGG_D0', '1.0'))
+        self.plain = np.zeros(0)
+
+    def step(self, eta: np.ndarray, f: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """The next accuracies from `eta` with residual `f`, a prediction of how the scores fitted to
+        them (`scores` for `eta`) change, and the distance from `eta` to the fixed point (infinite at a saddle)."""
+        residual = float(np.abs(f).max()) if len(f) else 0.0
+        rate = 1.0
+        if self.last is not None:
+            last_eta, last_f, last_residual, last_scores = self.last
+            rate = residual / last_residual if last_residual > 0 else 0.0
+            if residual > 2.0 * last_residual:
+                self.dx, self.df, self.ds = [], [], []
+            else:
+                self.dx = [*self.dx, eta - last_eta][-self.MEMORY:]
+                self.df = [*self.df, f - last_f][-self.MEMORY:]
+                self.ds = [*self.ds, scores - last_scores][-self.MEMORY:]
+        self.last = (eta, f, residual, scores)
+        if self.dx:
+            modelled = self._secant_step(f)
+            if modelled is not None:
+                step, combination, saddle = modelled
+                distance = math.inf if saddle else max(float(np.abs(step).max()), residual)
+                # the scores move like the accuracies' secants they came with (first order)
+                scores_step = np.stack(self.ds, 1) @ combination
+                return np.clip(eta + step, _ETA_FLOOR, 1.0 - _ETA_FLOOR), scores_step, distance
+        # no history (or a degenerate one): a plain step, damped while it keeps turning back
+        turned_back = len(self.plain) == len(f) and \
+            float(f @ self.plain) < -0.5 * float(np.linalg.norm(f) * np.linalg.norm(self.plain))
+        self.damping = max(0.05, 0.5 * self.damping) if turned_back else min(1.0, 1.5 * self.damping)
+        self.plain = f
+        # how far the fixed point still is: the geometric series of the observed contraction rate
+        distance = residual / (1.0 - rate) if rate < 0.999 else 1e3 * residual
+        return np.clip(eta + self.damping * f, _ETA_FLOOR, 1.0 - _ETA_FLOOR), np.zeros_like(scores), distance
+
+    def _secant_step(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """The step, the combination of the secants it takes, and whether the model has a saddle direction."""
+        DX, DF = np.stack(self.dx, 1), np.stack(self.df, 1)
+        length = np.linalg.norm(DX, axis=0)
+        if not (length > 0).all():
+            return None
+        DX, DF = DX / length, DF / length  # unit secants: the cutoff below is a bound on their condition
+        U, sig, Vt = np.linalg.svd(DX, full_matrices=False)
+        rank = sig > _CUT * sig[0]
+        if not rank.any():
+            return None
+        Q = U[:, rank]                                   # orthonormal basis of the secants' span
+        M = Q.T @ DF @ (Vt[rank].T / sig[rank])          # f's Jacobian there: M (DX) = DF, projected
+        try:
+            mu, V = np.linalg.eig(M)
+            fq = Q.T @ f
+            saddle = mu.real > self.SADDLE
+            # attracting directions: Newton; repelling ones: away; nearly flat ones: at most 1/SLOWEST times f
+            mu = np.where(saddle, -mu, mu)
+            mu = np.where(mu.real > -self.SLOWEST, -self.SLOWEST, mu)
+            coefficients = np.linalg.solve(V, fq.astype(complex)) / mu
+            inside = -(V @ coefficients).real
+        except np.linalg.LinAlgError:
+            return None
+        step = Q @ inside + self.damping * (f - Q @ fq)
+        combination = Vt[rank].T @ (inside / sig[rank]) / length  # Q @ inside = DX @ combination
+        if _DEBUG: print('   mu', mu)
+        if not (np.isfinite(step).all() and np.isfinite(combination).all()):
+            return None
+        return step, combination, bool(saddle.any())
 
 
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
@@ -442,27 +572,22 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
     def per_judgement(eta: np.ndarray) -> np.ndarray | None:
         return None if plain else eta[rater]
 
-    def split(S: np.ndarray, nu: float, eta_j: np.ndarray | None):
-        """EM surrogate masses ("first wins", "second wins" after the expected reversals) and lost information."""
-        if eta_j is None:
-            return a, b, None
-        pw, pl, _ = model.probabilities(S, nu)
-        ra, rb, _, _ = model.responsibilities(pw, pl, eta_j)
-        missing = a * ra * (1.0 - ra) + b * rb * (1.0 - rb)
-        return a * ra + b * (1.0 - rb), a * (1.0 - ra) + b * rb, missing
-
     S = np.zeros(P * K)
     eta_j = per_judgement(eta)
     objective = model.objective(S, nu_of(log_nu), eta_j)
     previous_delta = math.inf
-    coupled = False
-    eta_step, eta_damping, eta_residual = np.zeros(R), 1.0, 0.0
+    # Scores are solved (nearly) to their maximum for the current accuracies before the accuracies move:
+    # first to 1e-2 (the Newton steps from zero have settled), then to 1% of the accuracies' last distance
+    # to their fixed point, finally to `tolerance`.
+    settle = max(options.tolerance, 1e-2) if estimate else options.tolerance
+    accelerator = _Accelerator()
+    held_out = None  # the last leave-one-rater-out differences: (S, ν, accuracies, differences)
     converged = False
     iterations = 0
     for iterations in range(1, options.max_iterations + 1):
         S_old, log_nu_old = S, log_nu
         nu = nu_of(log_nu)
-        A, B, missing = split(S, nu, eta_j)
+        A, B, missing = model.split(S, nu, eta_j)
         S, objective = _ascend(lambda s: model.objective(s, nu, eta_j), S,
                                model.newton_direction(S, A, B, missing, nu), objective)
         if has_ties:  # Newton step on log ν (its own line search), bounded to [e^-12, e^6]
@@ -475,42 +600,59 @@ def fit(problem: Problem, options: FitOptions = FitOptions(), *, fixed_reliabili
             log_nu, objective = _ascend(lambda v: model.objective(S, math.exp(v), eta_j), log_nu,
                                         target - log_nu, objective)
             nu = nu_of(log_nu)
-        # Accuracies are judged against scores that fit the current ones: not before the first Newton
-        # steps from zero have (nearly) settled, then every iteration.
-        coupled = coupled or (estimate and float(np.abs(S - S_old).max()) < 1e-2)
-        if coupled:
-            A, B, _ = split(S, nu, eta_j)
-            target, _ = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_)
-            # All raters move at once; when that overshoots (the step turns back on the previous one,
-            # a 2-cycle when raters contradict each other), move only part of the way: same fixed points.
-            step = target - eta
-            turned_back = float(step @ eta_step) < -0.5 * float(np.linalg.norm(step) * np.linalg.norm(eta_step))
-            eta_damping = max(0.05, 0.5 * eta_damping) if turned_back else min(1.0, 1.5 * eta_damping)
-            eta_step = eta_damping * step
-            eta = eta + eta_step
-            eta_residual = float(np.abs(step).max()) if R else 0.0  # undamped: how far the fixed point still is
-            eta_j = per_judgement(eta)
-            objective = model.objective(S, nu, eta_j)  # the line searches of the next iteration start here
-        delta = max(float(np.abs(S - S_old).max()), eta_residual, abs(log_nu - log_nu_old) if has_ties else 0.0)
+        delta = max(float(np.abs(S - S_old).max()), abs(log_nu - log_nu_old) if has_ties else 0.0)
         # A small step is not convergence when the iteration contracts slowly: bound the distance
         # still to go by the geometric series of the observed contraction rate.
         rate = delta / previous_delta if previous_delta > 0 else 0.0
         remaining = delta * (rate / (1.0 - rate) if rate < 0.999 else 1e3)
         previous_delta = delta
-        if delta < options.tolerance and remaining < options.tolerance:
+        if _DEBUG: print('  inner', iterations, delta, rate, settle)
+        # Before the accuracies' fixed point is near, a Newton step's own size says enough: the error
+        # after a step of δ is ~δ² (measured ≈ 0.5 δ²); at the end the step itself must be below tolerance.
+        if settle <= options.tolerance:
+            settled = delta < settle and remaining < settle
+        else:  # Newton-like (fast) convergence: the step's square bounds the error after it
+            settled = delta * delta < settle and (rate < 0.5 or remaining < settle)
+        if not settled:
+            continue
+        if not estimate:
             converged = True
             break
+        # The accuracies' map G: each rater's exact maximum against leave-one-rater-out scores.
+        A, B, _ = model.split(S, nu, eta_j)
+        held_out = (S, nu, eta_j, model.held_out_differences(S, A, B, nu))
+        target, _ = model.accuracies(held_out[3], nu, eta, alpha, beta_)
+        _STATS['outer'] += 1
+        inner = np.append(S, log_nu) if has_ties else S
+        following, predicted, distance = accelerator.step(eta, target - eta, inner)
+        if _DEBUG: print('outer', iterations, float(np.abs(target-eta).max()), distance, len(accelerator.dx), accelerator.damping, eta)
+        if distance < options.tolerance and settle <= options.tolerance:
+            converged = True
+            break
+        settle = max(options.tolerance, _SETTLE * float(np.abs(target - eta).max()))
+        eta = following
+        eta_j = per_judgement(eta)
+        predicted = np.clip(predicted, -_MAX_STEP, _MAX_STEP)
+        if has_ties:
+            S, log_nu = S + predicted[:-1] * model.validf, min(max(log_nu + predicted[-1], -12.0), 6.0)
+        else:
+            S = S + predicted * model.validf
+        nu = nu_of(log_nu)
+        objective = model.objective(S, nu, eta_j)  # the line searches of the next iteration start here
+        previous_delta = math.inf  # the scores' convergence is judged afresh for the new accuracies
 
     nu = nu_of(log_nu)
     # Laplace approximation at the mode with the observed (not the EM surrogate's) curvature: not
     # knowing which judgements were reversed removes information, a·ρ(1-ρ) per judgement.
-    A, B, missing = split(S, nu, eta_j)
+    A, B, missing = model.split(S, nu, eta_j)
     pw, pl, _ = model.probabilities(S, nu)
     _, h = _terms(pw, pl, a, b, model.t)
     H = model.hessian(S, h if missing is None else np.clip(h - missing, 0.0, None))
     if estimate:  # the information of each accuracy at its final value, against the final held-out scores
-        A, B, _ = split(S, nu, eta_j)
-        _, weight_info = model.accuracies(model.held_out_differences(S, A, B, nu), nu, eta, alpha, beta_, max_steps=0)
+        if held_out is None or held_out[0] is not S or held_out[1] != nu or held_out[2] is not eta_j:
+            A, B, _ = model.split(S, nu, eta_j)
+            held_out = (S, nu, eta_j, model.held_out_differences(S, A, B, nu))
+        _, weight_info = model.accuracies(held_out[3], nu, eta, alpha, beta_, max_steps=0)
     weight_stderr = 2.0 / np.sqrt(weight_info) if estimate else np.zeros(R)
     cov = np.linalg.inv(-H)
     valid = model.valid
