@@ -200,8 +200,9 @@ def _terms(pw: np.ndarray, pl: np.ndarray, A: np.ndarray, B: np.ndarray, m: np.n
 
     pw, pl: P(first wins), P(second wins); A, B: weight on "first wins", "second wins"; m: A + B + weight on "tie".
     """
-    gd = 0.5 * (A - B) - 0.5 * m * (pw - pl)
-    h = 0.25 * m * ((pw + pl) - (pw - pl) ** 2)
+    diff = pw - pl
+    gd = 0.5 * ((A - B) - m * diff)
+    h = 0.25 * m * ((pw + pl) - diff * diff)
     return gd, h
 
 
