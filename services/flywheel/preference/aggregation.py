@@ -425,24 +425,28 @@ def _solve_definite(M: np.ndarray, g: np.ndarray) -> np.ndarray:
     the entries, each step one operation on all n matrices: 3x faster than LAPACK's per-matrix calls.
     """
     n, K = g.shape
-    if K > 6:
+    if K > 6 or K == 0:
         return np.linalg.solve(M, g[..., None])[..., 0]
-    A = {(i, j): M[:, i, j].copy() for i in range(K) for j in range(i, K)}  # the upper triangle (symmetric)
-    b = [g[:, i].copy() for i in range(K)]
-    for k in range(K):
-        inverse = 1.0 / A[k, k]
-        for i in range(k + 1, K):
-            f = A[k, i] * inverse
-            for j in range(i, K):
-                A[i, j] = A[i, j] - f * A[k, j]
-            b[i] = b[i] - f * b[k]
-    x: list[np.ndarray] = [b[0]] * K
-    for k in reversed(range(K)):
-        acc = b[k]
-        for j in range(k + 1, K):
-            acc = acc - A[k, j] * x[j]
-        x[k] = acc / A[k, k]
-    return np.stack(x, 1) if K else np.zeros((n, 0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        A = {(i, j): M[:, i, j].copy() for i in range(K) for j in range(i, K)}  # the upper triangle (symmetric)
+        b = [g[:, i].copy() for i in range(K)]
+        for k in range(K):
+            inverse = 1.0 / A[k, k]
+            for i in range(k + 1, K):
+                f = A[k, i] * inverse
+                for j in range(i, K):
+                    A[i, j] = A[i, j] - f * A[k, j]
+                b[i] = b[i] - f * b[k]
+        x: list[np.ndarray] = [b[0]] * K
+        for k in reversed(range(K)):
+            acc = b[k]
+            for j in range(k + 1, K):
+                acc = acc - A[k, j] * x[j]
+            x[k] = acc / A[k, k]
+    solution = np.stack(x, 1)
+    if not np.isfinite(solution).all():  # a vanishing pivot (not definite after all): LAPACK, with pivoting
+        return np.linalg.solve(M, g[..., None])[..., 0]
+    return solution
 
 
 def _likelihood_hessian(group_pair: np.ndarray, groups: int, K: int, curvature: np.ndarray) -> np.ndarray:
