@@ -493,9 +493,11 @@ class _Accelerator:
     attracts, and there the step is Newton's, -M⁻¹f; Re μ > 0 is a fixed point the plain iteration
     leaves (a saddle: e.g. one honest and one reversed rater taken for two random ones), and there
     the step goes away from it instead (sign of μ flipped), and such a point is never reported as
-    converged. Outside the subspace, plain steps. Safeguards: when the residual more than doubles
-    the history is dropped; plain steps that turn back on the previous one (raters contradicting
-    each other: a 2-cycle) are damped.
+    converged. Outside the subspace, plain steps. Safeguards: a trust region (a secant step moves no
+    accuracy by more than `radius`, doubled while the residual falls, halved when it does not: with
+    two raters judged only against each other the model extrapolated to 0 and 1 and cycled); when
+    the residual more than doubles the history is dropped; plain steps that turn back on the
+    previous one (raters contradicting each other: a 2-cycle) are damped.
     """
 
     MEMORY = 5        # secants kept
@@ -509,6 +511,7 @@ class _Accelerator:
         self.last: tuple[np.ndarray, np.ndarray, float, np.ndarray] | None = None
         self.damping = 1.0
         self.plain = np.zeros(0)
+        self.radius = 0.1  # trust region of the secant steps (largest change of an accuracy)
 
     def step(self, eta: np.ndarray, f: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """The next accuracies from `eta` with residual `f`, a prediction of how the scores fitted to
@@ -518,6 +521,7 @@ class _Accelerator:
         if self.last is not None:
             last_eta, last_f, last_residual, last_scores = self.last
             rate = residual / last_residual if last_residual > 0 else 0.0
+            self.radius = min(0.5, 2.0 * self.radius) if rate < 1.0 else max(1e-3, 0.5 * self.radius)
             if residual > 2.0 * last_residual:
                 self.dx, self.df, self.ds = [], [], []
             else:
@@ -529,7 +533,10 @@ class _Accelerator:
             modelled = self._secant_step(f)
             if modelled is not None:
                 step, combination, saddle = modelled
-                distance = math.inf if saddle else max(float(np.abs(step).max()), residual)
+                length = float(np.abs(step).max())
+                distance = math.inf if saddle else max(length, residual)
+                if length > self.radius:  # far outside where the secants were taken: the model is not to be trusted
+                    step, combination = step * (self.radius / length), combination * (self.radius / length)
                 # the scores move like the accuracies' secants they came with (first order)
                 scores_step = np.stack(self.ds, 1) @ combination
                 return np.clip(eta + step, _ETA_FLOOR, 1.0 - _ETA_FLOOR), scores_step, distance
