@@ -202,6 +202,15 @@ def test_accelerated_accuracies_do_not_stop_at_a_saddle() -> None:
     assert honest > 0.9 and abs(random_) < 0.3 and reversed_ < -0.5, result.reliability
 
 
+def test_two_raters_judged_only_against_each_other_converge() -> None:
+    # Without a trust region the secant steps sent both accuracies to 0 and 1 and cycled there for
+    # all 500 iterations (a good and a random rater, chains of adjacent pairs: nothing identifies which is which).
+    sc = generate(np.random.default_rng(49), 187, 5, ["good", "random"], raters_per_prompt=2, pairs="chain")
+    result = fit(sc.problem, FitOptions())
+    assert result.converged and result.iterations < 100, result.iterations
+    assert_finite(result)
+
+
 # -- properties over generated rater mixes ------------------------------------------------------------
 
 @st.composite
