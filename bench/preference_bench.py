@@ -10,11 +10,13 @@ deploy/kafka/kafka.sh in a temporary directory. The service runs as its own proc
    batched client-streaming SubmitBulk (2 concurrent streams) vs one-at-a-time unary SubmitRanking.
 2. Aggregation: 10,000 prompts x 4 responses x 3 raters (Plackett–Luce rankings broken into 6
    pairs each): the vectorised fit vs choix.ilsr_pairwise run per prompt with the equivalent
-   regularisation (alpha = lambda / 4), and the largest difference of the estimates.
+   regularisation (alpha = lambda / 4), and the largest difference of the estimates; the fit with
+   rater reliability on beside it (wall and CPU time, goal <= 1 s).
 3. Rater reliability: Kendall's tau against the hidden truth for reliability off / on / oracle
    weights (each rater's weight fitted against the true scores) over rater mixes and overlap
    patterns from `flywheel.preference.rater_mixes`, with iterations and fit time
-   (--reliability-only runs just this part; --reliability-seeds averages over more seeds).
+   (--reliability-only runs just this part, --skip-reliability leaves it out; --reliability-seeds
+   averages over more seeds).
 """
 
 from __future__ import annotations
