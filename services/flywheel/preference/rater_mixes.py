@@ -79,11 +79,17 @@ def oracle_weights(scenario: Scenario, options: FitOptions = FitOptions()) -> np
 
 
 def kendall_tau(scores: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over prompts of Kendall's τ between estimated and true scores (pairs tied in the estimate count 0)."""
+    """Mean over prompts of Kendall's τ between estimated and true scores (pairs tied in the estimate count 0).
+
+    Estimates within 1e-9 count as tied: exact ties (a cycle of judgements) come out of the fit with
+    rounding noise, whose sign is arbitrary.
+    """
     K = truth.shape[1]
     total, n = 0.0, 0
     for i in range(K):
         for j in range(i + 1, K):
-            total += float((np.sign(scores[:, i] - scores[:, j]) * np.sign(truth[:, i] - truth[:, j])).sum())
+            d = scores[:, i] - scores[:, j]
+            estimated = np.where(np.abs(d) > 1e-9, np.sign(d), 0.0)
+            total += float((estimated * np.sign(truth[:, i] - truth[:, j])).sum())
             n += 1
     return total / (n * truth.shape[0]) if n else math.nan
