@@ -389,8 +389,8 @@ def test_truncated_is_weights_are_capped_and_carry_no_gradient():
 
 def test_bf16_autocast_step_matches_fp32_and_keeps_the_kl_penalty_clean():
     """dtype=bfloat16: one step's stats match fp32's; weights and grads stay fp32; the KL
-    penalty compares same-precision log-probs (0 while policy == reference), and the fp32 sampler
-    against the bf16 trainer is a measured mismatch that TIS corrects."""
+    penalty compares fp32 log-probs (0 while policy == reference), and the fp32 sampler against the
+    bf16 trainer is a measured mismatch that TIS corrects."""
     results = {}
     for dtype in ("float32", "bfloat16"):
         lm, ref = _tiny()
@@ -407,8 +407,9 @@ def test_bf16_autocast_step_matches_fp32_and_keeps_the_kl_penalty_clean():
     # the forward passes really ran in bf16: the fp32 sampler now differs from the trainer
     assert low.mismatch_kl > 1000 * max(exact.mismatch_kl, 1e-12) and low.tis_active == 1.0
     assert exact.tis_active == 0.0
-    # KL(pi || ref) = 0 at step start in both: bf16 noise does not leak into the penalty
-    assert exact.kl == pytest.approx(0.0, abs=1e-5) and low.kl == 0.0 and low.kl_estimator_value == 0.0
+    # KL(pi || ref) = 0 at step start in both: the reference runs in fp32, no bf16 noise in the penalty
+    assert exact.kl == pytest.approx(0.0, abs=1e-5) and low.kl == pytest.approx(0.0, abs=1e-5)
+    assert low.kl_estimator_value == pytest.approx(0.0, abs=1e-5)
     for name in ("mean_reward", "advantage_mean", "return_mean", "value_mean"):
         assert getattr(low, name) == pytest.approx(getattr(exact, name), abs=1e-5), name
     for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm"):
@@ -429,14 +430,17 @@ def test_compute_dtype_setting_reaches_the_config():
         PPOConfig(dtype="float16")  # type: ignore[arg-type]
 
 
-def test_kl_penalty_leaves_out_a_corrected_sampler_mismatch():
-    """A bf16 sampler against the fp32 trainer: uncorrected, its precision noise shows up as KL to the
-    (identical) reference; once TIS corrects, the penalty compares the trainer's own log-probs: KL 0."""
+def test_kl_penalty_on_stale_rollouts_uses_the_behaviour_policy_and_an_fp32_reference():
+    """Rollouts drawn by the reference and trained on after the policy moved (stale, as in the async
+    loop), by a bf16 trainer whose TIS is on: the penalty compares the behaviour log-probs with the fp32
+    reference's (KL 0 here), not the trainer's recomputation, whose log pi_now - log pi_ref on tokens
+    it did not draw is no KL estimate and goes negative (the adaptive controller would loosen on it)."""
     lm, ref = _tiny()
-    mixed = collate(_bf16_rollouts(lm, rlen=12))
-    plain = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, sampler_correction="none"),
-                       PolicyWithValueHead(lm), ref).step(mixed, current_version="policy-0000")
-    assert abs(plain.kl) > 1e-4
-    corrected = PPOTrainer(PPOConfig(ppo_epochs=1, mini_batch_size=4, learning_rate=1e-12, mismatch_kl_threshold=1e-8),
-                           PolicyWithValueHead(lm), ref).step(mixed, current_version="policy-0000")
-    assert corrected.tis_active == 1.0 and corrected.kl == 0.0
+    rollouts = collate(_rollouts(lm, rlen=12))
+    trainer = PPOTrainer(PPOConfig(ppo_epochs=2, mini_batch_size=2, learning_rate=1e-2, dtype="bfloat16",
+                                   mismatch_kl_threshold=1e-8), PolicyWithValueHead(lm), ref)
+    first = trainer.step(rollouts, current_version="policy-0000")
+    assert first.tis_active == 1.0  # fp32 sampler vs bf16 trainer
+    stale = trainer.step(rollouts, current_version="policy-0001")
+    assert stale.behaviour_logprob_gap > 1e-2, "the policy did not move"
+    assert stale.kl == pytest.approx(0.0, abs=1e-5)

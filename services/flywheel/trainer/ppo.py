@@ -20,17 +20,17 @@ trainer computes in (fp32), so its behaviour log-probs differ from the trainer's
 weights. Every step measures KL(sampler || trainer) over the rows of the current policy version
 (`mismatch_kl`). When it exceeds `mismatch_kl_threshold` (or `sampler_correction="tis"`), the
 ratio is taken against the trainer's own recomputation and each token's surrogate is weighted by
-min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection is sticky. While
-it corrects, the KL penalty also takes log pi from the trainer's recomputation: the reference's
-log-probs come from the trainer's numerics, and the sampler's would add precision noise to the KL.
+min(p_trainer / p_sampler, tis_cap) (truncated importance sampling); detection is sticky.
 
-Trainer precision (`dtype`): bfloat16 runs the forward passes of policy, value head and
-reference under `torch.autocast`; master weights, gradients, the optimizer and the loss maths
-(logsumexp, KL, GAE, whitening) stay fp32. The reference's log-probs then carry bf16 noise, so
-the KL penalty takes log pi from the trainer's recomputation (same precision, exactly 0 KL while
-the weights equal the reference's), whatever `kl_logprobs` says; an fp32 sampler's log-probs now
-differ from the trainer's, which the mismatch KL measures and TIS corrects like a bf16 sampler.
-`kl_logprobs` thus applies only while sampler and trainer compute alike.
+Trainer precision (`dtype`): bfloat16 runs the forward passes of the policy and value head under
+`torch.autocast`; master weights, gradients, the optimizer and the loss maths (logsumexp, KL, GAE,
+whitening) stay fp32, and the frozen reference runs in fp32, so the KL penalty (behaviour log-probs
+against the reference's, `kl_logprobs`) carries no autocast noise: with an fp32 sampler it is
+exactly the fp32 KL. The trainer's own bf16 log-probs then differ from an fp32 sampler's, which the
+mismatch KL measures and TIS corrects, as for a bf16 sampler. (Taking log pi for the KL from the
+trainer's recomputation instead would be wrong for stale rollouts: for tokens drawn by an older
+policy, log pi_now - log pi_ref estimates no KL and goes negative, which the adaptive controller
+would read as room to loosen the penalty.)
 
 Under DDP (`torch.distributed` initialised, model wrapped in DistributedDataParallel) each rank
 trains on its shard of the batch: whitening uses global statistics (all-reduce) and gradients are
@@ -280,9 +280,13 @@ class PPOTrainer:
         n = batch.input_ids.shape[0]
 
         self.policy.eval()
-        with torch.inference_mode(), autocast(self.compute_dtype, device):
+        with torch.inference_mode():
+            # The reference always in fp32: the KL penalty compares it with the behaviour log-probs of the
+            # policy that drew the tokens (right for stale rollouts too), so it must not add the
+            # trainer's autocast noise. One forward without gradients per step.
             ref_logprobs, _, _ = response_forward(self.ref_model, batch.input_ids, batch.attention_mask,
                                                   batch.prompt_lengths, batch.response_ids, temperature)
+        with torch.inference_mode(), autocast(self.compute_dtype, device):
             cur_logprobs, _, old_values = self.module(batch.input_ids, batch.attention_mask, batch.prompt_lengths,
                                                       batch.response_ids, temperature, with_entropy=False)
         ref_logprobs = ref_logprobs.clone()
@@ -299,10 +303,7 @@ class PPOTrainer:
         is_weight = truncated_is_weights(recomputed, behaviour, cfg.tis_cap) * mask if tis else None
         # the ratio's old log-probs; with TIS the trainer's own (the weights carry the sampler's)
         old_logprobs = recomputed if tis or cfg.ratio_logprobs == "recompute" else behaviour
-        # the reference's log-probs carry the trainer's numerics: when the sampler's differ (a detected
-        # mismatch, or autocast here), compare them with the trainer's own, not with precision noise
-        kl_source = "recompute" if tis or self.compute_dtype != "float32" else cfg.kl_logprobs
-        policy_logprobs = behaviour if kl_source == "behaviour" else recomputed
+        policy_logprobs = behaviour if cfg.kl_logprobs == "behaviour" else recomputed
 
         scores = batch.scores.clone()
         if cfg.score_clip is not None:

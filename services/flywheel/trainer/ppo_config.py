@@ -65,8 +65,8 @@ class PPOConfig(BaseModel):
         "the KL penalty's are kl_logprobs.")
     kl_logprobs: Literal["behaviour", "recompute"] = Field(
         "behaviour", description="Log pi in the KL penalty KL(pi || pi_ref): the rollout's behaviour log-probs (the "
-        "policy that drew the tokens) or the trainer's recomputation at step start (same precision as the "
-        "reference's). Always the recomputation while TIS corrects or dtype is not float32.")
+        "policy that drew the tokens) or the trainer's recomputation at step start (in the trainer's dtype; the "
+        "reference always runs in fp32).")
     sampler_correction: Literal["auto", "tis", "none"] = Field(
         "auto", description="Sampler-trainer mismatch correction: `tis` always applies truncated importance "
         "sampling, `none` never, `auto` once the measured mismatch KL exceeds mismatch_kl_threshold.")
@@ -76,10 +76,9 @@ class PPOConfig(BaseModel):
         1e-4, ge=0, description="Per-token KL(sampler || trainer) above which `auto` turns the correction on (fp32 "
         "sampler and trainer measure ~2e-11; a bf16 sampler against an fp32 trainer ~1.6e-3 on SmolLM2).")
     dtype: Literal["float32", "bfloat16", "auto"] = Field(
-        "float32", description="Precision of the PPO step's forward passes: bfloat16 runs policy, value head and "
-        "reference under torch.autocast (fp32 weights, optimizer and loss maths; the KL penalty then uses "
-        "recomputed log-probs); `auto` = bfloat16 on CUDA with bf16 and on CPUs with AMX-BF16/AVX512-BF16. "
-        "Opt-in: not yet shown to learn as well (docs/policy.md).")
+        "float32", description="Precision of the PPO step's forward passes: bfloat16 runs policy and value head "
+        "under torch.autocast (fp32 weights, optimizer, loss maths and reference); `auto` = bfloat16 on CUDA with "
+        "bf16 and on CPUs with AMX-BF16/AVX512-BF16 (the local loop's choice; docs/policy.md).")
     max_version_lag: int = Field(2, ge=0, description="Drop rollouts more than this many policy versions behind "
                                  "the trainer.")
     staleness_weight_decay: float = Field(
