@@ -30,6 +30,7 @@ from flywheel.loop.prompts import CorpusPrompt, load_prompts, to_proto
 from flywheel.loop.report import LoopReport, VersionRecord
 from flywheel.policy.settings import PolicySettings
 from flywheel.preference.settings import PreferenceSettings
+from flywheel.reward.settings import RewardSettings
 from flywheel.runtime.config import ServiceSettings, settings_env
 from flywheel.trainer.settings import TrainerSettings
 from flywheel.v1 import (
@@ -101,12 +102,19 @@ class LoopConfig:
     # feeding: keep this many prompts queued ahead of the trainer (two batches: rollouts more than
     # max_version_lag versions old are dropped by the trainer)
     prompts_in_flight: int = 8
-    # Every process gets one torch thread: on 2 shared cores, more threads per process thrash.
+    # One torch thread per serving process: on 2 shared cores, more threads per process thrash...
     torch_threads: int = 1
-    # ...except reward-model training jobs: the first runs alone (the trainer is paused, the policy idle)
-    # and with one thread took 2.1 of the learning test's minutes; inside the trainer process, before
-    # jobs got their own process, training used up to 4 threads.
-    reward_job_torch_threads: int = field(default_factory=lambda: min(4, len(os.sched_getaffinity(0))))
+    # ...but the trainer, the loop's bottleneck (a PPO step is ~50 s of one core's compute, while the
+    # policy needs a few seconds per batch), gets the machine's cores, and so do its reward-model jobs.
+    # Measured 2026-12-01 in the 12-minute learning test: with one trainer thread 5 PPO steps ran and the
+    # held-out truth rose +0.074 (z 1.0); before 2026-12-01 the first in-process reward-model job
+    # silently switched the trainer to 2 threads, which is what the earlier +0.2 (z ~4, 9 steps) ran on.
+    trainer_torch_threads: int = field(default_factory=lambda: min(4, len(os.sched_getaffinity(0))))
+    # Precision of the PPO step's forward passes and of reward scoring ("auto": bf16 where the hardware
+    # has it). Measured 2026-12-01 on AMX: a PPO step 1.6x, MiniLM scoring 1.4x faster, and the
+    # 12-minute learning test passes with both (docs/policy.md). The services default to float32.
+    trainer_dtype: str = "auto"
+    reward_dtype: str = "auto"
     # held-out evaluation
     eval_prompts: int = 48
     eval_temperature: float = 0.7
@@ -183,20 +191,23 @@ class LoopRunner:
 
     def service_env(self, name: str) -> dict[str, str]:
         c = self.config
-        env = settings_env(ServiceSettings, torch_threads=c.torch_threads)
-        env["OMP_NUM_THREADS"] = str(c.torch_threads)
+        threads = c.trainer_torch_threads if name == "trainer" else c.torch_threads
+        env = settings_env(ServiceSettings, torch_threads=threads)
+        env["OMP_NUM_THREADS"] = str(threads)
         if name == "policy":
             env.update(settings_env(PolicySettings, policy_http_port=0, policy_max_batch_size=32,
                                     policy_default_max_new_tokens=c.max_new_tokens))
         elif name == "preference":  # simulated raters lease tasks: every group to 3 of them, all candidates
             env.update(settings_env(PreferenceSettings, preference_task_overlap=3, preference_task_max_candidates=16,
                                     preference_task_random_share=0, preference_task_gold_rate=0))
+        elif name == "reward":
+            env.update(settings_env(RewardSettings, reward_dtype=c.reward_dtype))
         elif name == "trainer":
             env.update(settings_env(
-                TrainerSettings, trainer_batch_size=c.ppo_batch_size, trainer_mini_batch_size=c.ppo_mini_batch_size,
+                TrainerSettings, trainer_dtype=c.trainer_dtype, trainer_batch_size=c.ppo_batch_size, trainer_mini_batch_size=c.ppo_mini_batch_size,
                 trainer_ppo_epochs=c.ppo_epochs, trainer_learning_rate=c.learning_rate, trainer_kl_coef=c.kl_coef,
                 trainer_adaptive_kl=c.adaptive_kl, trainer_target_kl=c.target_kl, trainer_kl_horizon=c.kl_horizon,
-                trainer_reward_epochs=c.reward_epochs, trainer_reward_job_torch_threads=c.reward_job_torch_threads,
+                trainer_reward_epochs=c.reward_epochs,
                 trainer_start_paused=True,
                 trainer_keep_checkpoints=c.keep_checkpoints,
                 trainer_reward_output_dir=self.cluster.run_dir / "home" / "checkpoints" / "reward"))
