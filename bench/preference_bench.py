@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import shutil
@@ -53,6 +54,45 @@ def start_broker(tmp: Path) -> tuple[str, Path]:
                           str(free_port()), "--controller-port", str(free_port())],
                          capture_output=True, text=True, timeout=180, check=True)
     return out.stdout.strip().splitlines()[-1], data
+
+
+@contextlib.contextmanager
+def bench_broker(args, tmp: Path):
+    """The benchmark's broker, with Flywheel's topics: --bootstrap or FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS
+    when given, else one started under `tmp` for the benchmark and stopped after it."""
+    from flywheel.bus import ensure_topics
+    from flywheel.bus.topics import ALL_TOPICS
+
+    bootstrap = args.bootstrap or os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS")
+    broker_dir = None
+    if not bootstrap:
+        bootstrap, broker_dir = start_broker(tmp)
+    try:
+        ensure_topics(bootstrap, ALL_TOPICS)
+        yield bootstrap
+    finally:
+        if broker_dir is not None:
+            subprocess.run([str(REPO / "deploy" / "kafka" / "kafka.sh"), "stop", "--data-dir", str(broker_dir)],
+                           timeout=60, check=False)
+
+
+def issue_tokens(home: Path, rater_ids: list[str]) -> dict[str, str]:
+    """Rater tokens in the preference service's own token store under `home`."""
+    from flywheel.preference.auth import TokenStore
+
+    store = TokenStore(home / "preference" / "auth.sqlite")
+    try:
+        return {rater: store.issue(rater) for rater in rater_ids}
+    finally:
+        store.close()
+
+
+def preference_env(bootstrap: str, home: Path, port: int, **settings: str) -> dict[str, str]:
+    """Environment of a benchmarked preference service: quiet, no UI, no background refits."""
+    return {**os.environ, "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FLYWHEEL_HOST": "127.0.0.1",
+            "FLYWHEEL_GRPC_PORT": str(port), "FLYWHEEL_HOME": str(home), "FLYWHEEL_LOG_LEVEL": "WARNING",
+            "FLYWHEEL_SHUTDOWN_DELAY_S": "0", "FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S": "3600",
+            "FLYWHEEL_PREFERENCE_UI_ENABLED": "false", **settings}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -142,47 +182,34 @@ async def ingest(target: str, token: str, rollouts_by_prompt: list[list], n_even
 
 
 def bench_ingestion(args, tmp: Path) -> dict[str, float]:
-    from flywheel.bus import TypedProducer, ensure_topics
-    from flywheel.bus.topics import ALL_TOPICS, ROLLOUTS
-    from flywheel.preference.auth import TokenStore
+    from flywheel.bus import TypedProducer
+    from flywheel.bus.topics import ROLLOUTS
     from flywheel.v1 import common_pb2
 
-    bootstrap = args.bootstrap or os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS")
-    broker_dir = None
-    if not bootstrap:
-        bootstrap, broker_dir = start_broker(tmp)
-    ensure_topics(bootstrap, ALL_TOPICS)
-    home = tmp / "home"
-    tokens = TokenStore(home / "preference" / "auth.sqlite")
-    token = tokens.issue("bench-rater")
-    tokens.close()
-    run = uuid.uuid4().hex[:8]
-    rollouts = [[common_pb2.Rollout(rollout_id=f"bench-{run}-{p}-{i}", prompt_id=f"bench-{run}-{p}",
-                                    response_text=f"candidate {i} for prompt {p}", policy_version="policy-0001",
-                                    candidate_index=i) for i in range(4)] for p in range(500)]
-    producer = TypedProducer(bootstrap, client_id="bench")
-    for group in rollouts:
-        for r in group:
-            producer.send(ROLLOUTS, r, key=r.prompt_id)
-    producer.flush()
-    producer.close()
-    port = free_port()
-    env = {**os.environ, "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FLYWHEEL_HOST": "127.0.0.1",
-           "FLYWHEEL_GRPC_PORT": str(port), "FLYWHEEL_METRICS_ENABLED": "false", "FLYWHEEL_HOME": str(home),
-           "FLYWHEEL_LOG_LEVEL": "WARNING", "FLYWHEEL_SHUTDOWN_DELAY_S": "0",
-           "FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S": "3600", "FLYWHEEL_PREFERENCE_UI_ENABLED": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env)
-    try:
-        wait_serving(f"127.0.0.1:{port}", proc)
-        time.sleep(1.0)  # let the rollouts follower apply the last batch
-        return asyncio.run(ingest(f"127.0.0.1:{port}", token, rollouts, args.events, args.streams, args.unary,
-                                  args.batch, proc.pid))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        if broker_dir is not None:
-            subprocess.run([str(REPO / "deploy" / "kafka" / "kafka.sh"), "stop", "--data-dir", str(broker_dir)],
-                           timeout=60, check=False)
+    with bench_broker(args, tmp) as bootstrap:
+        home = tmp / "home"
+        token = issue_tokens(home, ["bench-rater"])["bench-rater"]
+        run = uuid.uuid4().hex[:8]
+        rollouts = [[common_pb2.Rollout(rollout_id=f"bench-{run}-{p}-{i}", prompt_id=f"bench-{run}-{p}",
+                                        response_text=f"candidate {i} for prompt {p}", policy_version="policy-0001",
+                                        candidate_index=i) for i in range(4)] for p in range(500)]
+        producer = TypedProducer(bootstrap, client_id="bench")
+        for group in rollouts:
+            for r in group:
+                producer.send(ROLLOUTS, r, key=r.prompt_id)
+        producer.flush()
+        producer.close()
+        port = free_port()
+        env = preference_env(bootstrap, home, port, FLYWHEEL_METRICS_ENABLED="false")
+        proc = subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env)
+        try:
+            wait_serving(f"127.0.0.1:{port}", proc)
+            time.sleep(1.0)  # let the rollouts follower apply the last batch
+            return asyncio.run(ingest(f"127.0.0.1:{port}", token, rollouts, args.events, args.streams, args.unary,
+                                      args.batch, proc.pid))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 # -- aggregation -----------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import shutil
 import sqlite3
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from preference_bench import REPO, free_port, start_broker, wait_serving  # noqa: E402
+from preference_bench import bench_broker, free_port, issue_tokens, preference_env, wait_serving  # noqa: E402
 
 K = 4
 
@@ -196,61 +195,48 @@ def server_latency(metrics_port: int) -> dict[str, float]:
 
 
 def bench_load(args, tmp: Path) -> list[tuple[str, str, str]]:
-    from flywheel.bus import TypedProducer, ensure_topics
-    from flywheel.bus.topics import ALL_TOPICS, ROLLOUTS
-    from flywheel.preference.auth import TokenStore
+    from flywheel.bus import TypedProducer
+    from flywheel.bus.topics import ROLLOUTS
     from flywheel.v1 import common_pb2
 
-    bootstrap = args.bootstrap or os.environ.get("FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS")
-    broker_dir = None
-    if not bootstrap:
-        bootstrap, broker_dir = start_broker(tmp)
-    ensure_topics(bootstrap, ALL_TOPICS)
     home = tmp / "home"
-    store = TokenStore(home / "preference" / "auth.sqlite")
-    tokens = {f"load-{i:03d}": store.issue(f"load-{i:03d}") for i in range(args.raters)}
-    store.close()
-    run = uuid.uuid4().hex[:8]
-    version = f"load-{run}"
-    groups = args.raters * args.tasks_per_rater
-    producer = TypedProducer(bootstrap, client_id="tasks-bench")
-    for p in range(groups):
-        for i in range(K):
-            producer.send(ROLLOUTS, common_pb2.Rollout(
-                rollout_id=f"{run}-{p}-{i}", prompt_id=f"{run}-{p}", raw_prompt=f"prompt {p}",
-                response_text=f"candidate {i} of prompt {p}", policy_version=version, candidate_index=i),
-                key=f"{run}-{p}")
-    producer.flush()
-    producer.close()
-    port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FLYWHEEL_HOST": "127.0.0.1",
-           "FLYWHEEL_GRPC_PORT": str(port), "FLYWHEEL_METRICS_PORT": str(metrics_port), "FLYWHEEL_HOME": str(home),
-           "FLYWHEEL_LOG_LEVEL": "WARNING", "FLYWHEEL_SHUTDOWN_DELAY_S": "0",
-           "FLYWHEEL_PREFERENCE_REFRESH_INTERVAL_S": "3600", "FLYWHEEL_PREFERENCE_UI_ENABLED": "false",
-           "FLYWHEEL_PREFERENCE_TASK_OVERLAP": "1", "FLYWHEEL_PREFERENCE_TASK_SETTLE_S": "0",
-           "FLYWHEEL_PREFERENCE_TASK_GOLD_RATE": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env)
-    try:
-        wait_serving(f"127.0.0.1:{port}", proc)
-        db = home / "preference" / "store.sqlite"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # all rollouts consumed and the pool refreshed once more
-            with sqlite3.connect(db) as c:
-                if c.execute("SELECT count(*) FROM responses WHERE policy_version = ?", (version,)).fetchone()[0] \
-                        == groups * K:
-                    break
-            time.sleep(0.2)
-        time.sleep(2.5)
-        result = asyncio.run(rate_concurrently(f"127.0.0.1:{port}", tokens, args.load_seconds))
-        server = server_latency(metrics_port)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    with sqlite3.connect(home / "preference" / "store.sqlite") as c:
-        stored = {r[0] for r in c.execute("SELECT event_id FROM events")}
-    if broker_dir is not None:
-        subprocess.run([str(REPO / "deploy" / "kafka" / "kafka.sh"), "stop", "--data-dir", str(broker_dir)],
-                       timeout=60, check=False)
+    with bench_broker(args, tmp) as bootstrap:
+        tokens = issue_tokens(home, [f"load-{i:03d}" for i in range(args.raters)])
+        run = uuid.uuid4().hex[:8]
+        version = f"load-{run}"
+        groups = args.raters * args.tasks_per_rater
+        producer = TypedProducer(bootstrap, client_id="tasks-bench")
+        for p in range(groups):
+            for i in range(K):
+                producer.send(ROLLOUTS, common_pb2.Rollout(
+                    rollout_id=f"{run}-{p}-{i}", prompt_id=f"{run}-{p}", raw_prompt=f"prompt {p}",
+                    response_text=f"candidate {i} of prompt {p}", policy_version=version, candidate_index=i),
+                    key=f"{run}-{p}")
+        producer.flush()
+        producer.close()
+        port, metrics_port = free_port(), free_port()
+        env = preference_env(bootstrap, home, port, FLYWHEEL_METRICS_PORT=str(metrics_port),
+                             FLYWHEEL_PREFERENCE_TASK_OVERLAP="1", FLYWHEEL_PREFERENCE_TASK_SETTLE_S="0",
+                             FLYWHEEL_PREFERENCE_TASK_GOLD_RATE="0")
+        proc = subprocess.Popen([sys.executable, "-m", "flywheel.preference"], env=env)
+        try:
+            wait_serving(f"127.0.0.1:{port}", proc)
+            db = home / "preference" / "store.sqlite"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # all rollouts consumed and the pool refreshed once more
+                with sqlite3.connect(db) as c:
+                    if c.execute("SELECT count(*) FROM responses WHERE policy_version = ?", (version,)).fetchone()[0] \
+                            == groups * K:
+                        break
+                time.sleep(0.2)
+            time.sleep(2.5)
+            result = asyncio.run(rate_concurrently(f"127.0.0.1:{port}", tokens, args.load_seconds))
+            server = server_latency(metrics_port)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        with sqlite3.connect(home / "preference" / "store.sqlite") as c:
+            stored = {r[0] for r in c.execute("SELECT event_id FROM events")}
     mine = [k for k in result["leased"] if k[1] == version]
     doubles = len(mine) - len(set(mine))
     lost = sum(1 for e in result["acked"] if e not in stored)
