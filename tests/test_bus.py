@@ -140,11 +140,12 @@ def test_poison_message_goes_to_dlq_and_consumer_moves_on(kafka_bootstrap, topic
     assert all(e[codec.HEADER_ORIGINAL_TOPIC] == topic.name for e in errors)
     assert dead[0].value == b"\xff\xff\xff not protobuf", "the original bytes are preserved"
 
-    # Offsets were committed past the poison (all three records of the key's partition): a
-    # restarted consumer in the group would see nothing.
+    # Offsets were committed past the poison (offsets 1 and 2 of the key's partition; r2 at 3 may or
+    # may not be committed yet when the worker stops): a restarted consumer never sees the poison again.
     again = consumer(kafka_bootstrap, topic, producer, f"g-{unique}")
     try:
-        assert sorted(o or 0 for o in (again.committed(p) for p in range(2))) == [0, 3]
+        untouched, keyed = sorted(o or 0 for o in (again.committed(p) for p in range(2)))
+        assert untouched == 0 and keyed in (3, 4), (untouched, keyed)
     finally:
         again.close()
 
