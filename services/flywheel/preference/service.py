@@ -372,7 +372,10 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         return self.board
 
     def lease_task(self, principal: Principal | None, rater_id: str, kind: int) -> preference_pb2.Task:
-        """LeaseTask for `principal` (shared by gRPC and the web UI)."""
+        """LeaseTask for `principal` (shared by gRPC and the web UI). Blocking: call it off the event
+        loop. It reads the store, whose one connection writers hold while they commit, and a lease
+        waiting for that on the loop stalled every other call (measured: 200 raters, lease p50 1.1 s
+        while the handler itself took <= 10 ms)."""
         board = self._board()
         self._check_ready()
         if not rater_id and principal is not None:
@@ -396,7 +399,7 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         return task
 
     async def LeaseTask(self, request, context):
-        return self.lease_task(self._principal(context), request.rater_id, request.kind)
+        return await asyncio.to_thread(self.lease_task, self._principal(context), request.rater_id, request.kind)
 
     async def ReleaseTask(self, request, context):
         principal = self._principal(context)
