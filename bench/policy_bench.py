@@ -94,7 +94,7 @@ async def run_service(engine, levels: list[int], max_new_tokens: int, temperatur
     from flywheel.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
     top = max(levels)
-    settings = PolicySettings(host="127.0.0.1", grpc_port=0, metrics_port=0, metrics_enabled=False,
+    settings = PolicySettings(host="127.0.0.1", grpc_port=0, metrics_port=0, metrics_enabled=False, auth_enabled=False,
                               policy_http_enabled=False, policy_worker_enabled=False, policy_reload_enabled=False,
                               shutdown_delay_s=0, policy_max_batch_size=top)
     parts = build_components(settings, LocalBackend(engine, max_batch_size=top))

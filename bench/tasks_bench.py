@@ -1,6 +1,6 @@
 """Task assignment benchmark: informative vs random assignment, and a rating team leasing at once.
 
-    python bench/tasks_bench.py [--prompts 300] [--raters 200] [--tasks-per-rater 3] [--bootstrap HOST:PORT]
+    python bench/tasks_bench.py [--prompts 300] [--raters 200] [--tasks-per-rater 3] [--think-s 0 2] [--bootstrap HOST:PORT]
 
 1. Assignment efficiency (in process, no broker: assignment is the TaskBoard's decision, the same
    code LeaseTask runs): prompts of 4 candidates with hidden true scores, simulated raters ranking
@@ -12,7 +12,11 @@
 2. Load: N concurrent raters (asyncio, one gRPC channel each) lease and submit against one
    preference service process with a real broker (acks=all): p50/p99 latency of LeaseTask and
    SubmitRanking, double assignments (a group leased to two raters with overlap 1) and lost
-   submissions (acknowledged but not in the service's store after it stopped).
+   submissions (acknowledged but not in the service's store after it stopped). Once per --think-s
+   value: 0 is a stress test (every rater leases again the moment its submission is acknowledged);
+   a positive value is the mean of an exponential pause between a rater's acknowledgement and its
+   next lease (people read and rank for seconds to minutes), with the raters' first leases spread
+   over that mean, as a team signing in over a few seconds.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ def bench_assignment(args, tmp: Path) -> list[tuple[str, str, str]]:
 
 # -- 2. a rating team at once ----------------------------------------------------------------------
 
-async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: float) -> dict:
+async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: float, think_s: float = 0.0) -> dict:
     from grpc import aio
 
     from flywheel.runtime.client import channel_options
@@ -149,10 +153,15 @@ async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: flo
     acked: list[str] = []
     stop_at = time.monotonic() + deadline_s
 
+    rng = random.Random(0)
+
     async def rater(rater_id: str, token: str) -> None:
         metadata = (("authorization", f"Bearer {token}"),)
         async with aio.insecure_channel(target, options=channel_options()) as ch:
             stub = preference_pb2_grpc.PreferenceServiceStub(ch)
+            await ch.channel_ready()  # connection set-up is not a lease's latency
+            if think_s > 0:
+                await asyncio.sleep(rng.uniform(0, think_s))
             while time.monotonic() < stop_at:
                 t0 = time.perf_counter()
                 task = await stub.LeaseTask(preference_pb2.LeaseTaskRequest(), metadata=metadata, timeout=60)
@@ -168,6 +177,8 @@ async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: flo
                 ack = await stub.SubmitRanking(ranking, metadata=metadata, timeout=60)
                 submit_ms.append(1000 * (time.perf_counter() - t0))
                 acked.append(ack.event_id)
+                if think_s > 0:
+                    await asyncio.sleep(rng.expovariate(1 / think_s))
 
     start = time.perf_counter()
     await asyncio.gather(*[rater(r, t) for r, t in tokens.items()])
@@ -194,13 +205,13 @@ def server_latency(metrics_port: int) -> dict[str, float]:
     return out
 
 
-def bench_load(args, tmp: Path) -> list[tuple[str, str, str]]:
+def bench_load(args, tmp: Path, think_s: float) -> list[tuple[str, str, str]]:
     from flywheel.bus import TypedProducer
     from flywheel.bus.topics import ROLLOUTS
     from flywheel.v1 import common_pb2
 
-    home = tmp / "home"
-    with bench_broker(args, tmp) as bootstrap:
+    home = tmp / f"home-think-{think_s:g}"
+    with bench_broker(args, tmp / f"broker-think-{think_s:g}") as bootstrap:
         tokens = issue_tokens(home, [f"load-{i:03d}" for i in range(args.raters)])
         run = uuid.uuid4().hex[:8]
         version = f"load-{run}"
@@ -230,7 +241,7 @@ def bench_load(args, tmp: Path) -> list[tuple[str, str, str]]:
                         break
                 time.sleep(0.2)
             time.sleep(2.5)
-            result = asyncio.run(rate_concurrently(f"127.0.0.1:{port}", tokens, args.load_seconds))
+            result = asyncio.run(rate_concurrently(f"127.0.0.1:{port}", tokens, args.load_seconds, think_s))
             server = server_latency(metrics_port)
         finally:
             proc.terminate()
@@ -242,16 +253,17 @@ def bench_load(args, tmp: Path) -> list[tuple[str, str, str]]:
     lost = sum(1 for e in result["acked"] if e not in stored)
     lease, submit = np.array(result["lease_ms"]), np.array(result["submit_ms"])
     n = len(submit)
+    how = f"{args.raters} raters, think {think_s:g} s" if think_s else f"{args.raters} raters, no think time"
     return [
-        (f"load: {args.raters} raters, LeaseTask p50 / p99 (ms)",
+        (f"load ({how}): LeaseTask p50 / p99 (ms)",
          f"{np.percentile(lease, 50):.0f} / {np.percentile(lease, 99):.0f}", f"{len(lease)} leases (goal p99 <= 100)"),
-        ("load: SubmitRanking (acks=all) p50 / p99 (ms)",
+        (f"load ({how}): SubmitRanking (acks=all) p50 / p99 (ms)",
          f"{np.percentile(submit, 50):.0f} / {np.percentile(submit, 99):.0f}",
          f"{n} submissions, {n / result['elapsed']:.0f}/s (goal p99 <= 250)"),
         ("  server side (handler time, from /metrics buckets): LeaseTask p99 (ms)",
          f"<= {server['LeaseTask']:.0f}", "excludes the client process and queueing in the kernel"),
         ("  server side: SubmitRanking p99 (ms)", f"<= {server['SubmitRanking']:.0f}", "includes acks=all"),
-        ("load: double assignments / lost submissions", f"{doubles} / {lost}", "goal 0 / 0"),
+        (f"load ({how}): double assignments / lost submissions", f"{doubles} / {lost}", "goal 0 / 0"),
     ]
 
 
@@ -264,6 +276,8 @@ def main() -> None:
     parser.add_argument("--tasks-per-rater", type=int, default=3, help="Tasks in the pool per rater.")
     parser.add_argument("--load-seconds", type=float, default=120.0, help="Stop the load test after this long.")
     parser.add_argument("--bootstrap", default=None, help="Use this Kafka broker instead of starting one.")
+    parser.add_argument("--think-s", type=float, nargs="+", default=[0.0, 2.0],
+                        help="Mean pause (s) between a rater's acknowledgement and next lease; one load run each.")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-assignment", action="store_true")
     args = parser.parse_args()
@@ -274,7 +288,8 @@ def main() -> None:
         if not args.skip_assignment:
             rows += bench_assignment(args, tmp)
         if not args.skip_load:
-            rows += bench_load(args, tmp)
+            for think_s in args.think_s:
+                rows += bench_load(args, tmp, think_s)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     width = max(len(r[0]) for r in rows)
