@@ -98,7 +98,10 @@ class TypedConsumer(Generic[M]):
             auto_offset_reset=auto_offset_reset,
             max_poll_records=max_poll_records,
             security_protocol=security_protocol,
-            **kafka_config,
+            # A topic the broker had no metadata for at subscription (created a moment before, or
+            # after) gets no partitions until the next metadata refresh: 5 min by default, which
+            # left a freshly started follower deaf for minutes. Refresh every 10 s instead.
+            **{"metadata_max_age_ms": 10_000, **kafka_config},
         )
         self._consumer.subscribe([topic.name], listener=_ForgetRevoked(self))
         # Per partition: first offset polled since the last commit, and the next offset to commit.
