@@ -14,7 +14,6 @@ the hidden ground truth on held-out prompts for every policy version to show tha
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from flywheel.policy.settings import PolicySettings
 from flywheel.preference.settings import PreferenceSettings
 from flywheel.reward.settings import RewardSettings
 from flywheel.runtime.config import ServiceSettings, settings_env
+from flywheel.runtime.process import machine_threads
 from flywheel.trainer.settings import TrainerSettings
 from flywheel.v1 import (
     common_pb2,
@@ -109,7 +109,7 @@ class LoopConfig:
     # Measured 2026-12-01 in the 12-minute learning test: with one trainer thread 5 PPO steps ran and the
     # held-out truth rose +0.074 (z 1.0); before 2026-12-01 the first in-process reward-model job
     # silently switched the trainer to 2 threads, which is what the earlier +0.2 (z ~4, 9 steps) ran on.
-    trainer_torch_threads: int = field(default_factory=lambda: min(4, len(os.sched_getaffinity(0))))
+    trainer_torch_threads: int = field(default_factory=lambda: min(4, machine_threads()))
     # Precision of the PPO step's forward passes and of reward scoring ("auto": bf16 where the hardware
     # has it). Measured 2026-12-01 on AMX: a PPO step 1.6x, MiniLM scoring 1.4x faster, and the
     # 12-minute learning test passes with both (docs/policy.md). The services default to float32.

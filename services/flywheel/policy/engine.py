@@ -16,7 +16,6 @@ the sampling precision's logits, BEFORE top-k / top-p filtering; greedy rows are
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -42,19 +41,9 @@ from flywheel.policy.loading import (  # noqa: F401 - re-exported
 )
 from flywheel.policy.sampling import SamplingConfig
 
+from flywheel.runtime.process import machine_threads  # noqa: F401 - re-exported (bench)
+
 log = logging.getLogger(__name__)
-
-
-def machine_threads() -> int:
-    """CPUs this process may use: its affinity set, capped by a cgroup CPU quota (containers)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 # --------------------------------------------------------------------------------------------------
