@@ -114,6 +114,29 @@ def test_producer_refuses_wrong_message_type(topic, producer) -> None:
         producer.send(topic, common_pb2.Prompt(prompt_id="x"))
 
 
+def test_consumer_of_a_topic_created_after_subscribing_gets_its_records_with_short_polls(
+        kafka_bootstrap, producer, unique) -> None:
+    # The topic appears after the group formed (empty assignment), so kafka-python rejoins on the
+    # metadata change; with 1 ms polls that join always finishes between polls, which kafka-python
+    # 3.0.12 then never applies (no partitions, no heartbeats, no error). TypedConsumer must rejoin.
+    late = Topic(f"test.late.{unique}", common_pb2.Rollout)
+    c = consumer(kafka_bootstrap, late, producer, f"g-{unique}")
+    try:
+        wait_until(lambda: c.poll(timeout_ms=100) == [] and c._consumer._coordinator.stable(), 30, interval_s=0,
+                   what="the group to form around a topic that does not exist yet")
+        assert c._consumer.assignment() == set()
+        ensure_topics(kafka_bootstrap, [late], partitions=2, with_dlq=False)
+        producer.send(late, rollout(1), key="p1")
+        producer.flush()
+        got: list = []
+        wait_until(lambda: got.extend(c.poll(timeout_ms=1)) or got, 30, interval_s=0,
+                   what="the record of the late topic")
+        assert [d.value.rollout_id for d in got] == ["r1"]
+        assert len(c._consumer.assignment()) == 2
+    finally:
+        c.close()
+
+
 def test_poison_message_goes_to_dlq_and_consumer_moves_on(kafka_bootstrap, topic, producer, unique) -> None:
     producer.send(topic, rollout(1), key="p1")
     # Undecodable bytes, then a record that declares another type: both poison.

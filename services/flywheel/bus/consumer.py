@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
+# How long a poll waits for a group (re)join that `_rejoin_if_join_was_dropped` asked for.
+REJOIN_POLL_MS = 2_000
+
 
 @dataclass
 class Rejection:
@@ -111,7 +114,10 @@ class TypedConsumer(Generic[M]):
     # -- polling -----------------------------------------------------------------------------
     def poll(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Delivery[M]]:
         """Decoded deliveries in partition order; poison records are dead-lettered on the way."""
-        raw = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records or self._max_poll_records)
+        max_records = max_records or self._max_poll_records
+        raw = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if self._rejoin_if_join_was_dropped():
+            raw = self._consumer.poll(timeout_ms=max(timeout_ms, REJOIN_POLL_MS), max_records=max_records)
         deliveries: list[Delivery[M]] = []
         for tp, records in raw.items():
             if not records:
@@ -150,6 +156,27 @@ class TypedConsumer(Generic[M]):
         # Durable before we may commit past the record: nothing is lost.
         self._dead_letters.forward(self.topic, value=value, key=key, headers=headers, partition=partition,
                                    offset=offset, error_type=error_type, reason=reason)
+
+    def _rejoin_if_join_was_dropped(self) -> bool:
+        """Recover from a group join that finished between two polls and was never applied.
+
+        kafka-python 3.0.12 applies a finished JoinGroup/SyncGroup (new assignment, heartbeats back on)
+        only inside a later poll, and only while the coordinator still reports that it needs to
+        rejoin. A rejoin triggered by topic metadata (a topic created just after subscribing, or
+        given more partitions) clears that condition as the join performs its assignment, so a join
+        that outlasts the poll that started it is never applied: the member stops heartbeating, the
+        broker evicts it, and the consumer sits deaf with no partitions and no error, for good (the
+        scoring worker timed out on this in CI; a 1 ms poll reproduces it every time). Asking for a
+        rejoin makes the next poll join again; that poll waits long enough for the join to land.
+        """
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        join = getattr(coordinator, "_join_task", None)
+        if join is None or not join.is_done or coordinator.need_rejoin():
+            return False
+        log.warning("%s: group %s finished a join that was never applied; rejoining", self.topic.name,
+                    self.group_id)
+        coordinator.request_rejoin()
+        return True
 
     # -- offsets -----------------------------------------------------------------------------
     def commit(self) -> None:

@@ -116,7 +116,7 @@ class LoopConfig:
     trainer_dtype: str = "auto"
     reward_dtype: str = "auto"
     # held-out evaluation
-    eval_prompts: int = 48
+    eval_prompts: int = 48  # at most this many (chatterbot-corpus has 107 held-out prompts)
     eval_temperature: float = 0.7
     eval_seed: int = 1234
     # Evaluate every new policy version (1), every n-th one, or only the base and the last (0).
