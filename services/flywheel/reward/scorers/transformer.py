@@ -18,6 +18,7 @@ from flywheel import checkpoints
 from flywheel.precision import autocast, resolve_dtype
 from flywheel.reward.scorers.base import Scorer, check_lengths
 from flywheel.reward.scorers.chunking import plan_chunks
+from flywheel.runtime.process import machine_threads
 from flywheel.versions import BASE_REWARD_VERSION
 
 METADATA_FILE = "flywheel.json"
@@ -32,7 +33,9 @@ def read_checkpoint_metadata(path: Path) -> dict:
 
 
 def default_torch_threads() -> int:
-    return max(1, min(os.cpu_count() or 1, 4))
+    # The CPUs this process may really use (affinity, container quota), at most 4: MiniLM's
+    # forward passes stop scaling beyond that.
+    return min(machine_threads(), 4)
 
 
 # -- implementations ----------------------------------------------------------------------------
