@@ -345,3 +345,16 @@ def test_read_topic_snapshot_skips_poison_and_feeds_the_sft_loader(kafka_bootstr
     assert sorted(m.WhichOneof("event") for _, _, m in got) == ["demonstration", "demonstration", "ranking"]
     demos = load_demonstrations_from_topic(kafka_bootstrap, t.name)
     assert sorted(d.event_id for d in demos) == ["d0", "d1"]
+
+
+async def test_acknowledged_awaits_each_record_without_a_thread(kafka_bootstrap, topic, producer) -> None:
+    from kafka.future import Future
+
+    from flywheel.bus.producer import acknowledged
+
+    futures = [producer.send(topic, rollout(i), key=f"p{i}") for i in range(5)]
+    results = await acknowledged(futures, timeout_s=30)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert sorted((r.partition, r.offset) for r in results) == sorted((f.get().partition, f.get().offset) for f in futures)
+    [late] = await acknowledged([Future()], timeout_s=0.2)  # a record the broker never answers
+    assert type(late).__name__ == "KafkaTimeoutError"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Sequence
 
@@ -60,3 +61,27 @@ class TypedProducer:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.close(timeout=timeout_s)
+
+
+async def acknowledged(futures: Sequence[FutureRecordMetadata], timeout_s: float) -> list[object]:
+    """Await the broker's acknowledgements without holding a thread: per future, its RecordMetadata
+    or its exception (a KafkaTimeoutError for one still pending after `timeout_s`)."""
+    from kafka.errors import KafkaTimeoutError
+
+    loop = asyncio.get_running_loop()
+
+    def settle(waiter: asyncio.Future, value: object) -> None:
+        if not waiter.done():
+            waiter.set_result(value)
+
+    waiters = []
+    for future in futures:
+        waiter = loop.create_future()
+        # Callbacks run on the producer's I/O thread (or here, when already done).
+        future.add_callback(lambda md, w=waiter: loop.call_soon_threadsafe(settle, w, md))
+        future.add_errback(lambda exc, w=waiter: loop.call_soon_threadsafe(settle, w, exc))
+        waiters.append(waiter)
+    if waiters:
+        await asyncio.wait(waiters, timeout=timeout_s)
+    return [w.result() if w.done() else KafkaTimeoutError(f"not acknowledged within {timeout_s:g} s")
+            for w in waiters]

@@ -158,9 +158,13 @@ def build_service(settings: PreferenceSettings, *,
     ensure_topics_for(settings, [ROLLOUTS, PREFERENCES, AGGREGATED_PREFERENCES])
     store = PreferenceStore(settings.store_path())
     tokens = TokenStore(settings.auth_db_path()) if settings.preference_auth_enabled else None
-    # Events are sent in chunks and flushed explicitly: a long linger and large batches mean one
-    # produce request per partition per chunk instead of one sender wake-up every few records.
-    producer = producer_for(settings, linger_ms=1000, batch_size=512 * 1024)
+    # No linger: a submission is sent at once, and what concurrent requests send while a produce
+    # request is in flight goes out together in the next one. Callers await their own records'
+    # acknowledgements (`acknowledged`) instead of a flush per request, which held an executor
+    # thread per request, each waiting for every record in flight. Measured 2026-12-01 against the
+    # flush design in the same session: SubmitBulkBatched 2,969 vs 2,839 events/s, SubmitBulk 2,380
+    # vs 2,473, unary one at a time 90 vs 90 events/s (a 5 ms linger cost unary 36%).
+    producer = producer_for(settings, linger_ms=0, batch_size=512 * 1024)
     engine = ConsensusEngine(store, fit_options(settings), max_rater_series=settings.preference_max_rater_series)
     task_db = TaskDB(settings.tasks_db_path())
     board = TaskBoard(store, task_db, overlap=settings.preference_task_overlap,

@@ -23,6 +23,7 @@ from grpc import aio
 from prometheus_client import Counter, Histogram
 
 from flywheel.bus import TypedProducer
+from flywheel.bus.producer import acknowledged
 from flywheel.bus.topics import AGGREGATED_PREFERENCES, PREFERENCES
 from flywheel.preference.auth import Authenticator, Principal
 from flywheel.preference.engine import ConsensusEngine
@@ -175,20 +176,7 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
         for e in events:
             body = event_body(e)[1]
             futures.append(self.producer.send(PREFERENCES, e, key=body.prompt_id, trace_id=trace_id(body.event_id)))
-        timeout = self.settings.preference_ack_timeout_s
-
-        def wait_all() -> list:
-            # flush() sends what is buffered now (the producer lingers otherwise) and waits for it
-            self.producer.flush(timeout_s=timeout)
-            results: list = []
-            for f in futures:
-                try:
-                    results.append(f.get(timeout=timeout))
-                except Exception as exc:  # noqa: BLE001 - reported per record below
-                    results.append(exc)
-            return results
-
-        results = await asyncio.to_thread(wait_all)
+        results = await acknowledged(futures, self.settings.preference_ack_timeout_s)
         ACK_SECONDS.observe(time.perf_counter() - start)
         durable = [(e, md.partition, md.offset) for e, md in zip(events, results) if not isinstance(md, Exception)]
         failed = [md for md in results if isinstance(md, Exception)]
@@ -356,14 +344,9 @@ class PreferenceServicer(preference_pb2_grpc.PreferenceServiceServicer):
 
     async def _publish_aggregates(self, messages: list[common_pb2.AggregatedPreference]) -> None:
         futures = [self.producer.send(AGGREGATED_PREFERENCES, m, key=m.prompt_id) for m in messages]
-        timeout = self.settings.preference_ack_timeout_s
-
-        def wait() -> None:
-            self.producer.flush(timeout_s=timeout)  # the producer lingers until flushed
-            for f in futures:
-                f.get(timeout=timeout)
-
-        await asyncio.to_thread(wait)
+        for result in await acknowledged(futures, self.settings.preference_ack_timeout_s):
+            if isinstance(result, Exception):
+                raise result
 
     # -- task assignment ---------------------------------------------------------------------
     def _board(self) -> TaskBoard:
