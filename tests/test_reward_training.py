@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from flywheel.precision import resolve_dtype
 from flywheel.reward.datasets import sentiment_pairs
 from flywheel.reward.scorers import TransformerRewardScorer
 from flywheel.reward.testing import tiny_reward_checkpoint
@@ -183,13 +184,17 @@ def test_cli_train(tmp_path, tiny_dir) -> None:
 
 @pytest.mark.slow
 def test_trained_minilm_separates_held_out_sentiment(tmp_path) -> None:
-    """Real MiniLM weights: from pairs to a reward model that ranks unseen texts (>= 0.8 accuracy)."""
+    """Real MiniLM weights: from pairs to a reward model that ranks unseen texts (>= 0.8 accuracy), in
+    the precision the local loop's jobs use (`auto`: bf16 forward passes on CPUs with AMX; the fp32
+    path is the tiny-model tests' above)."""
+    dtype = resolve_dtype("auto")
     train, held = sentiment_pairs(seed=0)
     start = time.monotonic()
     result = train_reward_model(RewardTrainingConfig(
         pairs=train, eval_pairs=held, output_dir=tmp_path, epochs=1, max_steps=10, batch_size=16,
-        learning_rate=1e-4, max_length=48, seed=0, progress=False))
+        learning_rate=1e-4, max_length=48, seed=0, progress=False, dtype=dtype))
     elapsed = time.monotonic() - start
+    assert result.metrics["train_bf16"] == float(dtype == "bfloat16")  # the job records its precision
     accuracy = result.metrics["eval_accuracy"]
     print(f"\nheld-out pairwise accuracy {accuracy:.3f} on {len(held)} pairs "
           f"(untrained head: {result.metrics['initial_eval_accuracy']:.3f}); {elapsed:.0f}s")

@@ -95,7 +95,7 @@ def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(
 
     runner = RewardJobRunner(default_dataset_uri=None, output_dir=tmp_path / "reward", default_epochs=1,
                              bootstrap_servers=None, model_versions_topic=None, torch_threads=2,
-                             cache_dir=tmp_path / "cache")
+                             dtype="bfloat16", cache_dir=tmp_path / "cache")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the demo runs the trainer; the job asks for 2 in its own process
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the demo's trainer environment
@@ -106,6 +106,7 @@ def test_reward_model_training_runs_in_its_own_process_and_leaves_threads_alone(
         assert torch.get_num_threads() == 1
         # The job itself trained with its own 2 threads, not the trainer's inherited OMP_NUM_THREADS=1.
         assert job.model_version.metrics["train_threads"] == 2
+        assert job.model_version.metrics["train_bf16"] == 1.0  # and in the precision it was given
     finally:
         torch.set_num_threads(threads)
         runner.shutdown()

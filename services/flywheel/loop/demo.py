@@ -82,12 +82,20 @@ def demo(
     max_policy_versions: int = typer.Option(
         LoopConfig.max_policy_versions,
         help="End the PPO phase after this many new policy versions, even before --minutes (0: no limit)."),
+    eval_every: int = typer.Option(LoopConfig.eval_every, min=0,
+                                   help="Evaluate every n-th new policy version (0: only the base and the last)."),
+    reward_retrain_minutes: float = typer.Option(
+        LoopConfig.reward_retrain_minutes, min=0,
+        help="Retrain the reward model on all preferences this long after the previous one (0: never)."),
+    keep_checkpoints: int = typer.Option(LoopConfig.keep_checkpoints, min=1,
+                                         help="Newest policy checkpoints kept on disk (~1.6 GB each)."),
 ) -> None:
     """Run the whole loop locally: Kafka, policy, reward, preference, trainer, simulated raters."""
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_dir = (run_dir or default_run_dir()).absolute()
     config = LoopConfig(minutes=minutes, bootstrap_prompts=bootstrap_prompts, eval_prompts=eval_prompts,
-                        max_policy_versions=max_policy_versions)
+                        max_policy_versions=max_policy_versions, eval_every=eval_every,
+                        reward_retrain_minutes=reward_retrain_minutes, keep_checkpoints=keep_checkpoints)
     _interrupt_once()
     console.print(f"[bold]flywheel demo[/]: run directory {run_dir} (service logs in {run_dir}/logs)")
     with LocalCluster(run_dir) as cluster:

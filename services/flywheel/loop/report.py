@@ -19,6 +19,9 @@ class VersionRecord:
     reward_mean: float = float("nan")  # the learned reward model's score (what PPO optimises)
     kl: float = float("nan")  # KL(policy || reference) per sequence, from the trainer
     kl_coef: float = float("nan")  # the KL penalty coefficient the step used (adaptive controller)
+    # Per held-out prompt, in the corpus's order (same prompts and seed for every version): what a
+    # paired comparison of two versions needs (`evaluation.paired_improvement_z`).
+    ground_truth_scores: list[float] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
 
 

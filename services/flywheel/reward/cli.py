@@ -36,6 +36,8 @@ def train(
     torch_threads: int = typer.Option(0, min=0, envvar="FLYWHEEL_TORCH_THREADS",
                                       help="torch intra-op threads of this process (0: torch's default)."),
     result_file: Optional[Path] = typer.Option(None, help="Also write the JSON result (or {\"error\": ...}) here."),
+    dtype: str = typer.Option("float32", help="Forward passes in float32, bfloat16 (autocast; weights stay fp32) "
+                                              "or auto (bfloat16 where the hardware computes it natively)."),
 ) -> None:
     """Train a pairwise reward model; prints the ModelVersion and metrics as JSON.
 
@@ -56,7 +58,7 @@ def train(
     config = RewardTrainingConfig(
         data=data, base_model=base_model, version=version, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length, eval_fraction=eval_fraction,
-        center_rewards_coefficient=center_rewards, use_margin=not no_margin, seed=seed, publish=publish,
+        center_rewards_coefficient=center_rewards, use_margin=not no_margin, seed=seed, publish=publish, dtype=dtype,
         bootstrap_servers=bootstrap_servers, model_versions_topic=model_versions_topic,
         kafka_config=settings.kafka_client_config(),
         # under FLYWHEEL_HOME, where the reward service loads announced versions from by default

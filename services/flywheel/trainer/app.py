@@ -101,6 +101,7 @@ def build_app(settings: TrainerSettings) -> TrainerApp:
         default_epochs=settings.trainer_reward_epochs, bootstrap_servers=settings.kafka_bootstrap_servers,
         model_versions_topic=settings.trainer_model_versions_topic,
         torch_threads=settings.trainer_reward_job_torch_threads or settings.torch_threads,
+        dtype=settings.trainer_reward_job_dtype,
         cache_dir=settings.home / "datasets",
         dataset_policy=UriPolicy("dataset_uri", settings.reward_dataset_roots(), settings.trainer_reward_dataset_remote),
         max_queued=settings.trainer_reward_max_queued_jobs)

@@ -86,6 +86,7 @@ class RewardJobRunner:
 
     def __init__(self, *, default_dataset_uri: str | None, output_dir: str | Path | None, default_epochs: int,
                  bootstrap_servers: str | None, model_versions_topic: str | None, torch_threads: int = 0,
+                 dtype: str = "float32",
                  cache_dir: Path | None = None, timeout_s: float = 6 * 3600,
                  dataset_policy: UriPolicy | None = None, max_queued: int = 4) -> None:
         self.default_dataset_uri = default_dataset_uri
@@ -97,6 +98,7 @@ class RewardJobRunner:
         self.bootstrap_servers = bootstrap_servers
         self.model_versions_topic = model_versions_topic
         self.torch_threads = torch_threads
+        self.dtype = dtype
         self.cache_dir = cache_dir or default_home() / "datasets"
         self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model-training")
@@ -129,7 +131,7 @@ class RewardJobRunner:
     def command(self, job: RewardJob, result_file: Path) -> list[str]:
         """The `flywheel reward train` command line of `job`."""
         cmd = [sys.executable, "-m", "flywheel.cli", "reward", "train", "--epochs", str(job.epochs),
-               "--torch-threads", str(self.torch_threads), "--result-file", str(result_file)]
+               "--torch-threads", str(self.torch_threads), "--dtype", self.dtype, "--result-file", str(result_file)]
         if job.dataset_uri:
             cmd += ["--data", str(checkpoints.resolve(job.dataset_uri, self.cache_dir))]
         elif self.bootstrap_servers:

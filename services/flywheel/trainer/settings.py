@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, create_model
 
@@ -70,6 +71,9 @@ class TrainerSettings(_WithPPOSettings):  # type: ignore[misc,valid-type]
     trainer_reward_job_torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads of a reward-model training job (its own process; also its "
         "OMP_NUM_THREADS). 0: the trainer's own torch_threads.")
+    trainer_reward_job_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32", description="Precision of a reward-model training job's forward passes (weights, gradients and "
+        "optimizer stay fp32; bf16 is torch.autocast). `auto` = bfloat16 where the hardware computes it natively.")
 
     def reward_dataset_roots(self) -> list[Path]:
         return list(self.trainer_reward_dataset_roots) or [self.home / "preference" / "exports"]
