@@ -8,7 +8,8 @@ The simulated raters judge by a hidden ground truth (VADER compound of the respo
 and some of them are adversarial. PPO only ever sees the learned reward model; the loop measures
 the hidden ground truth on held-out prompts for every policy version to show that it learns.
 
-`LoopRunner` is used by `flywheel demo` and (with smaller numbers) by the learning test.
+`LoopRunner` is used by `flywheel demo`; the learning test (tests/test_demo.py) runs `flywheel demo`
+with smaller numbers.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class LoopConfig:
     trainer_torch_threads: int = field(default_factory=lambda: min(4, machine_threads()))
     # Precision of the PPO step's forward passes and of reward scoring ("auto": bf16 where the hardware
     # has it). Measured 2026-12-01 on AMX: a PPO step 1.6x, MiniLM scoring 1.4x faster, and the
-    # 12-minute learning test passes with both (docs/policy.md). The services default to float32.
+    # learning test passes with both (docs/policy.md). The services default to float32.
     # `reward_dtype` is also the reward-model training jobs' (164.5 s -> 130.3 s for 1,001 pairs).
     trainer_dtype: str = "auto"
     reward_dtype: str = "auto"
@@ -260,8 +261,8 @@ class LoopRunner:
             self._admin = admin_metadata(cluster)
             # The base policy is evaluated while it samples the bootstrap candidates: the policy
             # batches both into the same decoding steps, and the trainer has nothing to do yet.
-            # Measured on 2 cores: done one after the other, the 80-prompt evaluation alone took
-            # 1.8 of the 12 minutes of the learning test.
+            # Measured on 2 cores: one after the other, evaluating 80 prompts took 1.8 minutes and the
+            # bootstrap 4.2; together, 107 prompts and the bootstrap took 3.2 (2026-12-02).
             self.status.phase = "collecting preferences for the first reward model"
             self.feed(producer, c.bootstrap_prompts)
             self._evaluate(policy, trainer_status=None)
