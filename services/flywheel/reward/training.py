@@ -212,12 +212,10 @@ def next_version(output_dir: Path) -> str:
 # -- training -----------------------------------------------------------------------------------
 
 def evaluate(scorer, pairs: Sequence[common_pb2.PreferencePair], *, batch_size: int = 32,
-             use_margin: bool = True, margin_scale: float = 1.0, dtype: str = "float32") -> dict[str, float]:
+             use_margin: bool = True, margin_scale: float = 1.0) -> dict[str, float]:
     """Pairwise accuracy (r_chosen > r_rejected), mean loss and mean reward gap on `pairs`."""
     import torch
     import torch.nn.functional as F
-
-    from flywheel.precision import autocast
 
     if not pairs:
         return {}
@@ -230,8 +228,7 @@ def evaluate(scorer, pairs: Sequence[common_pb2.PreferencePair], *, batch_size: 
     with torch.inference_mode():
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            with autocast(dtype):
-                r_c, r_r = _rewards(scorer, chunk)
+            r_c, r_r = _rewards(scorer, chunk)
             margin = torch.tensor([p.margin * margin_scale if use_margin else 0.0 for p in chunk])
             gap = r_c - r_r
             correct += float((gap > 0).sum()) + 0.5 * float((gap == 0).sum())
@@ -244,9 +241,13 @@ def evaluate(scorer, pairs: Sequence[common_pb2.PreferencePair], *, batch_size: 
 
 
 def _rewards(scorer, pairs: Sequence[common_pb2.PreferencePair]):
-    """Chosen and rejected rewards of a batch in one forward pass."""
+    """Chosen and rejected rewards of a batch in one forward pass, in the scorer's precision (bf16 is
+    autocast over fp32 weights, so the same call trains and evaluates)."""
+    from flywheel.precision import autocast
+
     prompts = [p.prompt_text for p in pairs]
-    rewards = scorer.forward(prompts + prompts, [p.chosen_text for p in pairs] + [p.rejected_text for p in pairs])
+    with autocast(scorer.dtype):
+        rewards = scorer.forward(prompts + prompts, [p.chosen_text for p in pairs] + [p.rejected_text for p in pairs])
     return rewards[: len(pairs)].float(), rewards[len(pairs):].float()
 
 
@@ -310,7 +311,6 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from flywheel.precision import autocast, resolve_dtype
     from flywheel.reward.scorers import METADATA_FILE, TransformerRewardScorer
 
     if config.pairs is not None:
@@ -330,9 +330,8 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     if not train:
         raise ValueError("the training split is empty (too few prompts for eval_fraction)")
 
-    dtype = resolve_dtype(config.dtype)
-    # `score` (normalisation) runs in `dtype` too; `forward` (training, evaluation) is autocast here.
-    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length, dtype=dtype)
+    # Training, evaluation (`_rewards`) and normalisation (`score`) all run in the scorer's precision.
+    scorer = TransformerRewardScorer(config.base_model, max_length=config.max_length, dtype=config.dtype)
     parent = config.parent_version or scorer.version or BASE_REWARD_VERSION
     model = scorer.model
 
@@ -346,7 +345,7 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
     schedule = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
 
-    initial = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale, dtype=dtype)
+    initial = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale)
     rng = random.Random(config.seed)
     model.train()
     step = 0
@@ -361,8 +360,7 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
                 if step >= total_steps:
                     break
                 batch = [train[i] for i in order[b:b + config.batch_size]]
-                with autocast(dtype):
-                    r_c, r_r = _rewards(scorer, batch)
+                r_c, r_r = _rewards(scorer, batch)
                 margin = torch.tensor([p.margin * config.margin_scale if config.use_margin else 0.0 for p in batch])
                 loss = -F.logsigmoid(r_c - r_r - margin).mean()
                 if config.center_rewards_coefficient > 0:
@@ -383,12 +381,12 @@ def _train_reward_model(config: RewardTrainingConfig) -> RewardTrainingResult:
     model.eval()
     normalization = normalize_output(scorer, train, config.normalization_samples, config.seed) \
         if config.normalize_rewards else {}
-    final = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale, dtype=dtype)
+    final = evaluate(scorer, held_out, use_margin=config.use_margin, margin_scale=config.margin_scale)
 
     metrics: dict[str, float] = {
         "train_pairs": float(len(train)), "eval_pairs": float(len(held_out)), "steps": float(step),
         "train_loss": running, "train_seconds": train_seconds, "train_threads": float(torch.get_num_threads()),
-        "train_bf16": float(dtype == "bfloat16"),
+        "train_bf16": float(scorer.dtype == "bfloat16"),
     }
     metrics.update({f"eval_{k}": v for k, v in final.items()})
     metrics.update(normalization)
