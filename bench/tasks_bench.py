@@ -9,8 +9,11 @@
    (random share 1), same judgement budget: consensus agreement with the hidden truth (share of
    candidate pairs the Bradley-Terry consensus orders like the truth; unjudged prompts count 1/2),
    and how many judgements random assignment needs to reach informative's accuracy.
-2. Load: N concurrent raters (asyncio, one gRPC channel each) lease and submit against one
-   preference service process with a real broker (acks=all): p50/p99 latency of LeaseTask and
+2. Load: N concurrent raters (asyncio, one gRPC channel each, spread over --client-procs processes
+   so that one client event loop is not the bottleneck it measures) lease and submit against one
+   preference service process with a real broker (acks=all) for --load-seconds, from a pool of
+   N x --tasks-per-rater tasks (large enough that the run is a steady state, not a start-up burst):
+   p50/p99 latency of LeaseTask and
    SubmitRanking, double assignments (a group leased to two raters with overlap 1) and lost
    submissions (acknowledged but not in the service's store after it stopped). Once per --think-s
    value: 0 is a stress test (every rater leases again the moment its submission is acknowledged);
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import os
 import random
 import shutil
 import sqlite3
@@ -31,12 +36,14 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from preference_bench import bench_broker, free_port, issue_tokens, preference_env, wait_serving  # noqa: E402
+from preference_bench import (bench_broker, cpu_seconds, free_port, issue_tokens, preference_env,  # noqa: E402
+                              wait_serving)
 
 K = 4
 
@@ -141,7 +148,8 @@ def bench_assignment(args, tmp: Path) -> list[tuple[str, str, str]]:
 
 # -- 2. a rating team at once ----------------------------------------------------------------------
 
-async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: float, think_s: float = 0.0) -> dict:
+async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: float, think_s: float = 0.0,
+                            seed: int = 0) -> dict:
     from grpc import aio
 
     from flywheel.runtime.client import channel_options
@@ -153,7 +161,7 @@ async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: flo
     acked: list[str] = []
     stop_at = time.monotonic() + deadline_s
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
 
     async def rater(rater_id: str, token: str) -> None:
         metadata = (("authorization", f"Bearer {token}"),)
@@ -184,6 +192,21 @@ async def rate_concurrently(target: str, tokens: dict[str, str], deadline_s: flo
     await asyncio.gather(*[rater(r, t) for r, t in tokens.items()])
     return {"lease_ms": lease_ms, "submit_ms": submit_ms, "leased": leased, "acked": acked,
             "elapsed": time.perf_counter() - start}
+
+
+def rate_in_processes(target: str, tokens: dict[str, str], deadline_s: float, think_s: float, procs: int) -> dict:
+    """`rate_concurrently` with the raters split over `procs` processes (spawned: no forked gRPC state)."""
+    items = list(tokens.items())
+    shards = [dict(items[i::procs]) for i in range(procs)]
+    with ProcessPoolExecutor(max_workers=procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_rate_shard, [(target, shard, deadline_s, think_s, i) for i, shard in enumerate(shards)]))
+    merged = {k: [x for part in parts for x in part[k]] for k in ("lease_ms", "submit_ms", "leased", "acked")}
+    merged["elapsed"] = max(part["elapsed"] for part in parts)
+    return merged
+
+
+def _rate_shard(args: tuple) -> dict:
+    return asyncio.run(rate_concurrently(*args))
 
 
 def server_latency(metrics_port: int) -> dict[str, float]:
@@ -241,7 +264,9 @@ def bench_load(args, tmp: Path, think_s: float) -> list[tuple[str, str, str]]:
                         break
                 time.sleep(0.2)
             time.sleep(2.5)
-            result = asyncio.run(rate_concurrently(f"127.0.0.1:{port}", tokens, args.load_seconds, think_s))
+            cpu0 = cpu_seconds(proc.pid)
+            result = rate_in_processes(f"127.0.0.1:{port}", tokens, args.load_seconds, think_s, args.client_procs)
+            server_cpu = (cpu_seconds(proc.pid) - cpu0) / result["elapsed"]
             server = server_latency(metrics_port)
         finally:
             proc.terminate()
@@ -259,7 +284,8 @@ def bench_load(args, tmp: Path, think_s: float) -> list[tuple[str, str, str]]:
          f"{np.percentile(lease, 50):.0f} / {np.percentile(lease, 99):.0f}", f"{len(lease)} leases (goal p99 <= 100)"),
         (f"load ({how}): SubmitRanking (acks=all) p50 / p99 (ms)",
          f"{np.percentile(submit, 50):.0f} / {np.percentile(submit, 99):.0f}",
-         f"{n} submissions, {n / result['elapsed']:.0f}/s (goal p99 <= 250)"),
+         f"{n} submissions, {n / result['elapsed']:.0f}/s in {result['elapsed']:.0f} s (goal p99 <= 250)"),
+        ("  service process CPU (cores busy)", f"{server_cpu:.2f}", f"of {os.cpu_count()}; clients and broker share them"),
         ("  server side (handler time, from /metrics buckets): LeaseTask p99 (ms)",
          f"<= {server['LeaseTask']:.0f}", "excludes the client process and queueing in the kernel"),
         ("  server side: SubmitRanking p99 (ms)", f"<= {server['SubmitRanking']:.0f}", "includes acks=all"),
@@ -273,8 +299,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="Simulation repeats averaged per strategy.")
     parser.add_argument("--noise", type=float, default=1.0, help="Rater noise (std of truth + noise).")
     parser.add_argument("--raters", type=int, default=200, help="Concurrent raters in the load test.")
-    parser.add_argument("--tasks-per-rater", type=int, default=3, help="Tasks in the pool per rater.")
-    parser.add_argument("--load-seconds", type=float, default=120.0, help="Stop the load test after this long.")
+    parser.add_argument("--tasks-per-rater", type=int, default=20, help="Tasks in the pool per rater.")
+    parser.add_argument("--load-seconds", type=float, default=60.0,
+                        help="Stop the load test after this long (or when the pool runs out).")
+    parser.add_argument("--client-procs", type=int, default=2, help="Processes the raters are spread over.")
     parser.add_argument("--bootstrap", default=None, help="Use this Kafka broker instead of starting one.")
     parser.add_argument("--think-s", type=float, nargs="+", default=[0.0, 2.0],
                         help="Mean pause (s) between a rater's acknowledgement and next lease; one load run each.")

@@ -202,6 +202,7 @@ def build_service(settings: PreferenceSettings, *,
         runtime.add_worker(service.ui)
 
     async def close() -> None:
+        servicer.close()
         await asyncio.to_thread(producer.close)
         store.close()
         task_db.close()

@@ -173,6 +173,7 @@ class PreferenceStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
+        self._readers = threading.local()
         self.changes = 0  # bumped on every write that added events (aggregation cache key)
         self._next: dict[tuple[str, int], int] = {}       # live path: next contiguous offset per partition
         self._pending: dict[tuple[str, int], set[int]] = {}  # live path: written offsets beyond it
@@ -180,6 +181,18 @@ class PreferenceStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection, for every read but the followers' offsets. WAL readers
+        see the last commit without taking the writer's lock, so reads (a lease's candidates, a
+        submission's lineage and duplicate check, the pool refresh, consensus fits) never queue behind
+        a commit, and commits queue only behind other commits. Closed with its thread."""
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+            db.execute("PRAGMA query_only=ON")
+            self._readers.db = db
+        return db
 
     # -- writes ------------------------------------------------------------------------------
     def _insert_events(self, items: Sequence[tuple[common_pb2.PreferenceEvent, int | None, int | None]]) -> list[bool]:
@@ -310,41 +323,41 @@ class PreferenceStore:
 
     def events(self, event_ids: Sequence[str]) -> dict[str, StoredEvent]:
         found: dict[str, StoredEvent] = {}
-        with self._lock:
-            for start in range(0, len(event_ids), 500):
-                chunk = list(event_ids[start:start + 500])
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
-                        f"SELECT event_id, kind, rater_id, prompt_id, payload FROM events WHERE event_id IN ({marks})",
-                        chunk):
-                    found[row[0]] = StoredEvent(*row)
+        db = self._reader()
+        for start in range(0, len(event_ids), 500):
+            chunk = list(event_ids[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            for row in db.execute(
+                    f"SELECT event_id, kind, rater_id, prompt_id, payload FROM events WHERE event_id IN ({marks})",
+                    chunk):
+                found[row[0]] = StoredEvent(*row)
         return found
 
     def responses(self, response_ids: Sequence[str]) -> dict[str, KnownResponse]:
         found: dict[str, KnownResponse] = {}
         ids = list(dict.fromkeys(response_ids))
-        with self._lock:
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
-                        "SELECT response_id, prompt_id, text, policy_version, source FROM responses "
-                        f"WHERE response_id IN ({marks})", chunk):
-                    found[row[0]] = KnownResponse(*row)
+        db = self._reader()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in db.execute(
+                    "SELECT response_id, prompt_id, text, policy_version, source FROM responses "
+                    f"WHERE response_id IN ({marks})", chunk):
+                found[row[0]] = KnownResponse(*row)
         return found
 
     def prompt_texts(self, prompt_ids: Sequence[str] | None = None) -> dict[str, str]:
-        with self._lock:
-            if prompt_ids is None:
-                return dict(self._db.execute("SELECT prompt_id, prompt_text FROM prompts").fetchall())
-            out: dict[str, str] = {}
-            ids = list(dict.fromkeys(prompt_ids))
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                out.update(self._db.execute(
-                    f"SELECT prompt_id, prompt_text FROM prompts WHERE prompt_id IN ({marks})", chunk).fetchall())
-            return out
+        db = self._reader()
+        if prompt_ids is None:
+            return dict(db.execute("SELECT prompt_id, prompt_text FROM prompts").fetchall())
+        out: dict[str, str] = {}
+        ids = list(dict.fromkeys(prompt_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update(db.execute(
+                f"SELECT prompt_id, prompt_text FROM prompts WHERE prompt_id IN ({marks})", chunk).fetchall())
+        return out
 
     def judgements(self, prompt_id: str | None = None) -> Judgements:
         sql = "SELECT prompt_id, rater_id, winner_id, loser_id, tie, weight FROM judgements"
@@ -352,17 +365,15 @@ class PreferenceStore:
         if prompt_id is not None:
             sql += " WHERE prompt_id = ?"
             args = (prompt_id,)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY prompt_id, event_id, idx", args).fetchall()
+        rows = self._reader().execute(sql + " ORDER BY prompt_id, event_id, idx", args).fetchall()
         cols = list(zip(*rows)) if rows else [(), (), (), (), (), ()]
         return Judgements(*[list(c) for c in cols])
 
     def demonstrations(self) -> list[tuple[str, str, str, str, str]]:
         """(event_id, prompt_id, prompt_text, response_text, rater_id), ordered by prompt and event."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT event_id, prompt_id, prompt_text, response_text, rater_id FROM demonstrations "
-                "ORDER BY prompt_id, event_id").fetchall()
+        return self._reader().execute(
+            "SELECT event_id, prompt_id, prompt_text, response_text, rater_id FROM demonstrations "
+            "ORDER BY prompt_id, event_id").fetchall()
 
     def count_events(self, kind: str | None = None, prompt_id: str | None = None) -> int:
         sql, args = "SELECT count(*) FROM events WHERE 1=1", []
@@ -370,44 +381,38 @@ class PreferenceStore:
             sql, args = sql + " AND kind = ?", args + [kind]
         if prompt_id is not None:
             sql, args = sql + " AND prompt_id = ?", args + [prompt_id]
-        with self._lock:
-            return self._db.execute(sql, args).fetchone()[0]
+        return self._reader().execute(sql, args).fetchone()[0]
 
     def count_responses(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
+        return self._reader().execute("SELECT count(*) FROM responses").fetchone()[0]
 
     def rollout_responses(self, after_rowid: int = 0) -> list[tuple[int, str, str, str]]:
         """(rowid, prompt_id, response_id, policy_version) of the rollouts stored after `after_rowid`, in
         storage order (the task pool reads them incrementally; eval-split rollouts are left out)."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT rowid, prompt_id, response_id, policy_version FROM responses "
-                "WHERE rowid > ? AND source = 'rollout' ORDER BY rowid", (after_rowid,)).fetchall()
+        return self._reader().execute(
+            "SELECT rowid, prompt_id, response_id, policy_version FROM responses "
+            "WHERE rowid > ? AND source = 'rollout' ORDER BY rowid", (after_rowid,)).fetchall()
 
     def answered_keys(self, after_rowid: int = 0) -> list[tuple[int, str, str, str]]:
         """(rowid, prompt_id, rater_id, policy_version) of the events stored after `after_rowid`: which
         rollout group each answered. Demonstrations answer a prompt, not a group: policy_version '*'."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT e.rowid, e.prompt_id, e.rater_id, coalesce(r.policy_version, '*') FROM events e "
-                "LEFT JOIN judgements j ON j.event_id = e.event_id AND j.idx = 0 "
-                "LEFT JOIN responses r ON r.response_id = j.winner_id WHERE e.rowid > ? ORDER BY e.rowid",
-                (after_rowid,)).fetchall()
+        return self._reader().execute(
+            "SELECT e.rowid, e.prompt_id, e.rater_id, coalesce(r.policy_version, '*') FROM events e "
+            "LEFT JOIN judgements j ON j.event_id = e.event_id AND j.idx = 0 "
+            "LEFT JOIN responses r ON r.response_id = j.winner_id WHERE e.rowid > ? ORDER BY e.rowid",
+            (after_rowid,)).fetchall()
 
     def judgements_since(self, since: float) -> list[tuple[str, str, float]]:
         """(event_id, rater_id, stored_at) of events stored after `since` (unix seconds)."""
-        with self._lock:
-            return self._db.execute("SELECT event_id, rater_id, stored_at FROM events WHERE stored_at > ?",
-                                    (since,)).fetchall()
+        return self._reader().execute("SELECT event_id, rater_id, stored_at FROM events WHERE stored_at > ?",
+                                      (since,)).fetchall()
 
     def content_version(self) -> str:
         """A short digest of the set of stored event ids (names a dataset export)."""
         digest = hashlib.sha256()
         n = 0
-        with self._lock:
-            for (event_id,) in self._db.execute("SELECT event_id FROM events ORDER BY event_id"):
-                digest.update(event_id.encode())
-                digest.update(b"\0")
-                n += 1
+        for (event_id,) in self._reader().execute("SELECT event_id FROM events ORDER BY event_id"):
+            digest.update(event_id.encode())
+            digest.update(b"\0")
+            n += 1
         return f"pref-{n:08d}-{digest.hexdigest()[:12]}"

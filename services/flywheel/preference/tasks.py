@@ -19,6 +19,9 @@ include other instances' events); leases live in memory only. After a restart th
 gone: their slots return to the pool, and a submission that still carries such a lease id is
 accepted (counted as `unknown_lease`) - nothing a rater did is lost, only the lease bookkeeping.
 Gold orderings and flags are not derivable from Kafka and live in their own SQLite file (`TaskDB`).
+
+Cost: the groups with a free slot are kept in leasing order (`task_queue.OpenTasks`), so a lease does
+not scan the pool, which grows for as long as the loop runs.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ from typing import Sequence
 from prometheus_client import Counter, Gauge, Histogram
 
 from flywheel.preference.store import PreferenceStore
+from flywheel.preference.task_queue import OpenTasks
 from flywheel.preference.validation import ranks_are_valid
 from flywheel.runtime import InvalidArgument, NotFound, PermissionDenied, require
 from flywheel.v1 import preference_pb2
 
 GOLD = "gold"  # version slot of a gold task key: (prompt_id, GOLD)
+GAUGE_INTERVAL_S = 10.0  # queue gauges are recomputed at most this often (scrapes come every 15-30 s)
 
 TASKS = Counter("flywheel_preference_tasks_total",
                 "Task leases by outcome: leased, completed, completed_late, unknown_lease, expired, released.",
@@ -187,7 +192,12 @@ class TaskBoard:
         self._gold: dict[str, dict[str, int]] = db.gold()
         self._flagged: set[str] = db.flagged_response_ids()
         self._seen: dict[str, set[tuple[str, str]]] = {}     # rater -> keys answered or leased
-        self._answered: set[tuple[tuple[str, str], str]] = set()  # (key, rater) completed in this process
+        self._answered: dict[tuple[str, str], set[str]] = {}  # key -> raters who completed it in this process
+        # Non-gold groups with a free slot, by the candidates a task needs (1: demonstrate, 2: compare)
+        self._open = {1: OpenTasks(self._rng), 2: OpenTasks(self._rng)}
+        self._gold_keys: set[tuple[str, str]] = set()
+        self._newest = -1  # version_order of the newest policy version with a (non-gold) group
+        self._gauges_at = 0.0
         self._leases: dict[str, Lease] = {}
         self._ended: dict[str, Lease] = {}                   # expired or released (late submissions)
         self._expiry: list[tuple[float, str]] = []
@@ -208,6 +218,8 @@ class TaskBoard:
             if set(gold) != set(self._gold) or not self._built:
                 self._groups, self._response_cursor, self._event_cursor = {}, 0, 0
                 self._version_order, self._by_prompt, self._demonstrated = {}, {}, {}
+                self._open = {1: OpenTasks(self._rng), 2: OpenTasks(self._rng)}
+                self._gold_keys, self._newest = set(), -1
             self._gold, self._flagged = gold, flagged
             response_cursor, event_cursor = self._response_cursor, self._event_cursor
         rows = self.store.rollout_responses(response_cursor)
@@ -216,18 +228,27 @@ class TaskBoard:
         with self._lock:
             self._built = True
             groups = self._groups
+            touched: set[tuple[str, str]] = set()
+            leased: dict[tuple[str, str], int] = {}  # live leases per key (a group re-created after a gold change)
+            for lease in self._leases.values() if rows else ():
+                leased[lease.key] = leased.get(lease.key, 0) + 1
             for rowid, prompt_id, response_id, version in rows:
                 order = self._version_order.setdefault(version, rowid)
                 key = (prompt_id, GOLD if prompt_id in gold else version)
                 g = groups.get(key)
                 if g is None:
                     g = groups[key] = _Group(key, order, [], now)
-                    g.active = sum(1 for lease in self._leases.values() if lease.key == key)
-                    g.done.update(r for k, r in self._answered if k == key)
+                    g.active = leased.get(key, 0)
+                    g.done.update(self._answered.get(key, ()))
                     self._by_prompt.setdefault(prompt_id, []).append(key)
+                    if key[1] == GOLD:
+                        self._gold_keys.add(key)
+                    else:
+                        self._newest = max(self._newest, order)
                     for rater in self._demonstrated.get(prompt_id, ()):
                         self._seen.setdefault(rater, set()).add(key)
                 g.response_ids.append(response_id)
+                touched.add(key)
                 self._response_cursor = rowid
             for rowid, prompt_id, rater_id, version in answered:
                 self._event_cursor = rowid
@@ -239,10 +260,18 @@ class TaskBoard:
                 key = (prompt_id, GOLD if prompt_id in gold else version)
                 if key in groups:
                     groups[key].done.add(rater_id)
+                    touched.add(key)
                 seen.add(key)
             for prompt_id, fits in (certainty or {}).items():
-                self._apply_certainty(groups, self._by_prompt.get(prompt_id, ()), fits)
-            self._export_gauges(now)
+                keys = self._by_prompt.get(prompt_id, ())
+                self._apply_certainty(groups, keys, fits)
+                touched.update(keys)
+            for key in touched:
+                if key in groups:
+                    self._reindex(groups[key])
+            if now - self._gauges_at >= GAUGE_INTERVAL_S:  # O(open groups): not on every refresh
+                self._export_gauges(now)
+                self._gauges_at = now
 
     @staticmethod
     def _apply_certainty(groups, keys, fits: list[tuple[str, float, float]]) -> None:
@@ -259,6 +288,18 @@ class TaskBoard:
                     best = (z, (r1, r2))
             g.z, g.pair = best if best[1] is not None else (0.0, None)
 
+    def _reindex(self, g: _Group) -> None:
+        """Put `g` in the open indexes it qualifies for, at its current priority (under the lock)."""
+        if g.key[1] == GOLD:
+            return  # gold groups have no slots to fill; lease() looks at them apart
+        taken = len(g.done) + g.active
+        candidates = len(self._candidates(g)) if self._flagged else len(g.response_ids)
+        for need, index in self._open.items():
+            if taken < self.overlap and candidates >= need:
+                index.put(g.key, (-g.version_order, g.z, taken))
+            else:
+                index.discard(g.key)
+
     def dirty_prompts(self, limit: int = 200) -> list[str]:
         """Prompts answered since the last call that still have open slots (their certainty needs a
         refit; full groups are never leased again, so refitting them would be wasted work)."""
@@ -270,29 +311,29 @@ class TaskBoard:
             self._dirty -= set(self._dirty if len(open_prompts) <= limit else out)
         return out
 
-    def _export_gauges(self, now: float) -> None:
+    def _open_slots(self) -> dict[str, int]:
+        """Free slots per policy version (under the lock); only open groups have any."""
         depth: dict[str, int] = {}
-        newest = max((g.version_order for g in self._groups.values() if g.key[1] != GOLD), default=None)
+        for key in self._open[1]:
+            g = self._groups[key]
+            depth[key[1]] = depth.get(key[1], 0) + self.overlap - len(g.done) - g.active
+        return depth
+
+    def _export_gauges(self, now: float) -> None:
         oldest_unrated = 0.0
-        for g in self._groups.values():
-            if g.key[1] == GOLD:
-                continue
-            depth[g.key[1]] = depth.get(g.key[1], 0) + max(0, self.overlap - len(g.done) - g.active)
-            if g.version_order == newest and not g.done and len(self._candidates(g)) >= 2:
+        for key in self._open[2]:
+            g = self._groups[key]
+            if g.version_order == self._newest and not g.done and len(self._candidates(g)) >= 2:
                 oldest_unrated = max(oldest_unrated, now - g.first_seen)
         QUEUE_DEPTH.clear()
-        for version, n in depth.items():
+        for version, n in self._open_slots().items():
             QUEUE_DEPTH.labels(version).set(n)
         NEWEST_UNRATED_SECONDS.set(oldest_unrated)
 
     def queue_depth(self) -> dict[str, int]:
         """Open slots per policy version (admin page)."""
         with self._lock:
-            depth: dict[str, int] = {}
-            for g in self._groups.values():
-                if g.key[1] != GOLD:
-                    depth[g.key[1]] = depth.get(g.key[1], 0) + max(0, self.overlap - len(g.done) - g.active)
-            return depth
+            return self._open_slots()
 
     def coverage(self) -> tuple[int, int]:
         """(task keys with `overlap` answers, all task keys)."""
@@ -316,6 +357,7 @@ class TaskBoard:
         g = self._groups.get(lease.key)
         if g is not None:
             g.active = max(0, g.active - 1)
+            self._reindex(g)
         self._ended[lease.lease_id] = lease
         counts = self.counts.setdefault(lease.rater_id, RaterCounts())
         setattr(counts, outcome, getattr(counts, outcome) + 1)
@@ -328,25 +370,28 @@ class TaskBoard:
             self._expire(now)
             seen = self._seen.setdefault(rater_id, set())
             need = 1 if kind == preference_pb2.TASK_KIND_DEMONSTRATE else 2
-            eligible, gold = [], []
             settled = now - self.settle_s
-            for g in self._groups.values():  # cheapest tests first: this scan is most of a lease's cost
-                is_gold = g.key[1] == GOLD
-                if (not is_gold and len(g.done) + g.active >= self.overlap) or g.key in seen \
-                        or g.first_seen > settled or len(g.response_ids) < need:
-                    continue
+            index = self._open[need]
+
+            def eligible(key: tuple[str, str]) -> bool:
+                g = self._groups[key]
+                if key in seen or g.first_seen > settled:
+                    return False
                 if self._flagged and len(self._candidates(g)) < need:
-                    continue
-                (gold if is_gold else eligible).append(g)
-            if gold and need == 2 and self._rng.random() < self.gold_rate:
-                chosen = self._rng.choice(gold)
-            elif not eligible:
-                return None, 0
-            elif self._rng.random() < self.random_share:
-                chosen = self._rng.choice(eligible)
-            else:
-                chosen = min(eligible, key=lambda g: (-g.version_order, g.z, len(g.done) + g.active,
-                                                      self._rng.random()))
+                    index.discard(key)  # flags only remove candidates; new responses re-index it
+                    return False
+                return True
+
+            chosen = None
+            if need == 2 and self._gold_keys and self._rng.random() < self.gold_rate:
+                gold = [k for k in self._gold_keys if k not in seen and self._groups[k].first_seen <= settled
+                        and len(self._candidates(self._groups[k])) >= need]
+                chosen = self._groups[self._rng.choice(gold)] if gold else None
+            if chosen is None:
+                key = index.draw(eligible) if self._rng.random() < self.random_share else index.first(eligible)
+                if key is None:
+                    return None, 0
+                chosen = self._groups[key]
             candidates = self._candidates(chosen)
             if kind == preference_pb2.TASK_KIND_UNSPECIFIED:
                 kind = preference_pb2.TASK_KIND_RANK if len(candidates) >= 3 else preference_pb2.TASK_KIND_COMPARE
@@ -358,9 +403,10 @@ class TaskBoard:
             heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
             seen.add(chosen.key)
             chosen.active += 1
+            self._reindex(chosen)
             self.counts.setdefault(rater_id, RaterCounts()).leased += 1
             TASKS.labels("leased").inc()
-            return lease, len(eligible) - (chosen in eligible)
+            return lease, index.count_unseen(seen)
 
     def _owned(self, lease_id: str, rater_id: str | None) -> Lease | None:
         lease = self._leases.get(lease_id) or self._ended.get(lease_id)
@@ -386,6 +432,7 @@ class TaskBoard:
                 g = self._groups.get(lease.key)
                 if g is not None:
                     g.active = max(0, g.active - 1)
+                    self._reindex(g)
             else:
                 lease = self._ended.get(lease_id)
             if lease is None:
@@ -395,10 +442,11 @@ class TaskBoard:
                 late = lease.lease_id in self._ended or now > lease.expires_at
                 outcome = "completed_late" if late else "completed"
                 counts.late += late
-                self._answered.add((lease.key, rater_id))
+                self._answered.setdefault(lease.key, set()).add(rater_id)
                 g = self._groups.get(lease.key)
                 if g is not None:
                     g.done.add(rater_id)
+                    self._reindex(g)
                 JUDGEMENT_SECONDS.observe(now - lease.leased_at)
             counts.completed += 1
             TASKS.labels(outcome).inc()

@@ -253,7 +253,7 @@ class WebUI:
     async def _lease(self, principal: Principal, body: dict, request) -> dict:
         kind = _KINDS.get(str(body.get("kind", "")))
         require(kind is not None, "kind", "must be rank, compare or demonstrate")
-        task = await asyncio.to_thread(self.service.servicer.lease_task, principal, principal.rater_id, kind)
+        task = await self.service.servicer.lease(principal, principal.rater_id, kind)
         if not task.lease_id:
             return {"task": None}
         return {"task": {
