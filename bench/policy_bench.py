@@ -36,15 +36,24 @@ def prompts(n: int) -> list[str]:
 
 
 def matmul_gflops(dtype) -> float:  # noqa: ANN001
+    """Best GFLOP/s of a [1024 x 576] @ [576 x 1536] GEMM over the kernels this machine has: the plain
+    matmul and, where available, oneDNN on a prepacked weight (what the decode step uses on CPU)."""
     import torch
 
+    from flywheel.policy.kv_cache import prepack_available
+
     a, b = torch.randn(1024, 576).to(dtype), torch.randn(576, 1536).to(dtype)
+    kernels = [lambda: a @ b]
+    if prepack_available(a.device, dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     best = float("inf")
-    for _ in range(12):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
+    for kernel in kernels:
+        for _ in range(12):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                kernel()
+            best = min(best, (time.perf_counter() - t0) / 4)
     return 2 * 1024 * 576 * 1536 / best / 1e9
 
 
@@ -191,6 +200,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--dtype", default="auto", help="engine precision: auto, float32, bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the machine's)")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="the engine's projections without oneDNN prepacked weights (the before-state)")
     parser.add_argument("--mismatch-prompts", type=int, default=8, help="0 skips the mismatch table")
     parser.add_argument("--profile-rows", type=int, default=16, help="0 skips the decode-step profile")
     args = parser.parse_args()
@@ -203,7 +214,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or machine_threads())
     levels = [int(x) for x in args.levels.split(",")]
     path = smollm2_checkpoint()
-    engine = PolicyEngine(load_policy(path, "policy-0000", dtype=args.dtype))
+    engine = PolicyEngine(load_policy(path, "policy-0000", dtype=args.dtype, prepack=not args.no_prepack))
     policy = engine.current
     dtype = policy.model.dtype
     with open("/proc/loadavg") as f:
@@ -223,7 +234,8 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct, CPU, {policy.dtype_name}, torch threads={torch.get_num_threads()}, "
           f"max_new_tokens={args.max_new_tokens}, temperature={args.temperature}, top_p={args.top_p}; "
-          f"load average {load_before} -> {load_after} (a shared machine: compare within this run)")
+          f"load average {load_before} -> {load_after} (a shared machine: compare within this run); "
+          f"projections {'prepacked (oneDNN)' if policy.decoder().prepacked else 'F.linear (not prepacked)'}")
     print(f"ceiling: matmul {gflops:.0f} GFLOP/s / {per_token / 1e6:.0f} MFLOP per token = {ceiling:.0f} tokens/s\n")
     header = (f"{'clients':>7} {'static generate tok/s':>21} {'Flywheel tok/s':>14} {'speedup':>8} {'rows/step':>9} "
               f"{'% ceiling':>9} {'TTFT p50 s':>10} {'TTFT p99 s':>10}")

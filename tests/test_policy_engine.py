@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from flywheel.policy.decode import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, DecodeBatch, Generation, generate_batch
-from flywheel.policy.engine import PolicyEngine
+from flywheel.policy.engine import PolicyEngine, load_policy
+from flywheel.policy.kv_cache import prepack_available
 from flywheel.policy.sampler import choose_tokens, filter_top_k_top_p, sample_filtered, uniforms
 from flywheel.policy.sampling import SamplingConfig, SamplingDefaults, resolve
 from flywheel.runtime.errors import InvalidArgument
@@ -241,10 +242,18 @@ def test_sampling_resolution_and_validation() -> None:
 
 
 # -- the preallocated KV cache and the tensor-only step ------------------------------------------------
-def test_slot_cache_decode_matches_a_plain_forward_pass(engine: PolicyEngine) -> None:
+@pytest.mark.parametrize("prepack", [True, False], ids=["onednn-prepacked", "f-linear"])
+def test_slot_cache_decode_matches_a_plain_forward_pass(engine: PolicyEngine, prepack: bool) -> None:
     """Every row's next-token logits from the slot KV cache equal one unpadded forward pass over its
-    prompt + tokens so far, also after a finished row's slot was refilled by the last row."""
-    policy = engine.current
+    prompt + tokens so far, also after a finished row's slot was refilled by the last row; with the
+    projections on oneDNN prepacked weights (the CPU default) and on plain F.linear."""
+    if prepack:
+        if not prepack_available(torch.device("cpu"), torch.float32):
+            pytest.skip("this torch build has no oneDNN prepacked linear")
+        policy = engine.current
+    else:
+        policy = load_policy(engine.current.path, "unpacked", validate=False, prepack=False)
+    assert policy.decoder().prepacked is prepack
     rows = [Generation(prompt_text=policy.template(text), temperature=0.0, max_new_tokens=budget)
             for text, budget in zip(PROMPTS, (2, 6, 6))]
     batch = DecodeBatch(policy)

@@ -71,7 +71,8 @@ def make_backend(settings: PolicySettings) -> Backend:
                           timeout_s=settings.policy_tgi_timeout_s, version=settings.policy_tgi_version,
                           max_input_tokens=settings.policy_max_input_tokens)
     engine = PolicyEngine.from_checkpoint(settings.policy_model_dir, settings.policy_model_version,
-                                          device=settings.policy_device, dtype=settings.policy_dtype)
+                                          device=settings.policy_device, dtype=settings.policy_dtype,
+                                          prepack=settings.policy_prepack)
     return LocalBackend(engine, max_batch_size=settings.policy_max_batch_size,
                         batch_wait_ms=settings.policy_batch_wait_ms, max_queue=settings.policy_max_queue,
                         max_input_tokens=settings.policy_max_input_tokens)
@@ -117,7 +118,8 @@ def build_components(settings: PolicySettings, backend: Backend | None = None) -
         if reload:
             assert isinstance(backend, LocalBackend)
             parts.reloader = policy_follower(backend, cache_dir=settings.home / "checkpoints",
-                                             uri_policy=settings.checkpoint_policy(), device=settings.policy_device, dtype=settings.policy_dtype)
+                                             uri_policy=settings.checkpoint_policy(), device=settings.policy_device,
+                                             dtype=settings.policy_dtype, prepack=settings.policy_prepack)
             group = f"{settings.kafka_consumer_group}-reload-{parts.instance_id}"
             parts.reload_worker = worker_for(settings, versions, group, parts.reloader, parts.producer,
                                              static=False)

@@ -59,17 +59,19 @@ class PolicyEngine:
     def __init__(self, policy: LoadedPolicy) -> None:
         self._policy = policy
         self.lock = threading.Lock()
-        log.info("policy engine: %s on %s in %s, %d torch threads", policy.version, policy.device,
-                 policy.dtype_name, torch.get_num_threads())
+        decoder = policy.decoder()
+        log.info("policy engine: %s on %s in %s, %d torch threads%s", policy.version, policy.device,
+                 policy.dtype_name, torch.get_num_threads(),
+                 ", prepacked projections" if decoder is not None and decoder.prepacked else "")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, version: str = BASE_VERSION, *, device: str = "cpu",
-                        dtype: str = "float32") -> "PolicyEngine":
+                        dtype: str = "float32", prepack: bool = True) -> "PolicyEngine":
         if path is None:
             from flywheel.models import smollm2_checkpoint
 
             path = smollm2_checkpoint()
-        return cls(load_policy(path, version, device=device, dtype=dtype))
+        return cls(load_policy(path, version, device=device, dtype=dtype, prepack=prepack))
 
     @property
     def current(self) -> LoadedPolicy:

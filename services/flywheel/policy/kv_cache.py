@@ -12,6 +12,11 @@ embeddings, grouped-query attention, gated SiLU MLP) for a single new token per 
 plain tensor ops over the model's own modules and weights: no per-step mask building, cache
 objects or concatenations. q/k/v and gate/up projections run as one matmul each over weights fused
 in place (the model's own parameters become views of the fused tensors, so memory is not doubled).
+On CPU every projection of the step (and the LM head) also keeps its weight prepacked in oneDNN's
+blocked layout (`Projection`): oneDNN's GEMM on prepacked weights ran 1.3-1.8x faster than
+`F.linear` at the 16-64 rows a decode step has (on an AMD EPYC, where `F.linear` goes to MKL), and
+identical in bf16; the price is a second copy of the weights. `FLYWHEEL_POLICY_PREPACK=false`
+(`load_policy(prepack=False)`) turns it off.
 The prefill still runs through the model's regular forward; tests compare both paths' logprobs.
 """
 
@@ -33,17 +38,42 @@ def supports_fast_decode(model: Any) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         needed = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
                   layer.input_layernorm, layer.post_attention_layernorm, inner.norm, inner.embed_tokens,
-                  inner.rotary_emb)
+                  inner.rotary_emb, model.lm_head)
     except AttributeError:
         return False
     act = getattr(model.config, "hidden_act", "silu")
     return all(n is not None for n in needed) and act == "silu" and not getattr(model.config, "sliding_window", None)
 
 
-class FusedDecoder:
-    """Per-policy state of the fast path: fused projections and the rotary table for every position."""
+def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN prepacked linear exists for this device and dtype (CPU builds with mkldnn)."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
-    def __init__(self, model: Any, max_positions: int) -> None:
+
+class Projection:
+    """`F.linear(x, weight, bias)` for one weight of the decode step, from a prepacked copy where there is one."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed = None
+        if prepack:
+            with torch.no_grad():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class FusedDecoder:
+    """Per-policy state of the fast path: fused (and on CPU prepacked) projections, the rotary table for
+    every position."""
+
+    def __init__(self, model: Any, max_positions: int, prepack: bool = True) -> None:
         self.model = model
         config = model.config
         self.layers = list(model.model.layers)
@@ -52,9 +82,15 @@ class FusedDecoder:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.dtype = model.model.embed_tokens.weight.dtype
         self.device = model.model.embed_tokens.weight.device
-        self.qkv = [_fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-                    for layer in self.layers]
-        self.gate_up = [_fuse([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+        self.prepacked = prepack = prepack and prepack_available(self.device, self.dtype)
+        self.qkv = [Projection(*_fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                               prepack) for layer in self.layers]
+        self.gate_up = [Projection(*_fuse([layer.mlp.gate_proj, layer.mlp.up_proj]), prepack) for layer in self.layers]
+        self.o = [Projection(layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, prepack)
+                  for layer in self.layers]
+        self.down = [Projection(layer.mlp.down_proj.weight, layer.mlp.down_proj.bias, prepack) for layer in self.layers]
+        head = model.lm_head
+        self.lm_head = Projection(head.weight, head.bias, prepack)
         with torch.inference_mode():
             probe = torch.zeros(1, device=self.device, dtype=self.dtype)
             positions = torch.arange(max_positions, device=self.device)[None, :]
@@ -149,8 +185,7 @@ def decode_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tens
     for index, layer in enumerate(d.layers):
         residual = hidden
         x = layer.input_layernorm(hidden)
-        weight, b = d.qkv[index]
-        qkv = F.linear(x, weight, b)
+        qkv = d.qkv[index](x)
         q = qkv[:, :q_size].view(n, d.heads, d.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(n, d.kv_heads, d.head_dim)
         v = qkv[:, q_size + kv_size:].view(n, d.kv_heads, d.head_dim)
@@ -165,14 +200,13 @@ def decode_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tens
         scores = scores.float() * d.scaling + bias  # [n, kv_heads, group, width], softmax in float32 as HF
         probs = torch.softmax(scores, dim=-1).to(d.dtype)
         attended = torch.matmul(probs, values).reshape(n, q_size)
-        hidden = residual + layer.self_attn.o_proj(attended)
+        hidden = residual + d.o[index](attended)
         residual = hidden
         x = layer.post_attention_layernorm(hidden)
-        weight, b = d.gate_up[index]
-        gate, up = F.linear(x, weight, b).chunk(2, dim=-1)
-        hidden = residual + layer.mlp.down_proj(F.silu(gate) * up)
+        gate, up = d.gate_up[index](x).chunk(2, dim=-1)
+        hidden = residual + d.down[index](F.silu(gate) * up)
     hidden = d.model.model.norm(hidden)
-    return d.model.lm_head(hidden)
+    return d.lm_head(hidden)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

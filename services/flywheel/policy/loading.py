@@ -48,6 +48,7 @@ class LoadedPolicy:
     loaded_at: float = field(default_factory=time.time)
     _prefix: Any = field(default=None, repr=False)
     _prefix_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    prepack: bool = True  # the decoder's projections keep oneDNN-prepacked weights (CPU; kv_cache.Projection)
     _decoder: Any = field(default=None, repr=False)
 
     @property
@@ -62,7 +63,7 @@ class LoadedPolicy:
                 if self._decoder is None:
                     from flywheel.policy.kv_cache import FusedDecoder
 
-                    self._decoder = (FusedDecoder(self.model, self.max_positions)
+                    self._decoder = (FusedDecoder(self.model, self.max_positions, prepack=self.prepack)
                                      if supports_fast_decode(self.model) else False)
         return self._decoder or None
 
@@ -116,7 +117,7 @@ class LoadedPolicy:
 
 
 def load_policy(path: str | Path, version: str, *, device: str = "cpu", dtype: str = "float32",
-                validate: bool = True) -> LoadedPolicy:
+                validate: bool = True, prepack: bool = True) -> LoadedPolicy:
     """Load a HF causal-LM checkpoint directory (extra files such as value heads are ignored).
 
     With validate=True the checkpoint must also run: a forward pass over a templated prompt has to
@@ -147,7 +148,7 @@ def load_policy(path: str | Path, version: str, *, device: str = "cpu", dtype: s
     max_positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     policy = LoadedPolicy(version=version, path=path, model=model, tokenizer=tokenizer,
                           eos_token_ids=frozenset(eos), pad_token_id=int(pad), max_positions=max_positions,
-                          device=torch.device(device))
+                          device=torch.device(device), prepack=prepack)
     if not supports_fast_decode(model):
         raise CheckpointError(f"{path}: architecture {type(model).__name__} is not supported by the decode engine "
                               "(Llama-family decoders: RMSNorm, rotary embeddings, gated SiLU MLP)")

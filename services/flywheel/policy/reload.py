@@ -21,10 +21,10 @@ from flywheel.versions import POLICY
 
 
 def policy_follower(backend: LocalBackend, *, cache_dir: Path, uri_policy: UriPolicy, device: str = "cpu",
-                    dtype: str = "float32") -> ModelVersionFollower[LoadedPolicy]:
+                    dtype: str = "float32", prepack: bool = True) -> ModelVersionFollower[LoadedPolicy]:
     def load(mv: common_pb2.ModelVersion) -> LoadedPolicy:
         path = checkpoints.resolve(mv.checkpoint_uri, cache_dir)
-        return load_policy(path, mv.version, device=device, dtype=dtype, validate=True)
+        return load_policy(path, mv.version, device=device, dtype=dtype, validate=True, prepack=prepack)
 
     return ModelVersionFollower(POLICY, load, lambda policy: None, backend.swap,
                                 current_version=lambda: backend.version, uri_policy=uri_policy,
