@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from flywheel.policy.kv_cache import SlotKVCache, decode_forward
+from flywheel.policy.kv_cache import SlotKVCache, decode_forward, prefill_forward
 from flywheel.policy.loading import LoadedPolicy
 from flywheel.policy.sampler import choose_tokens, uniforms
 from flywheel.policy.sampling import SamplingConfig, derived_seed
@@ -167,49 +167,27 @@ class DecodeBatch:
                 self._join(group, group_prefix)
         return done
 
-    def _prefill(self, seqs: list[Generation], prefix: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
-        """One batched forward over left-padded prompts (after the cached shared prefix, when given).
-
-        Returns (keys, values) [layers, rows, kv_heads, width, head_dim], the attention mask
-        [rows, width] saying which columns are real tokens, and the next-token logits.
-        """
-        from transformers import DynamicCache
-
-        policy, device = self.policy, self.policy.device
-        plen = len(prefix[0]) if prefix is not None else 0
-        suffixes = [(s.prompt_ids or [])[plen:] for s in seqs]
-        width = max(len(ids) for ids in suffixes)
-        input_ids = torch.full((len(seqs), width), policy.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, ids in enumerate(suffixes):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
-        positions = plen + (attention.cumsum(-1) - 1).clamp_(min=0)
-        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
-        cache = DynamicCache()
-        if prefix is not None:
-            for layer, (keys, values) in enumerate(prefix[1]):
-                cache.update(keys.expand(len(seqs), -1, -1, -1).contiguous(),
-                             values.expand(len(seqs), -1, -1, -1).contiguous(), layer)
-            attention = torch.cat([attention.new_ones((len(seqs), plen)), attention], dim=1)
-        out = policy.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
-        keys = torch.stack([layer.keys for layer in cache.layers])
-        values = torch.stack([layer.values for layer in cache.layers])
-        return keys, values, attention.bool(), out.logits[:, -1, :].float()
-
     def _join(self, group: list[tuple[Generation, int]], prefix: Any) -> None:
+        """Prefill `group` straight into new slots (after the shared prefix's KV, when given) and add its rows."""
         seqs = [s for s, _ in group]
-        keys, values, real, logits = self._prefill(seqs, prefix)
         device = self.policy.device
+        plen = len(prefix[0]) if prefix is not None else 0
         lengths = [len(s.prompt_ids or []) for s in seqs]
         budgets = [b for _, b in group]
         first = len(self.rows)
         self.cache.reserve(first + len(seqs), max(n + b for n, b in zip(lengths, budgets)), live=first)
-        for j in range(len(seqs)):  # pack each prompt's real columns at the start of its slot
-            columns = real[j].nonzero().squeeze(1)
-            self.cache.write_prefill(first + j, keys[:, j][:, :, columns], values[:, j][:, :, columns])
+        if prefix is not None:
+            self.cache.write_prefix(first, len(seqs), prefix[1])
+        own = [(s.prompt_ids or [])[plen:] for s in seqs]
+        parts = []
+        for lo, hi in _prefill_chunks([len(ids) for ids in own], plen, self.decoder.heads):
+            tokens = torch.full((hi - lo, max(len(ids) for ids in own[lo:hi])), self.policy.pad_token_id,
+                                dtype=torch.long)
+            for row, ids in enumerate(own[lo:hi]):
+                tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            own_lengths = torch.tensor([len(ids) for ids in own[lo:hi]], dtype=torch.long, device=device)
+            parts.append(prefill_forward(self.decoder, self.cache, tokens.to(device), own_lengths, plen, first + lo))
+        logits = torch.cat(parts).float()
         width = max(max(budgets), self.out_tokens.shape[1])
         self.out_tokens = _pad_columns(self.out_tokens, width)
         self.out_logprobs = _pad_columns(self.out_logprobs, width)
@@ -304,6 +282,23 @@ class DecodeBatch:
         for name in _ROW_STATE:
             setattr(self, name, getattr(self, name)[order])
         return order
+
+
+PREFILL_SCORES_BYTES = 256 << 20  # attention scores of one prefill chunk (float32), so long prompts fit
+
+
+def _prefill_chunks(lengths: list[int], start: int, heads: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose prefill attention scores ([rows, heads, L, start + L] float32, L the
+    longest in the range) stay under PREFILL_SCORES_BYTES; a single row always makes a range."""
+    chunks, lo, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        widest = max(longest, n)
+        if i > lo and (i + 1 - lo) * heads * widest * (start + widest) * 4 > PREFILL_SCORES_BYTES:
+            chunks.append((lo, i))
+            lo, widest = i, n
+        longest = widest
+    chunks.append((lo, len(lengths)))
+    return chunks
 
 
 def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -17,7 +17,9 @@ blocked layout (`Projection`): oneDNN's GEMM on prepacked weights ran 1.3-1.8x f
 `F.linear` at the 16-64 rows a decode step has (on an AMD EPYC, where `F.linear` goes to MKL), and
 identical in bf16; the price is a second copy of the weights. `FLYWHEEL_POLICY_PREPACK=false`
 (`load_policy(prepack=False)`) turns it off.
-The prefill still runs through the model's regular forward; tests compare both paths' logprobs.
+`prefill_forward` is the same decoder for a joining group's prompts (many tokens per row, causal
+attention after the shared prefix's cached KV), writing straight into the rows' slots. Tests compare
+both with the model's regular forward.
 """
 
 from __future__ import annotations
@@ -149,11 +151,14 @@ class SlotKVCache:
         if slots > self.slots or capacity > self.capacity:
             self._allocate(max(slots, self.slots), max(capacity, self.capacity), keep=live)
 
-    def write_prefill(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy one row's prompt KV ([layers, kv_heads, length, head_dim]) into `slot` from column 0."""
+    def write_prefix(self, first: int, count: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a shared prefix's KV (per layer [1, kv_heads, length, head_dim]) into slots
+        [first, first + count) from column 0."""
+        keys = torch.stack([k[0] for k, _ in layers])  # [layers, kv_heads, length, head_dim]
+        values = torch.stack([v[0] for _, v in layers])
         length = keys.shape[2]
-        self.keys[:, slot, :, :length] = keys
-        self.values[:, slot, :, :length] = values
+        self.keys[:, first:first + count, :, :length] = keys[:, None]
+        self.values[:, first:first + count, :, :length] = values[:, None]
 
     def move(self, targets: list[int], sources: list[int]) -> None:
         """Slot `targets[i]` takes the contents of slot `sources[i]` (compaction after rows leave)."""
@@ -207,6 +212,53 @@ def decode_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tens
         hidden = residual + d.down[index](F.silu(gate) * up)
     hidden = d.model.model.norm(hidden)
     return d.lm_head(hidden)
+
+
+def prefill_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tensor, lengths: torch.Tensor,
+                    start: int, first: int) -> torch.Tensor:
+    """Next-token logits [rows, vocab] after each joining row's prompt; the same maths as `decode_forward`
+    for many tokens per row, so the prefill runs on the same (prepacked) projections.
+
+    Rows are slots [first, first + rows), whose columns [0, start) already hold the shared prefix's KV
+    (start = 0 without one). tokens [rows, L] is right-padded: row r's own tokens are tokens[r, :lengths[r]]
+    at positions start + j. Their keys/values are written at those columns; a pad token's are written
+    past the row's end, where the decode step overwrites a column before any query reads it.
+    """
+    d = decoder
+    rows, length = tokens.shape
+    device = tokens.device
+    width = start + length
+    positions = torch.arange(start, width, device=device)  # [L]
+    columns = torch.arange(width, device=device)
+    bias = torch.zeros((length, width), dtype=torch.float32, device=device)
+    bias.masked_fill_(columns[None, :] > positions[:, None], float("-inf"))  # causal
+    cos, sin = d.cos[positions][None, :, None, :], d.sin[positions][None, :, None, :]  # [1, L, 1, head_dim]
+    group = d.heads // d.kv_heads
+    q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    slots = slice(first, first + rows)
+    hidden = d.model.model.embed_tokens(tokens).reshape(rows * length, -1)  # [rows * L, hidden]
+    for index, layer in enumerate(d.layers):
+        residual = hidden
+        qkv = d.qkv[index](layer.input_layernorm(hidden))
+        q = qkv[:, :q_size].view(rows, length, d.heads, d.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(rows, length, d.kv_heads, d.head_dim)
+        v = qkv[:, q_size + kv_size:].view(rows, length, d.kv_heads, d.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.keys[index, slots, :, start:width] = k.transpose(1, 2)
+        cache.values[index, slots, :, start:width] = v.transpose(1, 2)
+        keys = cache.keys[index, slots, :, :width].unsqueeze(2)  # [rows, kv_heads, 1, width, head_dim]
+        values = cache.values[index, slots, :, :width].unsqueeze(2)
+        q = q.view(rows, length, d.kv_heads, group, d.head_dim).permute(0, 2, 3, 1, 4)  # [rows, kvh, group, L, hd]
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * d.scaling + bias  # softmax in float32 as HF
+        probs = torch.softmax(scores, dim=-1).to(d.dtype)
+        attended = torch.matmul(probs, values).permute(0, 3, 1, 2, 4).reshape(rows * length, q_size)
+        hidden = residual + d.o[index](attended)
+        residual = hidden
+        gate, up = d.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        hidden = residual + d.down[index](F.silu(gate) * up)
+    last = hidden.view(rows, length, -1)[torch.arange(rows, device=device), lengths - 1]
+    return d.lm_head(d.model.model.norm(last))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
