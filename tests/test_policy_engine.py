@@ -271,6 +271,39 @@ def test_slot_cache_decode_matches_a_plain_forward_pass(engine: PolicyEngine, pr
     assert checked >= 9
 
 
+def test_prefill_chunks_bound_the_attention_scores() -> None:
+    from flywheel.policy.decode import PREFILL_SCORES_BYTES, _prefill_chunks
+
+    assert _prefill_chunks([5, 7, 3], 24, 9) == [(0, 3)]  # small prompts: one forward
+    long = [2000, 10, 2000, 2000, 5]
+    chunks = _prefill_chunks(long, 0, 9)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(long)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # consecutive, nothing skipped
+    for lo, hi in chunks:
+        widest = max(long[lo:hi])
+        assert hi - lo == 1 or (hi - lo) * 9 * widest * widest * 4 <= PREFILL_SCORES_BYTES
+    assert len(chunks) >= 3
+
+
+def test_a_prefill_split_into_chunks_decodes_like_one(engine: PolicyEngine, monkeypatch) -> None:
+    """Rows prefilled in several chunks (long prompts) get the same tokens and logprobs as in one."""
+    import flywheel.policy.decode as decode
+
+    policy = engine.current
+
+    def rows() -> list[Generation]:
+        return [Generation(prompt_text=policy.template(t), temperature=0.0, max_new_tokens=6) for t in PROMPTS]
+
+    whole = rows()
+    generate_batch(policy, whole)
+    monkeypatch.setattr(decode, "PREFILL_SCORES_BYTES", 1)  # every row its own chunk
+    assert len(decode._prefill_chunks([10, 12, 9], 24, policy.decoder().heads)) == 3
+    split = rows()
+    generate_batch(policy, split)
+    assert [g.token_ids for g in split] == [g.token_ids for g in whole]
+    assert [g.logprobs for g in split] == [pytest.approx(g.logprobs, abs=LOGPROB_TOLERANCE) for g in whole]
+
+
 def test_mixed_sampling_parameters_in_one_batch_match_each_row_alone(engine: PolicyEngine) -> None:
     """Per-row temperature / top-k / top-p / seed: each row of a mixed batch decodes as it would alone."""
     policy = engine.current
