@@ -248,4 +248,5 @@ async def test_simulated_raters_work_through_leases(service_factory, kafka_boots
 
 
 def _event_ids(service, prompt_id: str) -> list[str]:
-    return [r[0] for r in service.store._reader().execute("SELECT event_id FROM events WHERE prompt_id = ?", (prompt_id,))]
+    rows = service.store._reader().execute("SELECT event_id FROM events WHERE prompt_id = ?", (prompt_id,))
+    return [r[0] for r in rows]

@@ -185,17 +185,9 @@ def decode_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tens
     bias.masked_fill_(masked[:, None, None, :], float("-inf"))
     cos, sin = d.cos[positions][:, None, :], d.sin[positions][:, None, :]  # [n, 1, head_dim]
     group = d.heads // d.kv_heads
-    q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
     hidden = d.model.model.embed_tokens(tokens)  # [n, hidden]
     for index, layer in enumerate(d.layers):
-        residual = hidden
-        x = layer.input_layernorm(hidden)
-        qkv = d.qkv[index](x)
-        q = qkv[:, :q_size].view(n, d.heads, d.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(n, d.kv_heads, d.head_dim)
-        v = qkv[:, q_size + kv_size:].view(n, d.kv_heads, d.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = _project_qkv(d, index, layer, hidden, cos, sin, (n,))
         layer_keys, layer_values = cache.keys[index], cache.values[index]
         layer_keys[rows, :, positions] = k
         layer_values[rows, :, positions] = v
@@ -204,14 +196,9 @@ def decode_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tens
         scores = torch.matmul(q.view(n, d.kv_heads, group, d.head_dim), keys.transpose(-1, -2))
         scores = scores.float() * d.scaling + bias  # [n, kv_heads, group, width], softmax in float32 as HF
         probs = torch.softmax(scores, dim=-1).to(d.dtype)
-        attended = torch.matmul(probs, values).reshape(n, q_size)
-        hidden = residual + d.o[index](attended)
-        residual = hidden
-        x = layer.post_attention_layernorm(hidden)
-        gate, up = d.gate_up[index](x).chunk(2, dim=-1)
-        hidden = residual + d.down[index](F.silu(gate) * up)
-    hidden = d.model.model.norm(hidden)
-    return d.lm_head(hidden)
+        attended = torch.matmul(probs, values).reshape(n, d.heads * d.head_dim)
+        hidden = _finish_layer(d, index, layer, hidden, attended)
+    return d.lm_head(d.model.model.norm(hidden))
 
 
 def prefill_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Tensor, lengths: torch.Tensor,
@@ -234,17 +221,10 @@ def prefill_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Ten
     bias.masked_fill_(columns[None, :] > positions[:, None], float("-inf"))  # causal
     cos, sin = d.cos[positions][None, :, None, :], d.sin[positions][None, :, None, :]  # [1, L, 1, head_dim]
     group = d.heads // d.kv_heads
-    q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
     slots = slice(first, first + rows)
     hidden = d.model.model.embed_tokens(tokens).reshape(rows * length, -1)  # [rows * L, hidden]
     for index, layer in enumerate(d.layers):
-        residual = hidden
-        qkv = d.qkv[index](layer.input_layernorm(hidden))
-        q = qkv[:, :q_size].view(rows, length, d.heads, d.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(rows, length, d.kv_heads, d.head_dim)
-        v = qkv[:, q_size + kv_size:].view(rows, length, d.kv_heads, d.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = _project_qkv(d, index, layer, hidden, cos, sin, (rows, length))
         cache.keys[index, slots, :, start:width] = k.transpose(1, 2)
         cache.values[index, slots, :, start:width] = v.transpose(1, 2)
         keys = cache.keys[index, slots, :, :width].unsqueeze(2)  # [rows, kv_heads, 1, width, head_dim]
@@ -252,13 +232,29 @@ def prefill_forward(decoder: FusedDecoder, cache: SlotKVCache, tokens: torch.Ten
         q = q.view(rows, length, d.kv_heads, group, d.head_dim).permute(0, 2, 3, 1, 4)  # [rows, kvh, group, L, hd]
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() * d.scaling + bias  # softmax in float32 as HF
         probs = torch.softmax(scores, dim=-1).to(d.dtype)
-        attended = torch.matmul(probs, values).permute(0, 3, 1, 2, 4).reshape(rows * length, q_size)
-        hidden = residual + d.o[index](attended)
-        residual = hidden
-        gate, up = d.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        hidden = residual + d.down[index](F.silu(gate) * up)
+        attended = torch.matmul(probs, values).permute(0, 3, 1, 2, 4).reshape(rows * length, d.heads * d.head_dim)
+        hidden = _finish_layer(d, index, layer, hidden, attended)
     last = hidden.view(rows, length, -1)[torch.arange(rows, device=device), lengths - 1]
     return d.lm_head(d.model.model.norm(last))
+
+
+def _project_qkv(d: FusedDecoder, index: int, layer: Any, hidden: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer `index`'s q, k, v of `hidden` [tokens, hidden] (one fused projection), shaped lead + (heads,
+    head_dim), with the rotary embedding applied to q and k."""
+    qkv = d.qkv[index](layer.input_layernorm(hidden))
+    q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    q = qkv[:, :q_size].view(*lead, d.heads, d.head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(*lead, d.kv_heads, d.head_dim)
+    v = qkv[:, q_size + kv_size:].view(*lead, d.kv_heads, d.head_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _finish_layer(d: FusedDecoder, index: int, layer: Any, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of layer `index` after attention: output projection, residual, gated SiLU MLP, residual."""
+    hidden = residual + d.o[index](attended)
+    gate, up = d.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+    return hidden + d.down[index](F.silu(gate) * up)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
