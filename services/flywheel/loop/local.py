@@ -6,11 +6,13 @@ process with its own log file; ports are picked free on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,34 @@ class ServiceProcess:
         self.process.wait()
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT/SIGTERM arriving inside are handled on exit, by the handlers that were in place.
+
+    A child started inside is registered before an interrupt can unwind past it: a Ctrl-C landing
+    between `Popen` creating the process and the cluster recording it left that service running
+    after the demo had stopped everything it knew of.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run on the main thread only; nothing to defer here
+        return
+    pending: list[tuple[int, object]] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in pending[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 class LocalCluster:
     """Kafka + service processes under one run directory; stops everything on exit."""
 
@@ -152,15 +182,14 @@ class LocalCluster:
             full_env["FLYWHEEL_PREFERENCE_UI_PORT"] = str(free_port())
         full_env.update(env or {})
         log_path = self.run_dir / "logs" / f"{name}.log"
-        log_file = open(log_path, "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "serve", name],
-            env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.run_dir,
-            start_new_session=True,  # Ctrl-C in the terminal reaches the demo, which stops services in order
-        )
-        log_file.close()
-        service = ServiceProcess(name, process, grpc_port, metrics_port, log_path, full_env)
-        self.services[name] = service
+        with signals_deferred(), open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flywheel.cli", "serve", name],
+                env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=self.run_dir,
+                start_new_session=True,  # Ctrl-C in the terminal reaches the demo, which stops services in order
+            )
+            service = ServiceProcess(name, process, grpc_port, metrics_port, log_path, full_env)
+            self.services[name] = service
         if wait:
             try:
                 wait_serving(service.target, SERVICE_NAMES[name], timeout_s, process)
