@@ -11,11 +11,12 @@ import random
 from collections import Counter
 
 import pytest
+from test_preference_service import rollouts_for
 
 from flywheel.preference.store import PreferenceStore
 from flywheel.preference.task_queue import OpenTasks
 from flywheel.preference.tasks import QUEUE_DEPTH, TaskBoard, TaskDB
-from flywheel.v1 import common_pb2, preference_pb2
+from flywheel.v1 import preference_pb2
 
 
 def test_first_takes_the_highest_priority_accepted_key_and_keeps_the_rest():
@@ -48,11 +49,6 @@ def test_draw_is_uniform_over_accepted_keys_and_stale_entries_are_compacted():
     assert q.draw(lambda k: False) is None
 
 
-def rollouts(prompt: int, version: str, n: int) -> list[common_pb2.Rollout]:
-    return [common_pb2.Rollout(rollout_id=f"p{prompt}-{version}-r{i}", prompt_id=f"p{prompt}", response_text="x",
-                               policy_version=version, raw_prompt="q") for i in range(n)]
-
-
 def reference_best(board: TaskBoard, rater: str, need: int) -> set[tuple]:
     """Priorities of the groups a full scan would consider best for `rater` (the old lease rule)."""
     seen = board._seen.get(rater, set())
@@ -80,7 +76,7 @@ def test_leases_match_a_full_scan_under_random_traffic(tmp_path):
             version = f"v{step // 150}"
             batch = []
             for _ in range(rng.randint(1, 6)):
-                batch += rollouts(prompt, version, rng.choice([1, 2, 4]))
+                batch += rollouts_for(f"p{prompt}", rng.choice([1, 2, 4]), version)
                 prompt += 1
             store.record_rollouts(batch)
             board.refresh()
@@ -116,7 +112,7 @@ def test_leases_match_a_full_scan_under_random_traffic(tmp_path):
 
 def test_random_share_draws_only_eligible_groups_and_gauges_count_open_slots(tmp_path):
     store = PreferenceStore(tmp_path / "store.sqlite")
-    store.record_rollouts([r for p in range(30) for r in rollouts(p, "vq", 3)])
+    store.record_rollouts([r for p in range(30) for r in rollouts_for(f"p{p}", 3, "vq")])
     board = TaskBoard(store, TaskDB(tmp_path / "tasks.sqlite"), overlap=2, lease_s=600, random_share=1.0,
                       gold_rate=0.0, max_candidates=4, seed=5)
     board.refresh()
@@ -135,7 +131,7 @@ def test_random_share_draws_only_eligible_groups_and_gauges_count_open_slots(tmp
 def test_a_lease_does_not_scan_the_pool(tmp_path, groups):
     """Leasing from a large pool touches the best groups, not all of them (it used to scan them all)."""
     store = PreferenceStore(tmp_path / "store.sqlite")
-    store.record_rollouts([r for p in range(groups) for r in rollouts(p, "v", 2)])
+    store.record_rollouts([r for p in range(groups) for r in rollouts_for(f"p{p}", 2, "v")])
     board = TaskBoard(store, TaskDB(tmp_path / "tasks.sqlite"), overlap=1, lease_s=600, random_share=0.5,
                       gold_rate=0.0, max_candidates=4, seed=0)
     board.refresh()
