@@ -341,3 +341,23 @@ def test_precision_resolution() -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if cpu_has_bf16() else "float32")
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8")
+
+
+def test_a_forced_bfloat16_policy_decodes_on_any_cpu(engine: PolicyEngine) -> None:
+    """policy_dtype=bfloat16 forced on a CPU whose oneDNN cannot prepack bf16 weights (AVX2 only: the reorder
+    raises there) falls back to F.linear instead of failing at load; either way its decode step agrees
+    with the bf16 model's own forward pass."""
+    policy = load_policy(engine.current.path, "bf16", dtype="bfloat16", validate=False)
+    assert policy.model.dtype == torch.bfloat16
+    assert policy.decoder().prepacked is prepack_available(torch.device("cpu"), torch.bfloat16)
+    row = Generation(prompt_text=policy.template(PROMPTS[0]), temperature=0.0, max_new_tokens=4)
+    batch = DecodeBatch(policy)
+    batch.add([row])
+    while batch:
+        tokens = batch.out_tokens[0, :int(batch.counters[0])].tolist()
+        with torch.inference_mode():
+            want = policy.model(input_ids=torch.tensor([row.prompt_ids + tokens])).logits[0, -1].float()
+        got = batch.logits[0]
+        assert (got - want).abs().max() < 0.05 * want.abs().max(), len(tokens)  # bf16 rounding, not a wrong layer
+        batch.step()
+    assert len(row.token_ids) == 4 and all(math.isfinite(lp) and lp <= 0 for lp in row.logprobs)

@@ -24,6 +24,7 @@ both with the model's regular forward.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -48,9 +49,26 @@ def supports_fast_decode(model: Any) -> bool:
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN prepacked linear exists for this device and dtype (CPU builds with mkldnn)."""
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN prepacked linear works for this device and dtype: a CPU build with mkldnn whose kernel runs on
+    this CPU (its bf16 path needs AVX-512 or AVX-NE-CONVERT: on an AVX2-only CPU, reordering a bf16 weight
+    raises, so a forced bfloat16 policy there keeps `F.linear`)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return _prepack_runs(dtype)
+
+
+@functools.cache
+def _prepack_runs(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype))
+            out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), packed, None, "none", [], "")
+        return bool((out == 8).all())
+    except RuntimeError:
+        return False
 
 
 class Projection:
