@@ -8,6 +8,9 @@ top-p 0.95, both sides returning per-token logprobs):
   gRPC server and the continuous batcher; tokens/s and client-side time to first token p50/p99;
 - baseline: one HF `model.generate` call on a static, left-padded batch of the same c prompts
   (`output_scores` for the logprobs);
+- GEMM floor: the decode step's projections alone at c rows, back to back on the engine's weights: the
+  upper bound of a decode step at that batch size on this machine (small batches do not reach the
+  ceiling's GEMM rate, and read every weight once per step);
 - ceiling: matmul GFLOP/s measured in this run (best of a few [1024 x 576] @ [576 x 1536] GEMMs in
   the engine's dtype) / FLOP per token (2 x parameters in the decoder and LM head), and the
   fraction of it each side reaches.
@@ -55,6 +58,26 @@ def matmul_gflops(dtype) -> float:  # noqa: ANN001
                 kernel()
             best = min(best, (time.perf_counter() - t0) / 4)
     return 2 * 1024 * 576 * 1536 / best / 1e9
+
+
+def projection_floor(policy, rows: int) -> float:  # noqa: ANN001
+    """Seconds the decode step's projections alone take for `rows` rows: every layer's q/k/v, o, gate/up and
+    down and the LM head, back to back on the engine's own (prepacked) weights, best of 5. A decode step at
+    `rows` rows cannot be faster, so rows / this is the step's upper bound in tokens/s on this machine."""
+    import torch
+
+    d = policy.decoder()
+    projections = [p for i in range(len(d.layers)) for p in (d.qkv[i], d.o[i], d.gate_up[i], d.down[i])]
+    projections.append(d.lm_head)
+    inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]).to(d.dtype) for p in projections}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(6):
+            t0 = time.perf_counter()
+            for p in projections:
+                p(inputs[p.weight.shape[1]])
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def flop_per_token(model) -> float:  # noqa: ANN001
@@ -228,6 +251,7 @@ def main() -> None:
     for c in levels:
         static[c] = run_static(policy, prompts(c), args.max_new_tokens, args.temperature, args.top_p)
         print(f"  measured: static generate, {c} prompts: {static[c][0] / static[c][1]:.1f} tokens/s", flush=True)
+    floor = {c: projection_floor(policy, c) for c in levels}
     service = asyncio.run(run_service(engine, levels, args.max_new_tokens, args.temperature, args.top_p))
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[0]
@@ -238,7 +262,7 @@ def main() -> None:
           f"projections {'prepacked (oneDNN)' if policy.decoder().prepacked else 'F.linear (not prepacked)'}")
     print(f"ceiling: matmul {gflops:.0f} GFLOP/s / {per_token / 1e6:.0f} MFLOP per token = {ceiling:.0f} tokens/s\n")
     header = (f"{'clients':>7} {'static generate tok/s':>21} {'Flywheel tok/s':>14} {'speedup':>8} {'rows/step':>9} "
-              f"{'% ceiling':>9} {'TTFT p50 s':>10} {'TTFT p99 s':>10}")
+              f"{'% ceiling':>9} {'GEMM floor tok/s':>16} {'TTFT p50 s':>10} {'TTFT p99 s':>10}")
     print(header)
     print("-" * len(header))
     for c in levels:
@@ -246,8 +270,11 @@ def main() -> None:
         f_tokens, f_secs, ttft, rows = service[c]
         s_rate, f_rate = s_tokens / s_secs, f_tokens / f_secs
         print(f"{c:>7} {s_rate:>21.1f} {f_rate:>14.1f} {f_rate / s_rate:>7.2f}x {rows:>9.1f} "
-              f"{100 * f_rate / ceiling:>8.1f}% {statistics.median(ttft):>10.2f} {percentile(ttft, 0.99):>10.2f}")
-    print("(baseline: one HF generate call on a static batch of the same prompts; goal >= 2x at 16 clients)")
+              f"{100 * f_rate / ceiling:>8.1f}% {c / floor[c]:>16.1f} {statistics.median(ttft):>10.2f} "
+              f"{percentile(ttft, 0.99):>10.2f}")
+    print("(baseline: one HF generate call on a static batch of the same prompts; goal >= 2x at 16 clients;\n"
+          " GEMM floor: c rows / the time of one step's projections alone at c rows, the most any decode step at\n"
+          " that batch size can make here, before attention, sampling and the prompts' prefill)")
 
     if args.mismatch_prompts:
         print(f"\nsampler-trainer mismatch, KL(sampler || trainer) per token, {args.mismatch_prompts} prompts")
