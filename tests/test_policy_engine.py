@@ -197,6 +197,10 @@ def test_windowed_sampler_draws_only_from_the_reference_kept_set(spread: float) 
         u = torch.rand(rows, generator=gen)
         tokens = sample_filtered(logp, top_k, top_p, u, window=256)
         assert bool(reference[torch.arange(rows), tokens].all()), trial
+        # the window only decides how much is sorted, never the draw: the default (smallest) window, with its
+        # wider retries, and one full sort pick the same tokens for the same uniforms
+        assert torch.equal(sample_filtered(logp, top_k, top_p, u), tokens), trial
+        assert torch.equal(sample_filtered(logp, top_k, top_p, u, window=vocab), tokens), trial
     # top_k=1 rows always take the argmax
     assert bool((tokens[1::8] == logp[1::8].argmax(-1)).all())
     # the draw follows the filtered distribution: frequencies of a 2-token nucleus
@@ -214,6 +218,24 @@ def test_choose_tokens_greedy_rows_and_logprob_convention() -> None:
     assert tokens[0] == 1
     assert lps[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
     assert lps[1] == pytest.approx(float(torch.log_softmax(logits[1] / 0.5, -1)[tokens[1]]))
+
+
+def test_choose_tokens_draws_a_row_the_same_whatever_shares_its_batch() -> None:
+    """Greedy, plain and top-k/top-p rows in one batch pick what each kind picks on its own (a batch of one
+    kind skips the per-kind row selection)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 3000, generator=gen) * 4
+    temperature = torch.tensor([0.0, 0.7, 1.0, 0.9] * 3)
+    top_k = torch.tensor([0, 0, 50, 0] * 3)
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.9] * 3)
+    u = torch.rand(12, generator=gen)
+    tokens, lps = choose_tokens(logits, temperature, top_k, top_p, u)
+    for kind in range(4):
+        rows = torch.arange(kind, 12, 4)
+        alone, alone_lps = choose_tokens(logits[rows], temperature[rows], top_k[rows], top_p[rows], u[rows])
+        assert torch.equal(tokens[rows], alone), kind
+        assert torch.equal(lps[rows], alone_lps), kind
+    assert torch.equal(tokens[0::4], logits[0::4].argmax(-1))
 
 
 def test_sampling_resolution_and_validation() -> None:

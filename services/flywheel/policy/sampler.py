@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
-_WINDOW = 1024  # candidates examined for top-k/top-p before falling back to a full sort
+# Candidates examined for top-k/top-p first; rows whose nucleus does not fit are redone 8x wider (then a
+# full sort). topk's cost grows with the window: at 64 rows x 49k vocab, 128 candidates take a third of
+# 1,024's time, and hold the 0.95 nucleus of 94% of SmolLM2's rows at temperature 0.8 (52% at 1.0).
+_WINDOW = 128
 
 # SplitMix64 constants as signed int64 (torch integer arithmetic wraps like uint64 does)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -101,13 +104,16 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     greedy = temperature == 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits / scale[:, None], dim=-1)
-    tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        filtered = (top_k > 0) | (top_p < 1.0)
-        plain = (~greedy & ~filtered).nonzero().squeeze(1)
-        if plain.numel():
-            tokens[plain] = inverse_cdf(logp[plain].exp(), u[plain])
-        warped = (~greedy & filtered).nonzero().squeeze(1)
-        if warped.numel():
-            tokens[warped] = sample_filtered(logp[warped], top_k[warped], top_p[warped], u[warped])
+    tokens = logits.argmax(dim=-1) if bool(greedy.any()) else torch.zeros_like(top_k)
+    filtered = (top_k > 0) | (top_p < 1.0)
+    for warp, kind in ((False, ~greedy & ~filtered), (True, ~greedy & filtered)):
+        if kind.numel() and bool(kind.all()):  # every row is of this kind (the common case): no row copies
+            tokens = _draw(warp, logp, top_k, top_p, u)
+        elif bool(kind.any()):
+            rows = kind.nonzero().squeeze(1)
+            tokens[rows] = _draw(warp, logp[rows], top_k[rows], top_p[rows], u[rows])
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _draw(filtered: bool, logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return sample_filtered(logp, top_k, top_p, u) if filtered else inverse_cdf(logp.exp(), u)
