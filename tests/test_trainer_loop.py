@@ -107,14 +107,25 @@ async def test_loop_trains_publishes_and_serves_status(kafka_bootstrap, unique, 
     produce(kafka_bootstrap, scored_topic, batch + extras)
 
     app = build_app(settings)
+    paused_iterations = []
+    loop_step = app.loop.step
+
+    def counted_step() -> None:  # the loop thread's iterations that found the loop paused
+        if app.loop.paused:
+            paused_iterations.append(1)
+        loop_step()
+
+    app.loop.step = counted_step
     target = await serve(app.runtime)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
         status = await stub.Status(trainer_pb2.StatusRequest())
         assert status.state == trainer_pb2.TRAINER_STATE_PAUSED
         assert status.policy_version.version == "policy-0000"
-        await asyncio.sleep(1.0)
-        assert (await stub.Status(trainer_pb2.StatusRequest())).step == 0  # paused: nothing trained
+        # the loop thread has run (and passed over) paused iterations with every rollout waiting: nothing trained
+        await wait_until_async(lambda: len(paused_iterations) >= 3, 30, what="paused loop iterations")
+        status = await stub.Status(trainer_pb2.StatusRequest())
+        assert status.step == 0 and status.rollouts_consumed == 0
 
         status = await stub.Resume(trainer_pb2.ResumeRequest())
         assert status.state != trainer_pb2.TRAINER_STATE_PAUSED
