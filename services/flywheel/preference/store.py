@@ -105,6 +105,19 @@ class Derived:
     prompt_text: str = ""
 
 
+_IN_CHUNK = 500  # bound parameters per statement (SQLite's limit is 999 on older builds)
+
+
+def _select_in(db: sqlite3.Connection, sql: str, ids: Iterable[str]) -> list[tuple]:
+    """Rows of `sql` (whose `IN ({})` takes the ids) for the distinct `ids`, queried in chunks."""
+    unique = list(dict.fromkeys(ids))
+    rows: list[tuple] = []
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start:start + _IN_CHUNK]
+        rows.extend(db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall())
+    return rows
+
+
 def event_body(event: common_pb2.PreferenceEvent):
     kind = event.WhichOneof("event")
     if kind is None:
@@ -199,12 +212,7 @@ class PreferenceStore:
         now = time.time()
         db = self._db
         ids = [event_body(e)[1].event_id for e, _, _ in items]
-        existing: set[str] = set()
-        unique_ids = list(dict.fromkeys(ids))
-        for start in range(0, len(unique_ids), 500):
-            chunk = unique_ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            existing.update(r[0] for r in db.execute(f"SELECT event_id FROM events WHERE event_id IN ({marks})", chunk))
+        existing = {r[0] for r in _select_in(db, "SELECT event_id FROM events WHERE event_id IN ({})", ids)}
         inserted: list[bool] = []
         events, judgements, demos, responses, prompts = [], [], [], [], []
         for (event, partition, offset), event_id in zip(items, ids):
@@ -322,42 +330,20 @@ class PreferenceStore:
         return {p: o for p, o in rows}
 
     def events(self, event_ids: Sequence[str]) -> dict[str, StoredEvent]:
-        found: dict[str, StoredEvent] = {}
-        db = self._reader()
-        for start in range(0, len(event_ids), 500):
-            chunk = list(event_ids[start:start + 500])
-            marks = ",".join("?" * len(chunk))
-            for row in db.execute(
-                    f"SELECT event_id, kind, rater_id, prompt_id, payload FROM events WHERE event_id IN ({marks})",
-                    chunk):
-                found[row[0]] = StoredEvent(*row)
-        return found
+        rows = _select_in(self._reader(), "SELECT event_id, kind, rater_id, prompt_id, payload FROM events "
+                          "WHERE event_id IN ({})", event_ids)
+        return {row[0]: StoredEvent(*row) for row in rows}
 
     def responses(self, response_ids: Sequence[str]) -> dict[str, KnownResponse]:
-        found: dict[str, KnownResponse] = {}
-        ids = list(dict.fromkeys(response_ids))
-        db = self._reader()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in db.execute(
-                    "SELECT response_id, prompt_id, text, policy_version, source FROM responses "
-                    f"WHERE response_id IN ({marks})", chunk):
-                found[row[0]] = KnownResponse(*row)
-        return found
+        rows = _select_in(self._reader(), "SELECT response_id, prompt_id, text, policy_version, source FROM responses "
+                          "WHERE response_id IN ({})", response_ids)
+        return {row[0]: KnownResponse(*row) for row in rows}
 
     def prompt_texts(self, prompt_ids: Sequence[str] | None = None) -> dict[str, str]:
         db = self._reader()
         if prompt_ids is None:
             return dict(db.execute("SELECT prompt_id, prompt_text FROM prompts").fetchall())
-        out: dict[str, str] = {}
-        ids = list(dict.fromkeys(prompt_ids))
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            out.update(db.execute(
-                f"SELECT prompt_id, prompt_text FROM prompts WHERE prompt_id IN ({marks})", chunk).fetchall())
-        return out
+        return dict(_select_in(db, "SELECT prompt_id, prompt_text FROM prompts WHERE prompt_id IN ({})", prompt_ids))
 
     def judgements(self, prompt_id: str | None = None) -> Judgements:
         sql = "SELECT prompt_id, rater_id, winner_id, loser_id, tie, weight FROM judgements"
