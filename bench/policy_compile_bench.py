@@ -34,6 +34,8 @@ def compiled_elementwise(eps: float):  # noqa: ANN201
     import torch
     import torch.nn.functional as F
 
+    from flywheel.policy.kv_cache import _rotate_half
+
     def rms(x, weight):  # noqa: ANN001, ANN202 - HF LlamaRMSNorm
         variance = x.float().pow(2).mean(-1, keepdim=True)
         return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
@@ -42,11 +44,7 @@ def compiled_elementwise(eps: float):  # noqa: ANN201
         q = qkv[..., :heads * head_dim].unflatten(-1, (heads, head_dim))
         k = qkv[..., heads * head_dim:(heads + kv_heads) * head_dim].unflatten(-1, (kv_heads, head_dim))
         v = qkv[..., (heads + kv_heads) * head_dim:].unflatten(-1, (kv_heads, head_dim))
-
-        def rotate(x):  # noqa: ANN001, ANN202
-            half = x.shape[-1] // 2
-            return torch.cat((-x[..., half:], x[..., :half]), -1)
-        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin, v
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     def residual_norm(hidden, out, weight):  # noqa: ANN001, ANN202
         hidden = hidden + out

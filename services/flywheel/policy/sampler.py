@@ -115,5 +115,6 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
-def _draw(filtered: bool, logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return sample_filtered(logp, top_k, top_p, u) if filtered else inverse_cdf(logp.exp(), u)
+def _draw(warp: bool, logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows with top-k/top-p (warp) or plain sampling from the whole distribution."""
+    return sample_filtered(logp, top_k, top_p, u) if warp else inverse_cdf(logp.exp(), u)
